@@ -1,0 +1,275 @@
+"""The host's client of the in-guest agent: one connection, many requests in flight, a deadline
+on every call."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from kvmsandbox.agent import wire
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+Connector = Callable[[float], socket.socket]
+# Slack on top of a long-poll's own wait, for the round trip through a slow (TCG) guest.
+LONG_POLL_SLACK = 15.0
+
+
+def serial_connector(socket_path: Path) -> Connector:
+    """Connects to the unix socket behind the VM's virtio-serial agent port."""
+
+    def connect(timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(socket_path))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    return connect
+
+
+def vsock_connector(cid: int, port: int = wire.AGENT_VSOCK_PORT) -> Connector:
+    """Connects to the agent over AF_VSOCK."""
+
+    def connect(timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((cid, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    return connect
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int
+    signal: int
+    finished_at_ns: int
+
+
+class _Connection:
+    """One open stream to the agent with a reader thread that completes pending calls."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.pending: dict[int, Future[pb.Response]] = {}
+        self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._read_loop, name=f"agent-{name}", daemon=True).start()
+
+    def _read_loop(self) -> None:
+        decoder = wire.FrameDecoder()
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    if frame.WhichOneof("kind") != "response":
+                        continue
+                    with self.lock:
+                        fut = self.pending.pop(frame.response.id, None)
+                    # Unknown ids are answers to calls that timed out or were sent on an
+                    # earlier connection: drop them.
+                    if fut is not None and not fut.done():
+                        fut.set_result(frame.response)
+        except OSError:
+            pass
+        self.close(f"connection to the agent of {self.name} closed")
+
+    def send(self, request: pb.Request) -> Future[pb.Response]:
+        fut: Future[pb.Response] = Future()
+        with self.lock:
+            if self.closed:
+                raise Unavailable(f"connection to the agent of {self.name} is closed")
+            self.pending[request.id] = fut
+        data = wire.encode(pb.Frame(request=request))
+        try:
+            with self.write_lock:
+                self.sock.sendall(data)
+        except OSError as e:
+            self.close(f"writing to the agent of {self.name} failed: {e}")
+        return fut
+
+    def forget(self, request_id: int) -> None:
+        with self.lock:
+            self.pending.pop(request_id, None)
+
+    def close(self, reason: str) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            pending = list(self.pending.values())
+            self.pending.clear()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(Unavailable(reason))
+
+
+class AgentClient:
+    """Calls the agent of one sandbox. Thread-safe; reconnects on the next call after a failure.
+
+    Every method raises:
+        DeadlineExceeded: no answer within the call's deadline.
+        Unavailable: the agent cannot be reached (VM gone, connection refused or dropped).
+        AgentError: the agent answered with an error (its code and message are kept).
+    """
+
+    def __init__(self, connector: Connector, name: str, *, default_timeout: float = 30.0) -> None:
+        self._connector = connector
+        self.name = name
+        self.default_timeout = default_timeout
+        self._conn: _Connection | None = None
+        self._conn_lock = threading.Lock()
+        # A random start keeps ids of this client apart from stale answers of an earlier one.
+        self._ids = itertools.count(random.getrandbits(48))
+
+    def _connection(self, timeout: float) -> _Connection:
+        with self._conn_lock:
+            if self._conn is None or self._conn.closed:
+                try:
+                    sock = self._connector(timeout)
+                except OSError as e:
+                    raise Unavailable(f"cannot connect to the agent of {self.name}: {e}") from None
+                self._conn = _Connection(sock, self.name)
+            return self._conn
+
+    def close(self) -> None:
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close(f"client of {self.name} closed")
+                self._conn = None
+
+    def call(self, method: str, request: Message, response_type: type[M], timeout: float | None = None) -> M:
+        """Sends one request and returns the decoded answer (see the class docstring for errors)."""
+        timeout = self.default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        conn = self._connection(timeout)
+        req = pb.Request(id=next(self._ids), method=method, body=request.SerializeToString())
+        fut = conn.send(req)
+        try:
+            response = fut.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            conn.forget(req.id)
+            raise DeadlineExceeded(
+                f"agent of {self.name} did not answer {method} within {timeout:.1f}s"
+            ) from None
+        if response.status.code != pb.OK:
+            raise AgentError(f"{method}: {response.status.message}", pb.Code.Name(response.status.code))
+        return response_type.FromString(response.body)
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> pb.HealthResponse:
+        """Waits until the agent answers Health, pinging on one connection while the guest boots.
+
+        Raises:
+            DeadlineExceeded: not ready within ``timeout``. Unavailable: ``alive()`` turned false.
+        """
+        deadline = time.monotonic() + timeout
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            if not alive():
+                raise Unavailable(f"the VM of {self.name} stopped before its agent answered")
+            try:
+                return self.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=0.5)
+            except (DeadlineExceeded, Unavailable) as e:
+                last_error = str(e)
+                if isinstance(e, Unavailable):
+                    time.sleep(0.1)
+        raise DeadlineExceeded(f"agent of {self.name} not ready after {timeout:.0f}s (last: {last_error})")
+
+    # Typed conveniences, one per RPC the runtime uses.
+
+    def guest_details(self) -> pb.GuestDetailsResponse:
+        return self.call("GuestDetails", pb.GuestDetailsRequest(), pb.GuestDetailsResponse)
+
+    def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
+        return self.call("CreateSandbox", request, pb.CreateSandboxResponse)
+
+    def destroy_sandbox(self, timeout: float | None = None) -> None:
+        self.call("DestroySandbox", pb.DestroySandboxRequest(), pb.DestroySandboxResponse, timeout)
+
+    def create_container(self, container_id: str, spec: dict[str, Any], timeout: float | None = None) -> int:
+        req = pb.CreateContainerRequest(container_id=container_id, oci_spec_json=json.dumps(spec))
+        return self.call("CreateContainer", req, pb.CreateContainerResponse, timeout).pid
+
+    def start_container(self, container_id: str, timeout: float | None = None) -> None:
+        req = pb.StartContainerRequest(container_id=container_id)
+        self.call("StartContainer", req, pb.StartContainerResponse, timeout)
+
+    def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
+        req = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process)
+        )
+        return self.call("ExecProcess", req, pb.ExecProcessResponse).pid
+
+    def wait_process(self, container_id: str, exec_id: str = "", timeout: float = 0.0) -> ExitStatus | None:
+        """The exit of a process, waiting up to ``timeout`` seconds in the guest; None if it still runs."""
+        req = pb.WaitProcessRequest(
+            container_id=container_id, exec_id=exec_id, timeout_ms=int(timeout * 1000)
+        )
+        resp = self.call("WaitProcess", req, pb.WaitProcessResponse, timeout + LONG_POLL_SLACK)
+        if not resp.exited:
+            return None
+        return ExitStatus(resp.exit_code, resp.signal, resp.finished_at_ns)
+
+    def signal_process(self, container_id: str, signal: int, exec_id: str = "") -> None:
+        req = pb.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=signal)
+        self.call("SignalProcess", req, pb.SignalProcessResponse)
+
+    def read_stdio(
+        self, container_id: str, exec_id: str, stream: pb.Stream.ValueType, wait: float, max_bytes: int = 0
+    ) -> tuple[bytes, bool]:
+        req = pb.ReadStdioRequest(
+            container_id=container_id,
+            exec_id=exec_id,
+            stream=stream,
+            max_bytes=max_bytes,
+            wait_ms=int(wait * 1000),
+        )
+        resp = self.call("ReadStdio", req, pb.ReadStdioResponse, wait + LONG_POLL_SLACK)
+        return resp.data, resp.eof
+
+    def remove_container(self, container_id: str, force: bool = False) -> None:
+        req = pb.RemoveContainerRequest(container_id=container_id, force=force)
+        self.call("RemoveContainer", req, pb.RemoveContainerResponse)
+
+    def container_stats(self, container_id: str) -> pb.ContainerStatsResponse:
+        req = pb.ContainerStatsRequest(container_id=container_id)
+        return self.call("ContainerStats", req, pb.ContainerStatsResponse)
+
+    def list_containers(self) -> list[pb.ContainerInfo]:
+        return list(
+            self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse).containers
+        )

@@ -1,0 +1,149 @@
+"""The agent's whole service surface: one thin method per RPC of ``service Agent``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
+from kvmsandbox import __version__
+from kvmsandbox.agent import wire
+from kvmsandbox.agent.guest import log
+from kvmsandbox.agent.guest.errors import AgentFault
+from kvmsandbox.agent.guest.runner import ContainerRunner
+from kvmsandbox.agent.guest.sandbox import SandboxSetup
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+
+# Bounds the host cannot raise: a request may not pin an agent thread for long.
+MAX_WAIT_SECONDS = 60.0
+MAX_READ_BYTES = 1024 * 1024
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+def self_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class AgentService:
+    """Dispatches decoded requests to the runner and the sandbox setup."""
+
+    def __init__(self, runner: ContainerRunner, transport: str) -> None:
+        self.runner = runner
+        self.sandbox = SandboxSetup()
+        self.transport = transport
+        self._handlers: dict[str, Callable[[Any], Message]] = {
+            name: getattr(self, name) for name in wire.METHODS
+        }
+
+    def handle(self, request: pb.Request) -> pb.Response:
+        """Runs one request; every failure becomes a status, never an exception."""
+        method = wire.METHODS.get(request.method)
+        if method is None:
+            return _error(request.id, pb.UNIMPLEMENTED, f"unknown method {request.method!r}")
+        try:
+            body = method.request_type.FromString(request.body)
+        except DecodeError as e:
+            return _error(request.id, pb.INVALID_ARGUMENT, f"malformed {request.method} request: {e}")
+        try:
+            reply = self._handlers[request.method](body)
+        except AgentFault as e:
+            log.event("request-failed", method=request.method, code=pb.Code.Name(e.code), error=str(e))
+            return _error(request.id, e.code, str(e))
+        except Exception as e:
+            log.event("request-crashed", method=request.method, error=repr(e))
+            traceback.print_exc()
+            return _error(request.id, pb.INTERNAL, f"{request.method} failed in the agent: {e!r}")
+        return pb.Response(id=request.id, status=pb.Status(code=pb.OK), body=reply.SerializeToString())
+
+    def Health(self, req: pb.HealthRequest) -> pb.HealthResponse:
+        return pb.HealthResponse(agent_version=__version__)
+
+    def GuestDetails(self, req: pb.GuestDetailsRequest) -> pb.GuestDetailsResponse:
+        mem = meminfo()
+        return pb.GuestDetailsResponse(
+            agent_version=__version__,
+            kernel_release=platform.release(),
+            mem_total_bytes=mem.get("MemTotal", 0),
+            mem_available_bytes=mem.get("MemAvailable", 0),
+            mem_free_bytes=mem.get("MemFree", 0),
+            agent_rss_bytes=self_rss(),
+            uptime_seconds=log.uptime(),
+            online_cpus=os.cpu_count() or 1,
+            transport=self.transport,
+            oci_runtime=shutil.which("crun") or "",
+        )
+
+    def CreateSandbox(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
+        return self.sandbox.create(req)
+
+    def DestroySandbox(self, req: pb.DestroySandboxRequest) -> pb.DestroySandboxResponse:
+        self.runner.remove_all()
+        self.sandbox.destroy()
+        return pb.DestroySandboxResponse()
+
+    def CreateContainer(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
+        return pb.CreateContainerResponse(pid=self.runner.create(req.container_id, req.oci_spec_json))
+
+    def StartContainer(self, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
+        self.runner.start(req.container_id)
+        return pb.StartContainerResponse()
+
+    def ExecProcess(self, req: pb.ExecProcessRequest) -> pb.ExecProcessResponse:
+        return pb.ExecProcessResponse(pid=self.runner.exec(req.container_id, req.exec_id, req.process_json))
+
+    def WaitProcess(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
+        timeout = min(req.timeout_ms / 1000, MAX_WAIT_SECONDS)
+        info = self.runner.wait(req.container_id, req.exec_id, timeout)
+        if info is None:
+            return pb.WaitProcessResponse(exited=False)
+        return pb.WaitProcessResponse(
+            exited=True, exit_code=info.exit_code, signal=info.signal, finished_at_ns=info.finished_at_ns
+        )
+
+    def SignalProcess(self, req: pb.SignalProcessRequest) -> pb.SignalProcessResponse:
+        self.runner.signal(req.container_id, req.exec_id, req.signal)
+        return pb.SignalProcessResponse()
+
+    def ReadStdio(self, req: pb.ReadStdioRequest) -> pb.ReadStdioResponse:
+        data, eof = self.runner.read_stdio(
+            req.container_id,
+            req.exec_id,
+            req.stream,
+            min(req.max_bytes or MAX_READ_BYTES, MAX_READ_BYTES),
+            min(req.wait_ms / 1000, MAX_WAIT_SECONDS),
+        )
+        return pb.ReadStdioResponse(data=data, eof=eof)
+
+    def RemoveContainer(self, req: pb.RemoveContainerRequest) -> pb.RemoveContainerResponse:
+        self.runner.remove(req.container_id, req.force)
+        return pb.RemoveContainerResponse()
+
+    def ContainerStats(self, req: pb.ContainerStatsRequest) -> pb.ContainerStatsResponse:
+        return self.runner.stats(req.container_id)
+
+    def ListContainers(self, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
+        return pb.ListContainersResponse(containers=self.runner.list())
+
+
+def _error(request_id: int, code: pb.Code.ValueType, message: str) -> pb.Response:
+    return pb.Response(id=request_id, status=pb.Status(code=code, message=message))

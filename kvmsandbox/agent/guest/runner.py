@@ -1,0 +1,418 @@
+"""Runs OCI containers with crun inside the guest. Knows nothing of the RPC layer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from kvmsandbox.agent.guest.errors import (
+    AgentFault,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from kvmsandbox.agent.guest.process import Exit, ExitInfo, OutputBuffer, run_command, spawn
+from kvmsandbox.agent.guest.reaper import Reaper
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CRUN_TIMEOUT = 120.0
+
+
+def check_id(kind: str, value: str) -> str:
+    """Returns ``value`` if it is a usable container or exec id.
+
+    Raises:
+        InvalidArgument: it is empty or has characters crun or a path would not accept.
+    """
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument(f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', '-'")
+    return value
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidArgument(f"invalid OCI runtime spec: {message}")
+
+
+def validate_process(process: Any, where: str) -> dict[str, Any]:
+    """Checks the parts of an OCI ``process`` object that would otherwise fail deep inside crun.
+
+    Raises:
+        InvalidArgument: a required field is missing or has the wrong type.
+    """
+    _require(isinstance(process, dict), f"{where} must be an object")
+    args = process.get("args")
+    _require(
+        isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
+        f"{where}.args must be a non-empty list of strings",
+    )
+    cwd = process.get("cwd", "/")
+    _require(isinstance(cwd, str) and cwd.startswith("/"), f"{where}.cwd must be an absolute path")
+    env = process.get("env", [])
+    _require(
+        isinstance(env, list) and all(isinstance(e, str) and "=" in e for e in env),
+        f"{where}.env must be a list of NAME=value strings",
+    )
+    _require(not process.get("terminal", False), f"{where}.terminal is not supported")
+    user = process.get("user", {})
+    _require(isinstance(user, dict), f"{where}.user must be an object")
+    for key in ("uid", "gid"):
+        value = user.get(key, 0)
+        _require(isinstance(value, int) and value >= 0, f"{where}.user.{key} must be a non-negative integer")
+    return cast(dict[str, Any], process)
+
+
+def validate_spec(spec_json: str) -> dict[str, Any]:
+    """Parses and checks an OCI runtime spec sent by the host.
+
+    Raises:
+        InvalidArgument: not JSON, or a required field is missing or malformed.
+    """
+    try:
+        spec = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"invalid OCI runtime spec: not JSON ({e})") from None
+    _require(isinstance(spec, dict), "the spec must be a JSON object")
+    _require(isinstance(spec.get("ociVersion"), str), "ociVersion (a string) is required")
+    validate_process(spec.get("process"), "process")
+    root = spec.get("root")
+    _require(isinstance(root, dict) and isinstance(root.get("path"), str), "root.path (a string) is required")
+    _require(root["path"].startswith("/"), "root.path must be an absolute guest path")
+    _require(os.path.isdir(root["path"]), f"root.path {root['path']} is not a directory in the guest")
+    mounts = spec.get("mounts", [])
+    _require(isinstance(mounts, list), "mounts must be a list")
+    for i, m in enumerate(mounts):
+        _require(
+            isinstance(m, dict) and str(m.get("destination", "")).startswith("/"),
+            f"mounts[{i}].destination must be an absolute path",
+        )
+    return cast(dict[str, Any], spec)
+
+
+@dataclass
+class Process:
+    """A container's init process or an exec process: its output and its exit."""
+
+    pid: int
+    exit: Exit
+    stdout: OutputBuffer
+    stderr: OutputBuffer
+    waited: bool = False
+
+    def stream(self, which: int) -> OutputBuffer:
+        return self.stderr if which == pb.STDERR else self.stdout
+
+    def close(self) -> None:
+        self.stdout.close()
+        self.stderr.close()
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    cgroup: Path
+    init: Process
+    state: pb.ContainerState.ValueType = pb.CREATED
+    started_at_ns: int = 0
+    execs: dict[str, Process] = field(default_factory=dict)
+
+
+class ContainerRunner:
+    """Creates, starts, execs into, signals, measures and removes crun containers."""
+
+    def __init__(
+        self,
+        reaper: Reaper,
+        *,
+        crun: str = "crun",
+        bundles: Path = Path("/run/kvmsandbox/containers"),
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+    ) -> None:
+        self._reaper = reaper
+        self._crun = crun
+        self._bundles = bundles
+        self._cgroup_root = cgroup_root
+        self._lock = threading.Lock()
+        self._containers: dict[str, Container] = {}
+
+    def _crun_cmd(self, bundle: Path, *args: str) -> list[str]:
+        return [self._crun, f"--log=file:{bundle / 'crun.log'}", *args]
+
+    def _crun_error(self, bundle: Path, what: str, stderr: str) -> AgentFault:
+        try:
+            log = (bundle / "crun.log").read_text(errors="replace").strip().splitlines()[-5:]
+        except OSError:
+            log = []
+        detail = "; ".join(line for line in [*log, stderr.strip()] if line) or "no message"
+        return AgentFault(f"{what}: {detail}")
+
+    def get(self, container_id: str) -> Container:
+        """Raises NotFound for an unknown id."""
+        with self._lock:
+            c = self._containers.get(container_id)
+        if c is None:
+            raise NotFound(f"container {container_id} not found in the guest")
+        return c
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        c = self.get(container_id)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise NotFound(f"exec {exec_id} not found in container {container_id}")
+        return p
+
+    def create(self, container_id: str, spec_json: str) -> int:
+        """Creates the container (its process waits for ``start``); returns the init pid.
+
+        Raises:
+            InvalidArgument: bad id or spec. AlreadyExists: the id is taken.
+            AgentFault: crun refused; the message carries crun's words.
+        """
+        check_id("container id", container_id)
+        spec = validate_spec(spec_json)
+        cgroups_path = spec.setdefault("linux", {}).setdefault("cgroupsPath", f"/kvmsandbox/{container_id}")
+        bundle = self._bundles / container_id
+        with self._lock:
+            if container_id in self._containers:
+                raise AlreadyExists(f"container {container_id} exists already")
+            # A bundle without a container is a leftover of a failed create: start afresh.
+            shutil.rmtree(bundle, ignore_errors=True)
+            bundle.mkdir(parents=True)
+        try:
+            (bundle / "config.json").write_text(json.dumps(spec))
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            pid_file = bundle / "init.pid"
+            try:
+                _, crun_exit = spawn(
+                    self._reaper,
+                    self._crun_cmd(
+                        bundle, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id
+                    ),
+                    stdout=out_w,
+                    stderr=err_w,
+                )
+            except OSError as e:
+                os.close(out_r)
+                os.close(err_r)
+                raise AgentFault(f"cannot run crun: {e}") from None
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            stdout = OutputBuffer(out_r, f"{container_id}-stdout")
+            stderr = OutputBuffer(err_r, f"{container_id}-stderr")
+            info = crun_exit.wait(CRUN_TIMEOUT)
+            if info is None or info.exit_code != 0 or not pid_file.exists():
+                stdout.close()
+                stderr.close()
+                raise self._crun_error(bundle, f"crun create {container_id} failed", "")
+            pid = int(pid_file.read_text().strip())
+            init_exit = Exit()
+            self._reaper.watch(pid, init_exit.set_status)
+        except BaseException:
+            run_command(self._reaper, self._crun_cmd(bundle, "delete", "--force", container_id))
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        container = Container(
+            container_id,
+            bundle,
+            self._cgroup_root / str(cgroups_path).lstrip("/"),
+            Process(pid, init_exit, stdout, stderr),
+        )
+        with self._lock:
+            self._containers[container_id] = container
+        return pid
+
+    def start(self, container_id: str) -> None:
+        """Lets the created container's process run.
+
+        Raises:
+            NotFound, FailedPrecondition (not in the created state), AgentFault (crun failed).
+        """
+        c = self.get(container_id)
+        if c.state != pb.CREATED:
+            raise FailedPrecondition(f"container {container_id} was started already")
+        result = run_command(self._reaper, self._crun_cmd(c.bundle, "start", container_id), CRUN_TIMEOUT)
+        if result.exit_code != 0:
+            raise self._crun_error(c.bundle, f"crun start {container_id} failed", result.stderr)
+        c.state = pb.RUNNING
+        c.started_at_ns = time.time_ns()
+
+    def exec(self, container_id: str, exec_id: str, process_json: str) -> int:
+        """Starts another process in a running container; returns the pid of its ``crun exec``.
+
+        Raises:
+            InvalidArgument, NotFound, AlreadyExists, FailedPrecondition (container not running).
+        """
+        check_id("exec id", exec_id)
+        try:
+            process = validate_process(json.loads(process_json), "process")
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"invalid OCI process: not JSON ({e})") from None
+        c = self.get(container_id)
+        if c.state != pb.RUNNING or c.init.exit.info is not None:
+            raise FailedPrecondition(f"container {container_id} is not running")
+        if exec_id in c.execs:
+            raise AlreadyExists(f"exec {exec_id} exists already in container {container_id}")
+        process_file = c.bundle / f"exec-{exec_id}.json"
+        process_file.write_text(json.dumps(process))
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid, exit_ = spawn(
+                self._reaper,
+                self._crun_cmd(c.bundle, "exec", "--process", str(process_file), container_id),
+                stdout=out_w,
+                stderr=err_w,
+            )
+        except OSError as e:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise AgentFault(f"cannot run crun exec: {e}") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        c.execs[exec_id] = Process(
+            pid, exit_, OutputBuffer(out_r, f"{exec_id}-stdout"), OutputBuffer(err_r, f"{exec_id}-stderr")
+        )
+        return pid
+
+    def wait(self, container_id: str, exec_id: str, timeout: float) -> ExitInfo | None:
+        """The exit of the process, waiting at most ``timeout`` seconds; None while it runs."""
+        c = self.get(container_id)
+        p = self.process(container_id, exec_id)
+        info = p.exit.wait(timeout)
+        if info is not None:
+            if not exec_id:
+                c.state = pb.EXITED
+            p.waited = True
+            self._forget_finished_exec(c, exec_id)
+        return info
+
+    def _forget_finished_exec(self, c: Container, exec_id: str) -> None:
+        """Drops an exec once its exit was reported and its output read, so execs do not pile up."""
+        p = c.execs.get(exec_id) if exec_id else None
+        if p is None or not p.waited:
+            return
+        if p.stdout.read(0, 0)[1] and p.stderr.read(0, 0)[1]:
+            c.execs.pop(exec_id, None)
+            (c.bundle / f"exec-{exec_id}.json").unlink(missing_ok=True)
+
+    def read_stdio(
+        self, container_id: str, exec_id: str, stream: int, max_bytes: int, wait: float
+    ) -> tuple[bytes, bool]:
+        c = self.get(container_id)
+        data, eof = self.process(container_id, exec_id).stream(stream).read(max_bytes, wait)
+        if eof:
+            self._forget_finished_exec(c, exec_id)
+        return data, eof
+
+    def signal(self, container_id: str, exec_id: str, sig: int) -> None:
+        """Sends ``sig``; a process that has exited already is left alone (stop is idempotent)."""
+        c = self.get(container_id)
+        p = self.process(container_id, exec_id)
+        if p.exit.info is not None:
+            return
+        if exec_id:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+            return
+        result = run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, str(sig)))
+        if result.exit_code != 0 and c.init.exit.info is None:
+            raise self._crun_error(c.bundle, f"crun kill {container_id} {sig} failed", result.stderr)
+
+    def remove(self, container_id: str, force: bool) -> None:
+        """Deletes the container and its bundle.
+
+        Raises:
+            NotFound. FailedPrecondition: it still runs and ``force`` is false.
+        """
+        c = self.get(container_id)
+        if c.init.exit.info is None:
+            if c.state == pb.RUNNING and not force:
+                raise FailedPrecondition(f"container {container_id} is running: stop it first")
+            run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, "9"))
+        result = run_command(self._reaper, self._crun_cmd(c.bundle, "delete", "--force", container_id))
+        if result.exit_code != 0:
+            raise self._crun_error(c.bundle, f"crun delete {container_id} failed", result.stderr)
+        c.init.exit.wait(10)
+        c.init.close()
+        for p in c.execs.values():
+            p.close()
+        with self._lock:
+            self._containers.pop(container_id, None)
+        shutil.rmtree(c.bundle, ignore_errors=True)
+
+    def remove_all(self) -> None:
+        """Force-removes every container (sandbox teardown)."""
+        with self._lock:
+            ids = list(self._containers)
+        for cid in ids:
+            self.remove(cid, force=True)
+
+    def stats(self, container_id: str) -> pb.ContainerStatsResponse:
+        """cgroup v2 figures of the container."""
+        c = self.get(container_id)
+        cg = c.cgroup
+
+        def read(name: str) -> str:
+            try:
+                return (cg / name).read_text()
+            except OSError:
+                return ""
+
+        def kv(name: str) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for line in read(name).splitlines():
+                key, _, value = line.partition(" ")
+                if value.strip().isdigit():
+                    out[key] = int(value)
+            return out
+
+        def number(name: str) -> int:
+            value = read(name).strip()
+            return int(value) if value.isdigit() else 0
+
+        mem = kv("memory.stat")
+        usage = number("memory.current")
+        return pb.ContainerStatsResponse(
+            timestamp_ns=time.time_ns(),
+            cpu_usage_ns=kv("cpu.stat").get("usage_usec", 0) * 1000,
+            memory_usage_bytes=usage,
+            memory_working_set_bytes=max(0, usage - mem.get("inactive_file", 0)),
+            memory_rss_bytes=mem.get("anon", 0),
+            pids=number("pids.current"),
+            memory_limit_bytes=number("memory.max"),
+            oom_kills=kv("memory.events").get("oom_kill", 0),
+        )
+
+    def list(self) -> list[pb.ContainerInfo]:
+        with self._lock:
+            containers = list(self._containers.values())
+        out = []
+        for c in containers:
+            info = c.init.exit.info
+            out.append(
+                pb.ContainerInfo(
+                    id=c.id,
+                    state=pb.EXITED if info is not None else c.state,
+                    pid=c.init.pid,
+                    exit_code=info.exit_code if info else 0,
+                    started_at_ns=c.started_at_ns,
+                    finished_at_ns=info.finished_at_ns if info else 0,
+                )
+            )
+        return out

@@ -1,0 +1,92 @@
+"""Sandbox-wide guest setup: hostname, DNS and hosts files, shared storages."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
+from kvmsandbox.agent.linux import MNT_DETACH, mount, umount
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+
+SANDBOX_DIR = Path("/run/kvmsandbox/sandbox")
+NINE_P_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap")
+
+
+def resolv_conf(dns: pb.DNSConfig) -> str:
+    """/etc/resolv.conf text for a DNS config (the guest's own when none is given)."""
+    lines = [f"nameserver {s}" for s in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def hosts_file(hostname: str, extra: list[pb.HostEntry]) -> str:
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if hostname:
+        lines.append(f"127.0.1.1\t{hostname}")
+    lines += [f"{e.ip}\t{' '.join(e.names)}" for e in extra]
+    return "\n".join(lines) + "\n"
+
+
+class SandboxSetup:
+    """What CreateSandbox did, so DestroySandbox can undo it."""
+
+    def __init__(self) -> None:
+        self.mounted: list[str] = []
+        self.sandbox_id = ""
+
+    def create(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
+        """Sets the hostname, writes the files containers get, mounts the storages.
+
+        Raises:
+            InvalidArgument: a storage is malformed. AgentFault: a mount failed.
+        """
+        self.sandbox_id = req.sandbox_id
+        SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
+        hostname = req.hostname or req.sandbox_id[:12] or "sandbox"
+        try:
+            socket.sethostname(hostname)
+        except OSError as e:
+            raise AgentFault(f"cannot set hostname {hostname!r}: {e}") from None
+        paths = {
+            "hostname": SANDBOX_DIR / "hostname",
+            "hosts": SANDBOX_DIR / "hosts",
+            "resolv.conf": SANDBOX_DIR / "resolv.conf",
+        }
+        paths["hostname"].write_text(hostname + "\n")
+        paths["hosts"].write_text(hosts_file(hostname, list(req.hosts)))
+        paths["resolv.conf"].write_text(resolv_conf(req.dns))
+        for storage in req.storages:
+            self._mount_storage(storage)
+        return pb.CreateSandboxResponse(
+            hostname_path=str(paths["hostname"]),
+            hosts_path=str(paths["hosts"]),
+            resolv_conf_path=str(paths["resolv.conf"]),
+        )
+
+    def _mount_storage(self, storage: pb.Storage) -> None:
+        if not storage.mount_point.startswith("/") or not storage.source:
+            raise InvalidArgument(f"storage needs a source and an absolute mount point, got {storage}")
+        if storage.mount_point in self.mounted:
+            return
+        Path(storage.mount_point).mkdir(parents=True, exist_ok=True)
+        fstype = storage.driver
+        options = list(storage.options)
+        if fstype == "9p":
+            options = [*NINE_P_OPTIONS, *options]
+        try:
+            mount(storage.source, storage.mount_point, fstype, 0, ",".join(options))
+        except OSError as e:
+            raise AgentFault(str(e.strerror or e)) from None
+        self.mounted.append(storage.mount_point)
+
+    def destroy(self) -> None:
+        """Unmounts the storages (lazily: a process may still hold a file)."""
+        for target in reversed(self.mounted):
+            with contextlib.suppress(OSError):
+                umount(target, MNT_DETACH)
+        self.mounted.clear()

@@ -1,0 +1,45 @@
+"""Thin wrappers of Linux system calls the runtime needs on both sides of the VM boundary
+(this module is copied into the guest with the agent)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """mount(2).
+
+    Raises:
+        OSError: the kernel refused; the message names the mount and the reason.
+    """
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount -t {fstype} {source} {target} ({data}): {os.strerror(err)}")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2).
+
+    Raises:
+        OSError: the kernel refused (EBUSY, EINVAL for a path that is not a mount point, ...).
+    """
+    if _libc.umount2(target.encode(), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def mount_points_below(path: str) -> list[str]:
+    """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
+    prefix = path.rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target == path or target.startswith(prefix):
+                found.append(target)
+    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)

@@ -1,0 +1,152 @@
+"""The runtime's configuration: one YAML file, every key with a default, checked at start.
+
+Unknown keys and wrong types are errors with a sentence that names the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from kvmsandbox.errors import InvalidArgument
+
+DEFAULT_CONFIG_PATH = Path("/etc/kvmsandbox/config.yaml")
+
+
+class ConfigError(InvalidArgument):
+    """The configuration file is unreadable or has a wrong key or value."""
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    # "libvirt" (embedded driver by default) or "qemu" (a QEMU process driven over QMP).
+    backend: Literal["libvirt", "qemu"] = "libvirt"
+    # Empty: qemu:///embed?root=<state_dir>/libvirt. qemu:///system uses a running libvirtd.
+    libvirt_uri: str = ""
+    # "auto" uses KVM only where it really works (see `kvmsandbox doctor`), else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    # Cap on TCG's translation cache; QEMU's default of 1 GiB inflates the VMM's memory.
+    tb_cache_mib: int = 64
+    qemu_binary: str = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # "auto": vsock where /dev/vhost-vsock exists, virtio-serial otherwise.
+    transport: Literal["auto", "vsock", "virtio-serial"] = "auto"
+    ready_timeout_seconds: float = 90.0
+    call_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class SandboxDefaults:
+    vcpus: int = 1
+    memory_mib: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path("/var/lib/kvmsandbox")
+    # Sockets live here; keep the path short (unix socket paths are limited to 108 bytes).
+    run_dir: Path = Path("/run/kvmsandbox")
+    # Guest image and other rebuildable things.
+    cache_dir: Path = Path("/var/cache/kvmsandbox")
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)
+
+    @property
+    def guest_image_dir(self) -> Path:
+        return self.cache_dir / "guest-image"
+
+    @property
+    def libvirt_uri(self) -> str:
+        return self.hypervisor.libvirt_uri or f"qemu:///embed?root={self.state_dir / 'libvirt'}"
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is Literal:
+        if value not in get_args(hint):
+            allowed = ", ".join(repr(a) for a in get_args(hint))
+            raise ConfigError(f"config key {key!r} must be one of {allowed}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(hint):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r} has an invalid value {value!r}")
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config key {key!r} must be a path, got {value!r}")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, hint)):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if hint in (int, float) and value <= 0:
+        raise ConfigError(f"config key {key!r} must be positive, got {value!r}")
+    if hint in (str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"config key {key!r} must be a {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type[Any], data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} (known here: {', '.join(sorted(names))})"
+        )
+    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """A Config from YAML text; empty text gives the defaults.
+
+    Raises:
+        ConfigError: not YAML, not a mapping, an unknown key or a wrong value.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of config keys")
+    try:
+        config: Config = _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Reads the config file; a missing default file gives the defaults, a missing named file is an error.
+
+    Raises:
+        ConfigError: as parse_config, or the named file cannot be read.
+    """
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,568 @@
+"""Sandboxes (one VM each) and the containers inside them: boot, agent handshake, container
+lifecycle, output, teardown. Every host resource a sandbox owns lives below its sandbox dir or
+its run dir, and destroying the sandbox releases all of it, also after a failed create."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmsandbox.agent.client import AgentClient, ExitStatus, serial_connector, vsock_connector
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.config import Config
+from kvmsandbox.errors import (
+    AgentError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    KvmSandboxError,
+    NotFound,
+    Unavailable,
+)
+from kvmsandbox.guest_image import GuestImage
+from kvmsandbox.hypervisor.accel import detect_accel
+from kvmsandbox.hypervisor.spec import AgentChannel, Hypervisor, VMSpec
+from kvmsandbox.sandbox import oci_spec, rootfs
+from kvmsandbox.sandbox.logs import CriLogWriter
+from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord, SandboxStore, check_id
+
+log = logging.getLogger(__name__)
+
+SHARE_TAG = "kvmshared"
+GUEST_SHARE = "/run/kvmsandbox/shared"
+CONSOLE_TAIL_LINES = 25
+STDIO_POLL_SECONDS = 5.0
+
+
+def guest_rootfs_path(container_id: str) -> str:
+    return f"{GUEST_SHARE}/containers/{container_id}/rootfs"
+
+
+def choose_transport(configured: str) -> str:
+    """vsock wherever the host has vhost-vsock, virtio-serial otherwise (or as configured)."""
+    if configured != "auto":
+        return configured
+    return "vsock" if os.access("/dev/vhost-vsock", os.R_OK | os.W_OK) else "virtio-serial"
+
+
+def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no console output)"
+    tail = [line.rstrip("\r") for line in text.splitlines()[-lines:]]
+    return "\n".join(tail) or "(no console output)"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class _OutputPump:
+    """Copies a process's stdout and stderr from the agent to a sink until both end."""
+
+    def __init__(
+        self, client: AgentClient, container_id: str, exec_id: str, sink: Callable[[str, bytes | None], None]
+    ) -> None:
+        self._threads = [
+            threading.Thread(
+                target=self._pump,
+                args=(client, container_id, exec_id, stream, name, sink),
+                name=f"stdio-{container_id[:12]}-{name}",
+                daemon=True,
+            )
+            for stream, name in ((pb.STDOUT, "stdout"), (pb.STDERR, "stderr"))
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(
+        client: AgentClient,
+        container_id: str,
+        exec_id: str,
+        stream: pb.Stream.ValueType,
+        name: str,
+        sink: Callable[[str, bytes | None], None],
+    ) -> None:
+        failures = 0
+        while True:
+            try:
+                data, eof = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS)
+            except (AgentError, Unavailable, DeadlineExceeded) as e:
+                # NotFound: the container is gone. Anything else: retry a few times, the agent
+                # may be reconnecting.
+                failures += 1
+                if (isinstance(e, AgentError) and e.grpc_code == "NOT_FOUND") or failures > 20:
+                    break
+                time.sleep(0.2)
+                continue
+            failures = 0
+            if data:
+                sink(name, data)
+            if eof:
+                break
+        sink(name, None)
+
+    def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+
+class _Collector:
+    """Sink that keeps output in memory (ExecSync)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def __call__(self, stream: str, data: bytes | None) -> None:
+        if data:
+            self.data[stream] += data
+
+
+class _LogSink:
+    """Sink that writes CRI-format log lines."""
+
+    def __init__(self, writer: CriLogWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, stream: str, data: bytes | None) -> None:
+        if data is None:
+            self.writer.close_stream(stream)
+        else:
+            self.writer.write(stream, data)
+
+
+class SandboxManager:
+    """Creates and destroys sandboxes and runs containers in them.
+
+    Methods raise the classes of ``kvmsandbox.errors``: NotFound for unknown ids,
+    InvalidArgument for bad input, FailedPrecondition for a wrong state, DeadlineExceeded or
+    Unavailable when the guest does not answer, AgentError with the guest's own words.
+    """
+
+    def __init__(self, config: Config, hypervisor: Hypervisor, image: GuestImage) -> None:
+        self.config = config
+        self.hypervisor = hypervisor
+        self.image = image
+        self.store = SandboxStore(config.state_dir)
+        accel = config.hypervisor.accel
+        self.accel, self.accel_reason = (accel, "set in config") if accel != "auto" else detect_accel()
+        self.transport = choose_transport(config.agent.transport)
+        self._lock = threading.Lock()
+        self._sandbox_locks: dict[str, threading.RLock] = {}
+        self._clients: dict[str, AgentClient] = {}
+        self._logs: dict[tuple[str, str], CriLogWriter] = {}
+        self._pumps: dict[tuple[str, str], _OutputPump] = {}
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.store.dir(sandbox_id)
+
+    def run_dir(self, sandbox_id: str) -> Path:
+        # Unix socket paths are limited to 108 bytes: a short, fixed-length name.
+        return self.config.run_dir / hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+
+    def console_log(self, sandbox_id: str) -> Path:
+        return self.sandbox_dir(sandbox_id) / "console.log"
+
+    def _lock_for(self, sandbox_id: str) -> threading.RLock:
+        with self._lock:
+            return self._sandbox_locks.setdefault(sandbox_id, threading.RLock())
+
+    # -- sandboxes -------------------------------------------------------------------------
+
+    def create_sandbox(
+        self,
+        sandbox_id: str | None = None,
+        *,
+        hostname: str = "",
+        dns: pb.DNSConfig | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        labels: dict[str, str] | None = None,
+        cmdline_extra: tuple[str, ...] = (),
+        ready_timeout: float | None = None,
+    ) -> SandboxRecord:
+        """Boots a VM, waits for its agent and sets the sandbox up in the guest.
+
+        On any failure everything created so far is released before the error is raised; a guest
+        that does not answer gives DeadlineExceeded naming the sandbox, with its console tail.
+        """
+        sandbox_id = check_id("sandbox id", sandbox_id or secrets.token_hex(32))
+        with self._lock_for(sandbox_id):
+            if (self.sandbox_dir(sandbox_id) / "state.json").exists():
+                raise FailedPrecondition(f"sandbox {sandbox_id} exists already")
+            record = SandboxRecord(
+                id=sandbox_id,
+                vm_name=f"kvmsandbox-{sandbox_id[:16]}",
+                backend=self.hypervisor.name,
+                accel=self.accel,
+                transport=self.transport,
+                vcpus=vcpus or self.config.sandbox.vcpus,
+                memory_mib=memory_mib or self.config.sandbox.memory_mib,
+                hostname=hostname or sandbox_id[:12],
+                state="booting",
+                created_at_ns=time.time_ns(),
+                labels=dict(labels or {}),
+            )
+            try:
+                self._boot(
+                    record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns
+                )
+            except BaseException:
+                self._teardown(record.id, record.vm_name)
+                raise
+            return record
+
+    def _boot(
+        self,
+        record: SandboxRecord,
+        cmdline_extra: tuple[str, ...],
+        ready_timeout: float,
+        dns: pb.DNSConfig | None,
+    ) -> None:
+        sdir = self.sandbox_dir(record.id)
+        run_dir = self.run_dir(record.id)
+        shared = sdir / "shared"
+        for d in (sdir, shared / "containers", run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if record.transport == "vsock":
+            record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
+            channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
+        else:
+            record.agent_socket = str(run_dir / "agent.sock")
+            channel = AgentChannel(
+                transport="virtio-serial", socket_path=Path(record.agent_socket), guest_cid=None
+            )
+        self.store.save(record)
+        spec = VMSpec(
+            name=record.vm_name,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            accel=self.accel,  # type: ignore[arg-type]
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            cmdline=self.image.cmdline(extra=cmdline_extra),
+            root_disk=self.image.rootfs,
+            shared_dir=shared,
+            agent=channel,
+            console_log=self.console_log(record.id),
+            run_dir=run_dir,
+            tb_cache_mib=self.config.hypervisor.tb_cache_mib,
+        )
+        started = time.monotonic()
+        self.hypervisor.boot(spec)
+        client = self._client(record)
+
+        def alive() -> bool:
+            info = self.hypervisor.info(record.vm_name)
+            return info is not None and info.running
+
+        try:
+            client.wait_ready(ready_timeout, alive)
+        except (DeadlineExceeded, Unavailable) as e:
+            tail = console_tail(self.console_log(record.id))
+            raise type(e)(
+                f"sandbox {record.id}: the guest agent did not become ready ({e}); "
+                f"last lines of the console log {self.console_log(record.id)}:\n{tail}"
+            ) from None
+        files = client.create_sandbox(
+            pb.CreateSandboxRequest(
+                sandbox_id=record.id,
+                hostname=record.hostname,
+                dns=dns or pb.DNSConfig(),
+                storages=[pb.Storage(driver="9p", source=SHARE_TAG, mount_point=GUEST_SHARE)],
+            )
+        )
+        record.guest_files = {
+            "hostname": files.hostname_path,
+            "hosts": files.hosts_path,
+            "resolv.conf": files.resolv_conf_path,
+        }
+        record.state = "ready"
+        self.store.save(record)
+        log.info(
+            "sandbox ready id=%s vm=%s seconds=%.2f", record.id, record.vm_name, time.monotonic() - started
+        )
+
+    def _client(self, record: SandboxRecord) -> AgentClient:
+        with self._lock:
+            client = self._clients.get(record.id)
+            if client is None:
+                connector = (
+                    vsock_connector(record.guest_cid)
+                    if record.transport == "vsock"
+                    else serial_connector(Path(record.agent_socket))
+                )
+                client = AgentClient(
+                    connector, f"sandbox {record.id}", default_timeout=self.config.agent.call_timeout_seconds
+                )
+                self._clients[record.id] = client
+            return client
+
+    def client(self, sandbox_id: str) -> AgentClient:
+        """The agent client of a ready sandbox.
+
+        Raises:
+            NotFound. FailedPrecondition: the sandbox is not ready (stopped or still booting).
+        """
+        record = self.store.load(sandbox_id)
+        if record.state != "ready":
+            raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state}, not ready")
+        return self._client(record)
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord:
+        return self.store.load(sandbox_id)
+
+    def list_sandboxes(self) -> list[SandboxRecord]:
+        out = []
+        for sid in self.store.ids():
+            try:
+                out.append(self.store.load(sid))
+            except NotFound:
+                continue
+        return out
+
+    def destroy_sandbox(self, sandbox_id: str) -> None:
+        """Stops every container, destroys the VM and removes every host file of the sandbox.
+
+        Idempotent: an unknown or half-created sandbox is cleaned up as far as anything of it exists.
+        """
+        check_id("sandbox id", sandbox_id)
+        with self._lock_for(sandbox_id):
+            try:
+                record: SandboxRecord | None = self.store.load(sandbox_id)
+            except NotFound:
+                record = None
+            vm_name = record.vm_name if record else f"kvmsandbox-{sandbox_id[:16]}"
+            if record is not None and record.state == "ready":
+                try:
+                    self._client(record).destroy_sandbox(timeout=10)
+                except KvmSandboxError as e:
+                    log.warning(
+                        "sandbox %s: guest teardown failed, destroying the VM anyway: %s", sandbox_id, e
+                    )
+            self._teardown(sandbox_id, vm_name)
+
+    def _teardown(self, sandbox_id: str, vm_name: str) -> None:
+        with self._lock:
+            client = self._clients.pop(sandbox_id, None)
+            keys = [k for k in self._pumps if k[0] == sandbox_id]
+            pumps = [self._pumps.pop(k) for k in keys]
+            writers = [self._logs.pop(k) for k in list(self._logs) if k[0] == sandbox_id]
+        self.hypervisor.destroy(vm_name)
+        if client is not None:
+            client.close()
+        for pump in pumps:
+            pump.join(5)
+        for w in writers:
+            w.close()
+        rootfs.remove_tree(self.sandbox_dir(sandbox_id))
+        shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
+        log.info("sandbox removed id=%s vm=%s", sandbox_id, vm_name)
+
+    # -- containers ------------------------------------------------------------------------
+
+    def _container(self, record: SandboxRecord, container_id: str) -> ContainerRecord:
+        c = record.containers.get(container_id)
+        if c is None:
+            raise NotFound(f"container {container_id} not found in sandbox {record.id}")
+        return c
+
+    def create_container(
+        self,
+        sandbox_id: str,
+        container_id: str | None = None,
+        *,
+        lower_dirs: list[Path],
+        process: oci_spec.ProcessSpec,
+        name: str = "",
+        log_path: Path | None = None,
+        readonly_rootfs: bool = False,
+        labels: dict[str, str] | None = None,
+    ) -> ContainerRecord:
+        """Prepares the rootfs on the host and creates the container in the guest (not started).
+
+        Output goes to ``log_path`` in the CRI log format (default: the container's dir).
+        """
+        container_id = check_id("container id", container_id or secrets.token_hex(32))
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            if record.state != "ready":
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} is {record.state}: cannot create containers in it"
+                )
+            if container_id in record.containers:
+                raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
+            client = self._client(record)
+            sdir = self.sandbox_dir(sandbox_id)
+            layer_dir = sdir / "layers" / container_id
+            target = sdir / "shared" / "containers" / container_id / "rootfs"
+            log_file = log_path or sdir / "logs" / f"{container_id}.log"
+            rootfs.mount_rootfs(lower_dirs, layer_dir, target)
+            try:
+                spec = oci_spec.container_spec(
+                    root_path=guest_rootfs_path(container_id),
+                    process=process,
+                    hostname=record.hostname,
+                    readonly_rootfs=readonly_rootfs,
+                    mounts=[
+                        oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
+                        for name in ("hostname", "hosts", "resolv.conf")
+                        if name in record.guest_files
+                    ],
+                    cgroups_path=f"/kvmsandbox/{container_id}",
+                )
+                pid = client.create_container(container_id, spec)
+                writer = CriLogWriter(log_file)
+            except BaseException:
+                rootfs.remove_tree(target.parent)
+                rootfs.remove_tree(layer_dir)
+                raise
+            container = ContainerRecord(
+                id=container_id,
+                sandbox_id=sandbox_id,
+                name=name or container_id[:12],
+                state="created",
+                args=list(process.args),
+                lower_dirs=[str(d) for d in lower_dirs],
+                log_path=str(log_file),
+                pid=pid,
+                created_at_ns=time.time_ns(),
+                labels=dict(labels or {}),
+            )
+            record.containers[container_id] = container
+            self.store.save(record)
+            key = (sandbox_id, container_id)
+            with self._lock:
+                self._logs[key] = writer
+                self._pumps[key] = _OutputPump(client, container_id, "", _LogSink(writer))
+            return container
+
+    def start_container(self, sandbox_id: str, container_id: str) -> None:
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            c = self._container(record, container_id)
+            if c.state != "created":
+                raise FailedPrecondition(f"container {container_id} is {c.state}, not created")
+            self.client(sandbox_id).start_container(container_id)
+            c.state = "running"
+            c.started_at_ns = time.time_ns()
+            self.store.save(record)
+
+    def wait_container(self, sandbox_id: str, container_id: str, timeout: float) -> ExitStatus | None:
+        """The container's exit, waiting up to ``timeout`` seconds; None while it runs."""
+        client = self.client(sandbox_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            status = client.wait_process(container_id, "", min(max(0.0, remaining), 30.0))
+            if status is not None:
+                self._record_exit(sandbox_id, container_id, status)
+                return status
+            if remaining <= 0:
+                return None
+
+    def _record_exit(self, sandbox_id: str, container_id: str, status: ExitStatus) -> None:
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            c = self._container(record, container_id)
+            if c.state != "exited":
+                c.state = "exited"
+                c.exit_code = status.exit_code
+                c.finished_at_ns = status.finished_at_ns
+                self.store.save(record)
+
+    def stop_container(self, sandbox_id: str, container_id: str, grace: float = 10.0) -> ExitStatus:
+        """SIGTERM, then SIGKILL once ``grace`` seconds passed. Idempotent for a stopped container."""
+        record = self.store.load(sandbox_id)
+        c = self._container(record, container_id)
+        client = self.client(sandbox_id)
+        if c.state == "exited" and c.exit_code is not None:
+            return ExitStatus(c.exit_code, 0, c.finished_at_ns)
+        if grace > 0:
+            client.signal_process(container_id, signal.SIGTERM)
+            status = self.wait_container(sandbox_id, container_id, grace)
+            if status is not None:
+                return status
+        client.signal_process(container_id, signal.SIGKILL)
+        status = self.wait_container(sandbox_id, container_id, 30.0)
+        if status is None:
+            raise DeadlineExceeded(f"container {container_id} did not exit after SIGKILL")
+        return status
+
+    def remove_container(self, sandbox_id: str, container_id: str) -> None:
+        """Removes the container in the guest and its rootfs, layer and log sink on the host."""
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            if container_id not in record.containers:
+                raise NotFound(f"container {container_id} not found in sandbox {sandbox_id}")
+            try:
+                self.client(sandbox_id).remove_container(container_id, force=True)
+            except AgentError as e:
+                if e.grpc_code != "NOT_FOUND":
+                    raise
+            key = (sandbox_id, container_id)
+            with self._lock:
+                pump = self._pumps.pop(key, None)
+                writer = self._logs.pop(key, None)
+            if pump is not None:
+                pump.join(10)
+            if writer is not None:
+                writer.close()
+            sdir = self.sandbox_dir(sandbox_id)
+            rootfs.remove_tree(sdir / "shared" / "containers" / container_id)
+            rootfs.remove_tree(sdir / "layers" / container_id)
+            del record.containers[container_id]
+            self.store.save(record)
+
+    def wait_output(self, sandbox_id: str, container_id: str, timeout: float) -> bool:
+        """Waits until the container's stdout and stderr are closed and written to its log."""
+        with self._lock:
+            pump = self._pumps.get((sandbox_id, container_id))
+        return pump.join(timeout) if pump is not None else True
+
+    def exec_sync(
+        self, sandbox_id: str, container_id: str, args: list[str], timeout: float = 60.0
+    ) -> ExecResult:
+        """Runs ``args`` in a running container and returns its exit code and output.
+
+        Raises:
+            DeadlineExceeded: it ran longer than ``timeout`` seconds (it is killed).
+        """
+        record = self.store.load(sandbox_id)
+        self._container(record, container_id)
+        client = self.client(sandbox_id)
+        exec_id = secrets.token_hex(8)
+        client.exec_process(container_id, exec_id, oci_spec.process_object(oci_spec.ProcessSpec(args=args)))
+        collector = _Collector()
+        pump = _OutputPump(client, container_id, exec_id, collector)
+        status = client.wait_process(container_id, exec_id, timeout)
+        if status is None:
+            client.signal_process(container_id, signal.SIGKILL, exec_id)
+            client.wait_process(container_id, exec_id, 10)
+            pump.join(10)
+            raise DeadlineExceeded(
+                f"command {args[0]!r} in container {container_id} ran longer than {timeout}s"
+            )
+        pump.join(30)
+        return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))
+
+    def container_stats(self, sandbox_id: str, container_id: str) -> pb.ContainerStatsResponse:
+        self._container(self.store.load(sandbox_id), container_id)
+        return self.client(sandbox_id).container_stats(container_id)

@@ -1,0 +1,164 @@
+"""Builds the OCI runtime spec (config.json) the agent hands to crun inside the guest.
+
+Defaults follow runc's and containerd's: the usual pseudo filesystems, Docker's default
+capability set, a masked /proc. Containers of one pod share the guest's network namespace (the
+VM is the pod's network boundary, as in Kata), and get their own pid, ipc, uts and mount
+namespaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+OCI_VERSION = "1.0.2"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+DEFAULT_CAPABILITIES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+MASKED_PATHS = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount of a guest path into the container."""
+
+    source: str
+    destination: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+
+
+def process_object(process: ProcessSpec) -> dict[str, Any]:
+    """The OCI ``process`` object (also what ``crun exec --process`` takes)."""
+    env = list(process.env)
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, f"PATH={DEFAULT_PATH}")
+    caps = list(DEFAULT_CAPABILITIES)
+    return {
+        "terminal": False,
+        "user": {
+            "uid": process.uid,
+            "gid": process.gid,
+            **({"additionalGids": process.additional_gids} if process.additional_gids else {}),
+        },
+        "args": list(process.args),
+        "env": env,
+        "cwd": process.cwd or "/",
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+        "noNewPrivileges": False,
+    }
+
+
+def container_spec(
+    *,
+    root_path: str,
+    process: ProcessSpec,
+    hostname: str = "",
+    readonly_rootfs: bool = False,
+    mounts: list[Mount] | None = None,
+    cgroups_path: str = "",
+) -> dict[str, Any]:
+    """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest."""
+    spec_mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
+    ]
+    for m in mounts or []:
+        spec_mounts.append(
+            {
+                "destination": m.destination,
+                "type": "bind",
+                "source": m.source,
+                "options": ["rbind", "rprivate", "ro" if m.readonly else "rw"],
+            }
+        )
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "maskedPaths": MASKED_PATHS,
+        "readonlyPaths": READONLY_PATHS,
+    }
+    if cgroups_path:
+        linux["cgroupsPath"] = cgroups_path
+    spec: dict[str, Any] = {
+        "ociVersion": OCI_VERSION,
+        "process": process_object(process),
+        "root": {"path": root_path, "readonly": readonly_rootfs},
+        "mounts": spec_mounts,
+        "linux": linux,
+    }
+    if hostname:
+        spec["hostname"] = hostname
+    return spec

@@ -1,0 +1,62 @@
+"""Container root filesystems on the host: an overlay of read-only image layers and a writable
+per-container layer, mounted below the sandbox's shared dir so the guest sees it over 9p."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmsandbox.agent.linux import MNT_DETACH, mount, mount_points_below, umount
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument
+
+
+def mount_rootfs(lower_dirs: Sequence[Path], layer_dir: Path, target: Path) -> None:
+    """Mounts ``lower_dirs`` (top first, read-only) under a writable layer in ``layer_dir`` at ``target``.
+
+    Raises:
+        InvalidArgument: no lower dir, or one is missing.
+        FailedPrecondition: the kernel refused the overlay mount (its reason in the message).
+    """
+    if not lower_dirs:
+        raise InvalidArgument("a container rootfs needs at least one image layer")
+    for d in lower_dirs:
+        if not d.is_dir():
+            raise InvalidArgument(f"image layer {d} does not exist")
+    upper, work = layer_dir / "upper", layer_dir / "work"
+    for d in (upper, work, target):
+        d.mkdir(parents=True, exist_ok=True)
+    lowers = ":".join(str(d) for d in lower_dirs)
+    try:
+        mount("overlay", str(target), "overlay", 0, f"lowerdir={lowers},upperdir={upper},workdir={work}")
+    except OSError as e:
+        raise FailedPrecondition(f"cannot mount the container rootfs: {e.strerror}") from None
+
+
+def unmount_all(path: Path, attempts: int = 20) -> None:
+    """Unmounts everything at or below ``path``; after a few busy retries it detaches lazily,
+    so a QEMU 9p server still holding a file cannot make teardown fail."""
+    for target in mount_points_below(os.path.realpath(path)):
+        for attempt in range(attempts):
+            try:
+                umount(target)
+                break
+            except OSError as e:
+                if e.errno == 22:  # EINVAL: no longer a mount point
+                    break
+                if attempt == attempts - 1:
+                    with contextlib.suppress(OSError):
+                        umount(target, MNT_DETACH)
+                else:
+                    time.sleep(0.05)
+
+
+def remove_tree(path: Path) -> None:
+    """Unmounts whatever is mounted below ``path``, then deletes it (idempotent)."""
+    if not path.exists():
+        return
+    unmount_all(path)
+    shutil.rmtree(path, ignore_errors=True)
