@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,20 @@ def generate(out_dir: Path) -> list[Path]:
         proc = subprocess.run([*args, rel], capture_output=True, text=True, env=env, cwd=PROTO_ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"protoc failed for {rel}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return sorted(p for p in out_dir.rglob("*") if p.is_file() and "_pb2" in p.name)
+    paths = sorted(p for p in out_dir.rglob("*") if p.is_file() and "_pb2" in p.name)
+    for path in paths:
+        _qualify_imports(path)
+    return paths
+
+
+def _qualify_imports(path: Path) -> None:
+    """protoc names imported modules relative to proto/ (``from cri.runtime.v1 import ...``);
+    the code lives in the kvmsandbox package."""
+    text = path.read_text()
+    top_dirs = sorted({rel.split("/")[0] for rel in proto_files()})
+    for top in top_dirs:
+        text = re.sub(rf"^(from|import) {top}\.", rf"\1 kvmsandbox.{top}.", text, flags=re.MULTILINE)
+    path.write_text(text)
 
 
 def generated_paths(root: Path) -> list[Path]:
