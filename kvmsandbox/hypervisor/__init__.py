@@ -1,0 +1,29 @@
+"""Booting and destroying guest VMs: one interface, a libvirt backend and a direct QEMU backend.
+
+Importing this package does not import libvirt; open_hypervisor() loads the backend it is asked for.
+"""
+
+from kvmsandbox.hypervisor.accel import Accel, detect_accel
+from kvmsandbox.hypervisor.spec import (
+    AGENT_PORT_NAME,
+    AGENT_VSOCK_PORT,
+    SHARED_DIR_TAG,
+    AgentChannel,
+    Hypervisor,
+    VMInfo,
+    VMSpec,
+    open_hypervisor,
+)
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "AGENT_VSOCK_PORT",
+    "SHARED_DIR_TAG",
+    "Accel",
+    "AgentChannel",
+    "Hypervisor",
+    "VMInfo",
+    "VMSpec",
+    "detect_accel",
+    "open_hypervisor",
+]

@@ -1,0 +1,305 @@
+"""The libvirt backend: transient domains, by default through the embedded QEMU driver (no daemon).
+
+The embedded driver (`qemu:///embed?root=DIR`) runs inside our process; QEMU processes it starts
+outlive us, and the next open of the same root finds them again. Limits found by trying:
+- one embed root per process, and the root stays locked by that process until it exits (closing
+  the connection does not release it): a second process cannot open a root that is in use;
+- the first open of a fresh root probes QEMU's capabilities (seconds to ~80 s, cached under
+  DIR/cache/qemu/capabilities/);
+- libvirt resolves the user `libvirt-qemu` at start even when qemu.conf says root, and fails if it
+  does not exist (Debian creates it only in libvirt-daemon-system).
+`qemu:///system` (a running libvirtd) works too: pass its URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import libvirt
+
+from kvmsandbox.errors import HypervisorError
+from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml
+from kvmsandbox.hypervisor.process import read_pidfile, wait_gone
+from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec
+
+log = logging.getLogger(__name__)
+
+# libvirt puts each domain's QMP socket at ROOT/lib/qemu/domain-<id>-<name, cut to 20>/monitor.sock.
+_MONITOR_SOCKET_SUFFIX_MAX = len("/lib/qemu/domain-9999999-") + 20 + len("/monitor.sock")
+EMBED_ROOT_MAX = UNIX_PATH_MAX - _MONITOR_SOCKET_SUFFIX_MAX
+
+# Written to ROOT/etc/qemu.conf of an embed root; the reason for each line is beside it.
+EMBED_QEMU_CONF = """\
+# Written by kvmsandbox; rewritten on every start.
+# No virtlogd here: QEMU's stdout/stderr go to a file under the root.
+stdio_handler = "file"
+# QEMU must read root-owned images and write overlays in the shared dir with their owners intact.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+# No private mount namespace: overlays mounted later below a VM's shared dir must be visible to QEMU.
+namespaces = []
+# Resource control of the VMs is ours, not libvirt's (and no systemd/machined is assumed).
+cgroup_controllers = []
+"""
+
+# Where an embed root keeps libvirt's probe of QEMU's capabilities.
+CAPABILITIES_DIR = Path("cache/qemu/capabilities")
+
+# libvirt's destroy already waits for QEMU to exit (SIGTERM, then SIGKILL); this wait is a safety net.
+DESTROY_WAIT = 15.0
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def embed_uri(root: Path) -> str:
+    """The URI of libvirt's embedded QEMU driver rooted at `root`. Raises nothing."""
+    return "qemu:///embed?root=" + quote(str(root), safe="/")
+
+
+def embed_root(uri: str) -> Path | None:
+    """The root directory of an embedded-driver URI, or None for other URIs. Raises nothing."""
+    parts = urlsplit(uri)
+    if parts.scheme != "qemu" or parts.path != "/embed":
+        return None
+    roots = parse_qs(parts.query).get("root")
+    return Path(roots[0]) if roots else None
+
+
+def prepare_embed_root(root: Path) -> None:
+    """Create `root` and write its etc/qemu.conf.
+
+    Raises HypervisorError when the root is not absolute, too long for libvirt's monitor sockets,
+    or cannot be written.
+    """
+    if not root.is_absolute():
+        raise HypervisorError(f"libvirt embed root must be an absolute path, got {root}")
+    if len(str(root).encode()) > EMBED_ROOT_MAX:
+        raise HypervisorError(
+            f"libvirt embed root {root} is longer than {EMBED_ROOT_MAX} bytes: "
+            "libvirt's monitor socket paths below it would not fit in a unix socket address"
+        )
+    conf = root / "etc" / "qemu.conf"
+    try:
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        if not conf.exists() or conf.read_text() != EMBED_QEMU_CONF:
+            conf.write_text(EMBED_QEMU_CONF)
+    except OSError as e:
+        raise HypervisorError(f"cannot prepare libvirt embed root {root}: {e}") from e
+
+
+def seed_capabilities(root: Path, cache: Path) -> int:
+    """Copy libvirt's QEMU capability files from `cache` into embed root `root`; returns how many.
+
+    A seeded root skips the capability probe on first use. libvirt checks each file (QEMU binary,
+    libvirt version, host) and probes again if it is stale, so a stale cache costs time, not errors.
+    Raises HypervisorError when a file cannot be copied.
+    """
+    return _copy_xml_files(cache, root / CAPABILITIES_DIR)
+
+
+def save_capabilities(root: Path, cache: Path) -> int:
+    """Copy the capability files libvirt probed in embed root `root` into `cache`; returns how many.
+
+    Raises HypervisorError when a file cannot be copied.
+    """
+    return _copy_xml_files(root / CAPABILITIES_DIR, cache)
+
+
+def _copy_xml_files(source: Path, dest: Path) -> int:
+    try:
+        files = sorted(source.glob("*.xml"))
+        if files:
+            dest.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copy2(file, dest / file.name)
+    except OSError as e:
+        raise HypervisorError(f"cannot copy libvirt capability files from {source} to {dest}: {e}") from e
+    return len(files)
+
+
+def _init_libvirt_once() -> None:
+    """Register libvirt's event loop (needed by the embedded driver) and silence its stderr printing.
+
+    Raises HypervisorError if libvirt refuses the event loop.
+    """
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        # Every libvirt failure reaches us as an exception; the default handler would also print it.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        if libvirt.virEventRegisterDefaultImpl() < 0:
+            raise HypervisorError("libvirt: cannot register the default event loop")
+        threading.Thread(target=_run_event_loop, name="libvirt-events", daemon=True).start()
+        _initialised = True
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def _open_on_first_cpu(uri: str) -> Any:
+    """libvirt.open(uri) with the calling thread pinned to its lowest allowed CPU.
+
+    The embedded driver snapshots the host's CPUID on the opening thread and compares it with the
+    snapshot stored in each cached capability file. Where CPUs report different CPUID data (seen
+    here: the same cache is valid on CPU 0 and stale on CPU 1), opening on another CPU than the
+    one that probed throws the cache away and probes QEMU again (seconds here, ~80 s elsewhere).
+    Always opening on the same CPU keeps the cache valid. Raises libvirt.libvirtError.
+    """
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        return libvirt.open(uri)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+class LibvirtHypervisor:
+    """Runs each VM as a transient libvirt domain named after the VMSpec."""
+
+    name = "libvirt"
+
+    def __init__(self, uri: str) -> None:
+        """Connect to libvirt at `uri`; for an embed URI, prepare its root first.
+
+        Raises HypervisorError with libvirt's message when the connection fails.
+        """
+        self.uri = uri
+        root = embed_root(uri)
+        if root is not None:
+            prepare_embed_root(root)
+            self._pid_dir: Path | None = root / "run" / "qemu"
+            # QEMU's stdio log per domain; libvirt appends and never removes it. Ours to clean up.
+            self._log_dir: Path | None = root / "log" / "qemu"
+        elif uri == "qemu:///system":
+            self._pid_dir = Path("/run/libvirt/qemu")
+            self._log_dir = None  # libvirtd's logs are the host's (logrotate)
+        else:
+            self._pid_dir = self._log_dir = None
+        _init_libvirt_once()
+        started = time.monotonic()
+        try:
+            self._conn: Any = _open_on_first_cpu(uri) if root is not None else libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            hint = ""
+            if "libvirt-qemu" in str(e):
+                hint = " (create the user: useradd --system --user-group --no-create-home libvirt-qemu)"
+            raise HypervisorError(f"libvirt: cannot open {uri}: {e}{hint}") from e
+        log.info("libvirt opened uri=%s seconds=%.3f", uri, time.monotonic() - started)
+
+    def boot(self, spec: VMSpec) -> VMInfo:
+        """Create a transient domain for `spec`; returns once QEMU runs the guest's vCPUs.
+
+        Raises HypervisorError with libvirt's message (e.g. a domain of that name exists).
+        """
+        started = time.monotonic()
+        try:
+            self._conn.createXML(domain_xml(spec), 0)
+        except libvirt.libvirtError as e:
+            # libvirt's message already quotes QEMU's stderr from the log.
+            self._remove_log(spec.name)
+            raise HypervisorError(f"libvirt: cannot boot VM {spec.name!r}: {e}") from e
+        info = self.info(spec.name) or VMInfo(spec.name, None, False)
+        log.info(
+            "vm booted backend=libvirt vm=%s pid=%s seconds=%.3f",
+            spec.name, info.pid, time.monotonic() - started,
+        )  # fmt: skip
+        return info
+
+    def destroy(self, name: str) -> None:
+        """Destroy the domain and wait until its QEMU process is gone. Idempotent.
+
+        Raises HypervisorError with libvirt's message, or when QEMU outlives the destroy.
+        """
+        dom = self._find(name)
+        vm = None if dom is None else self._describe(dom)
+        if dom is None or vm is None:
+            self._remove_log(name)
+            return
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            # The domain can vanish while destroy runs (QEMU exited on its own): that is success.
+            if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                raise HypervisorError(f"libvirt: cannot destroy VM {name!r}: {e}") from e
+        if vm.pid is not None and not wait_gone(vm.pid, name, DESTROY_WAIT):
+            raise HypervisorError(f"libvirt destroyed VM {name!r} but its QEMU (pid {vm.pid}) still runs")
+        self._remove_log(name)
+        log.info("vm destroyed backend=libvirt vm=%s", name)
+
+    def list(self) -> list[VMInfo]:
+        """Our domains (marked by kvmsandbox metadata) known to libvirt.
+
+        Raises HypervisorError with libvirt's message.
+        """
+        try:
+            domains = self._conn.listAllDomains(0)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt: cannot list domains: {e}") from e
+        infos = [self._describe(dom) for dom in domains]
+        return sorted((i for i in infos if i is not None), key=lambda i: i.name)
+
+    def info(self, name: str) -> VMInfo | None:
+        """The domain `name` if it is ours, else None. Raises HypervisorError with libvirt's message."""
+        dom = self._find(name)
+        return None if dom is None else self._describe(dom)
+
+    def close(self) -> None:
+        """Close the connection; domains keep running. Raises nothing."""
+        try:
+            self._conn.close()
+        except libvirt.libvirtError as e:
+            log.warning("libvirt close failed uri=%s error=%s", self.uri, e)
+
+    def _find(self, name: str) -> Any:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt: cannot look up VM {name!r}: {e}") from e
+
+    def _describe(self, dom: Any) -> VMInfo | None:
+        """The domain as VMInfo, or None if it is not ours or has vanished."""
+        try:
+            name = str(dom.name())
+            running = bool(dom.isActive())
+            if not self._is_ours(dom):
+                return None
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # it went away while we looked
+            raise HypervisorError(f"libvirt: cannot inspect a domain: {e}") from e
+        return VMInfo(name, self._pid(name) if running else None, running)
+
+    def _is_ours(self, dom: Any) -> bool:
+        # Under qemu:///system libvirt may run domains that are not ours; ours carry our metadata.
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return False
+            raise
+        return True
+
+    def _remove_log(self, name: str) -> None:
+        if self._log_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self._log_dir / f"{name}.log").unlink()
+
+    def _pid(self, name: str) -> int | None:
+        return None if self._pid_dir is None else read_pidfile(self._pid_dir / f"{name}.pid")

@@ -1,0 +1,191 @@
+"""What a VM is made of (VMSpec), what a backend reports about it (VMInfo), and the backend interface.
+
+Both backends boot the same VMSpec into the same virtual hardware; builder.py turns a spec into
+libvirt domain XML or a QEMU command line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from kvmsandbox.errors import InvalidArgument
+from kvmsandbox.hypervisor.accel import Accel
+
+AGENT_PORT_NAME = "org.kvmsandbox.agent.0"
+"""Name of the guest's virtio-serial port for the agent (guest: /sys/class/virtio-ports/*/name)."""
+
+AGENT_VSOCK_PORT = 1024
+"""AF_VSOCK port the agent listens on where vsock exists (as Kata)."""
+
+SHARED_DIR_TAG = "kvmshared"
+"""virtio-9p mount tag of VMSpec.shared_dir."""
+
+QMP_SOCKET_NAME = "qmp.sock"
+"""File name of the qemu backend's QMP socket inside VMSpec.run_dir."""
+
+# sun_path holds 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MIN_MEMORY_MIB = 64
+
+
+@dataclass(frozen=True)
+class AgentChannel:
+    """How the host reaches the in-guest agent.
+
+    virtio-serial: `socket_path` is the unix socket QEMU listens on; the host connects to it.
+    vsock: `guest_cid` is the guest's context id; the host connects to (guest_cid, AGENT_VSOCK_PORT).
+    """
+
+    transport: Literal["virtio-serial", "vsock"]
+    socket_path: Path | None = None
+    guest_cid: int | None = None
+
+    def __post_init__(self) -> None:
+        """Raises InvalidArgument when the fields do not fit the transport."""
+        if self.transport == "virtio-serial":
+            if self.socket_path is None or self.guest_cid is not None:
+                raise InvalidArgument("a virtio-serial agent channel needs socket_path and no guest_cid")
+            _check_socket_path(self.socket_path, "agent socket_path")
+        elif self.transport == "vsock":
+            if self.guest_cid is None or self.socket_path is not None:
+                raise InvalidArgument("a vsock agent channel needs guest_cid and no socket_path")
+            # 0-2 are reserved (hypervisor, local, host); the CID is a 32-bit field with -1 reserved.
+            if not 3 <= self.guest_cid < 0xFFFFFFFF:
+                raise InvalidArgument(f"guest_cid {self.guest_cid} is outside 3..4294967294")
+        else:
+            raise InvalidArgument(f"unknown agent transport {self.transport!r}")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything needed to boot one guest. All paths are absolute; the caller creates run_dir."""
+
+    name: str
+    vcpus: int
+    memory_mib: int
+    accel: Accel
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    root_disk: Path
+    """Read-only raw image, attached as the first virtio-blk disk (guest /dev/vda)."""
+    shared_dir: Path | None
+    """Exported over virtio-9p with mount tag SHARED_DIR_TAG."""
+    agent: AgentChannel | None
+    """None for the bare-boot benchmark."""
+    console_log: Path
+    """The guest's ttyS0 is appended to this file."""
+    run_dir: Path
+    """Per-VM directory for sockets; short, because unix socket paths must fit in 107 bytes."""
+    tb_cache_mib: int = 128
+    """TCG translation cache cap; QEMU's default of 1 GiB inflates each VM's RSS."""
+
+    def __post_init__(self) -> None:
+        """Raises InvalidArgument when a field is out of range or a path is unusable."""
+        if not _NAME_RE.fullmatch(self.name):
+            raise InvalidArgument(
+                f"VM name {self.name!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+                "and start with a letter or digit"
+            )
+        if self.vcpus < 1:
+            raise InvalidArgument(f"VM {self.name}: vcpus must be at least 1, got {self.vcpus}")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise InvalidArgument(
+                f"VM {self.name}: memory_mib must be at least {MIN_MEMORY_MIB}, got {self.memory_mib}"
+            )
+        if self.accel not in ("kvm", "tcg"):
+            raise InvalidArgument(f"VM {self.name}: unknown accel {self.accel!r}")
+        if self.tb_cache_mib < 1:
+            raise InvalidArgument(f"VM {self.name}: tb_cache_mib must be at least 1")
+        paths = {
+            "kernel": self.kernel,
+            "initrd": self.initrd,
+            "root_disk": self.root_disk,
+            "console_log": self.console_log,
+            "run_dir": self.run_dir,
+        }
+        if self.shared_dir is not None:
+            paths["shared_dir"] = self.shared_dir
+        for field, path in paths.items():
+            # QEMU's -daemonize changes directory to /, so a relative path would change meaning.
+            if not path.is_absolute():
+                raise InvalidArgument(f"VM {self.name}: {field} must be an absolute path, got {path}")
+        _check_socket_path(self.run_dir / QMP_SOCKET_NAME, f"VM {self.name}: run_dir")
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """What a backend knows about one VM. `pid` is QEMU's pid while it runs, else None."""
+
+    name: str
+    pid: int | None
+    running: bool
+
+
+class Hypervisor(Protocol):
+    """A way to run VMs. Implementations: LibvirtHypervisor ("libvirt") and QemuHypervisor ("qemu")."""
+
+    name: str
+
+    def boot(self, spec: VMSpec) -> VMInfo:
+        """Start QEMU for `spec` and return once it runs (not when the guest is ready).
+
+        Raises HypervisorError with the VMM's own message, e.g. when a VM of that name runs already.
+        """
+        ...
+
+    def destroy(self, name: str) -> None:
+        """Stop the VM and wait until its QEMU process is gone. No error when there is no such VM.
+
+        Raises HypervisorError when QEMU cannot be stopped.
+        """
+        ...
+
+    def list(self) -> list[VMInfo]:
+        """The VMs of this backend, including ones booted before our process restarted.
+
+        A VM whose QEMU exited on its own is reported with running=False (qemu backend) or no longer
+        at all (libvirt forgets transient domains); destroy() cleans up after both.
+        Raises HypervisorError when the backend cannot be asked.
+        """
+        ...
+
+    def info(self, name: str) -> VMInfo | None:
+        """One VM as list() would report it, or None.
+
+        Raises HypervisorError when the backend cannot be asked.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the backend's connections; running VMs keep running."""
+        ...
+
+
+def open_hypervisor(backend: str, *, state_dir: Path, libvirt_uri: str | None = None) -> Hypervisor:
+    """Open the named backend ("libvirt" or "qemu") with its state under `state_dir`.
+
+    libvirt: `libvirt_uri` defaults to the embedded driver rooted at `state_dir/libvirt`.
+    Raises InvalidArgument for an unknown backend name and HypervisorError when the backend cannot start.
+    """
+    if backend == "libvirt":
+        from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor, embed_uri
+
+        return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"))
+    if backend == "qemu":
+        from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
+
+        return QemuHypervisor(state_dir / "qemu")
+    raise InvalidArgument(f"unknown hypervisor backend {backend!r} (choose 'libvirt' or 'qemu')")
+
+
+def _check_socket_path(path: Path, what: str) -> None:
+    if not path.is_absolute():
+        raise InvalidArgument(f"{what} must be an absolute path, got {path}")
+    if len(str(path).encode()) > UNIX_PATH_MAX:
+        raise InvalidArgument(f"{what} {path} is too long for a unix socket (limit {UNIX_PATH_MAX} bytes)")

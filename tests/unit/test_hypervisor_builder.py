@@ -1,0 +1,254 @@
+"""The domain XML and QEMU command line built from a VMSpec, and VMSpec's own checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmsandbox.errors import HypervisorError, InvalidArgument
+from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml, qemu_argv
+from kvmsandbox.hypervisor.libvirt_backend import EMBED_ROOT_MAX, embed_root, embed_uri, prepare_embed_root
+from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, VMSpec
+
+PIDFILE = Path("/var/lib/kvmsandbox/qemu/pod-1.pid")
+
+
+def make_spec(**changes: Any) -> VMSpec:
+    spec = VMSpec(
+        name="pod-1",
+        vcpus=2,
+        memory_mib=384,
+        accel="tcg",
+        kernel=Path("/cache/vmlinuz"),
+        initrd=Path("/cache/initrd.img"),
+        cmdline="console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda",
+        root_disk=Path("/cache/root.erofs"),
+        shared_dir=Path("/var/lib/kvmsandbox/pods/1/shared"),
+        agent=AgentChannel("virtio-serial", socket_path=Path("/run/ks/1/agent.sock")),
+        console_log=Path("/var/log/ks/1/console.log"),
+        run_dir=Path("/run/ks/1"),
+        tb_cache_mib=64,
+    )
+    return dataclasses.replace(spec, **changes)
+
+
+def parse(spec: VMSpec) -> ET.Element:
+    return ET.fromstring(domain_xml(spec))
+
+
+def attrs(parent: ET.Element, path: str) -> dict[str, str]:
+    element = parent.find(path)
+    assert element is not None, f"no <{path}>"
+    return dict(element.attrib)
+
+
+def option_values(argv: list[str], flag: str) -> list[str]:
+    return [value for f, value in itertools.pairwise(argv) if f == flag]
+
+
+def test_domain_xml_describes_a_tcg_q35_guest_with_direct_kernel_boot() -> None:
+    dom = parse(make_spec())
+    assert dom.get("type") == "qemu"
+    assert dom.findtext("name") == "pod-1"
+    assert attrs(dom, "memory")["unit"] == "MiB"
+    assert dom.findtext("memory") == "384"
+    assert dom.findtext("vcpu") == "2"
+    os_type = dom.find("os/type")
+    assert os_type is not None and os_type.get("machine") == "q35" and os_type.text == "hvm"
+    assert dom.findtext("os/kernel") == "/cache/vmlinuz"
+    assert dom.findtext("os/initrd") == "/cache/initrd.img"
+    assert dom.findtext("os/cmdline") == "console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda"
+    assert dom.find("features/acpi") is not None
+    assert dom.findtext("features/tcg/tb-cache") == "64"
+    assert dom.find("cpu") is None
+    assert [dom.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
+
+
+def test_domain_xml_for_kvm_passes_the_host_cpu_and_has_no_tcg_cache() -> None:
+    dom = parse(make_spec(accel="kvm"))
+    assert dom.get("type") == "kvm"
+    assert dom.find("features/tcg") is None
+    cpu = dom.find("cpu")
+    assert cpu is not None and cpu.get("mode") == "host-passthrough"
+
+
+def test_domain_xml_root_disk_is_the_first_read_only_virtio_disk() -> None:
+    disks = parse(make_spec()).findall("devices/disk")
+    assert len(disks) == 1
+    disk = disks[0]
+    assert attrs(disk, "source")["file"] == "/cache/root.erofs"
+    target = disk.find("target")
+    assert target is not None and (target.get("dev"), target.get("bus")) == ("vda", "virtio")
+    assert disk.find("readonly") is not None
+    assert attrs(disk, "driver")["type"] == "raw"
+
+
+def test_domain_xml_shares_the_dir_over_9p_with_remapped_devices() -> None:
+    fs = parse(make_spec()).find("devices/filesystem")
+    assert fs is not None
+    assert fs.get("accessmode") == "passthrough" and fs.get("multidevs") == "remap"
+    assert attrs(fs, "source")["dir"] == "/var/lib/kvmsandbox/pods/1/shared"
+    assert attrs(fs, "target")["dir"] == SHARED_DIR_TAG
+
+
+def test_domain_xml_agent_channel_is_a_virtio_serial_port_on_a_unix_socket_qemu_listens_on() -> None:
+    dom = parse(make_spec())
+    channel = dom.find("devices/channel")
+    assert channel is not None and channel.get("type") == "unix"
+    source = channel.find("source")
+    assert source is not None and source.get("mode") == "bind" and source.get("path") == "/run/ks/1/agent.sock"
+    target = channel.find("target")
+    assert target is not None and target.get("type") == "virtio" and target.get("name") == AGENT_PORT_NAME
+    assert dom.find("devices/vsock") is None
+
+
+def test_domain_xml_vsock_agent_gets_a_fixed_guest_cid_and_no_channel() -> None:
+    dom = parse(make_spec(agent=AgentChannel("vsock", guest_cid=1234)))
+    cid = dom.find("devices/vsock/cid")
+    assert cid is not None and cid.get("auto") == "no" and cid.get("address") == "1234"
+    assert dom.find("devices/channel") is None
+
+
+def test_domain_xml_console_is_appended_to_a_file_and_there_are_no_extra_devices() -> None:
+    devices = parse(make_spec()).find("devices")
+    assert devices is not None
+    serial = devices.find("serial")
+    assert serial is not None and serial.get("type") == "file"
+    source = serial.find("source")
+    assert source is not None and source.get("path") == "/var/log/ks/1/console.log" and source.get("append") == "on"
+    assert devices.find("interface") is None
+    assert devices.find("graphics") is None
+    assert attrs(devices, "memballoon")["model"] == "none"
+    assert attrs(devices, "controller[@type='usb']")["model"] == "none"
+
+
+def test_domain_xml_marks_the_domain_as_ours() -> None:
+    assert parse(make_spec()).find(f"metadata/{{{METADATA_NS}}}vm") is not None
+
+
+def test_bare_boot_spec_has_neither_agent_device_nor_shared_dir() -> None:
+    spec = make_spec(agent=None, shared_dir=None)
+    devices = parse(spec).find("devices")
+    assert devices is not None
+    assert devices.find("channel") is None and devices.find("vsock") is None and devices.find("filesystem") is None
+    argv = " ".join(qemu_argv(spec, pidfile=PIDFILE))
+    assert "virtserialport" not in argv and "vsock" not in argv and "9p" not in argv
+
+
+def test_domain_xml_escapes_markup_in_the_kernel_command_line() -> None:
+    assert parse(make_spec(cmdline="a=<b> & c")).findtext("os/cmdline") == "a=<b> & c"
+
+
+def test_qemu_argv_boots_the_same_machine_daemonized_with_qmp_in_the_run_dir() -> None:
+    argv = qemu_argv(make_spec(), pidfile=PIDFILE, binary="/usr/bin/qemu-system-x86_64")
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert option_values(argv, "-name") == ["guest=pod-1,debug-threads=on"]
+    assert option_values(argv, "-machine") == ["q35"]
+    assert option_values(argv, "-accel") == ["tcg,tb-size=64"]
+    assert {"-nodefaults", "-no-user-config", "-daemonize", "-no-reboot"} <= set(argv)
+    assert option_values(argv, "-display") == ["none"]
+    assert option_values(argv, "-m") == ["384"]
+    assert option_values(argv, "-smp") == ["2"]
+    assert option_values(argv, "-kernel") == ["/cache/vmlinuz"]
+    assert option_values(argv, "-initrd") == ["/cache/initrd.img"]
+    assert option_values(argv, "-append") == ["console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda"]
+    assert option_values(argv, "-pidfile") == [str(PIDFILE)]
+    assert option_values(argv, "-sandbox") == ["on,obsolete=deny,resourcecontrol=deny"]
+    assert "socket,id=qmp,path=/run/ks/1/qmp.sock,server=on,wait=off" in option_values(argv, "-chardev")
+    assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert "-netdev" not in argv and "-nic" not in argv
+
+
+def test_qemu_argv_for_kvm_uses_the_host_cpu() -> None:
+    argv = qemu_argv(make_spec(accel="kvm"), pidfile=PIDFILE)
+    assert option_values(argv, "-accel") == ["kvm"]
+    assert option_values(argv, "-cpu") == ["host"]
+
+
+def test_qemu_argv_devices_match_the_domain_xml() -> None:
+    argv = qemu_argv(make_spec(), pidfile=PIDFILE)
+    chardevs = option_values(argv, "-chardev")
+    devices = option_values(argv, "-device")
+    assert "file,id=console,path=/var/log/ks/1/console.log,append=on" in chardevs
+    assert option_values(argv, "-serial") == ["chardev:console"]
+    assert "driver=file,node-name=root-file,filename=/cache/root.erofs,read-only=on" in option_values(argv, "-blockdev")
+    # The root disk is the first virtio-blk device, so the guest calls it /dev/vda.
+    assert [d for d in devices if d.startswith("virtio-blk")] == ["virtio-blk-pci,id=root-disk,drive=root"]
+    assert option_values(argv, "-fsdev") == [
+        "local,id=shared,path=/var/lib/kvmsandbox/pods/1/shared,security_model=passthrough,multidevs=remap"
+    ]
+    assert f"virtio-9p-pci,id=shared-fs,fsdev=shared,mount_tag={SHARED_DIR_TAG}" in devices
+    assert "socket,id=agent,path=/run/ks/1/agent.sock,server=on,wait=off" in chardevs
+    assert f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}" in devices
+    assert not [d for d in devices if "vsock" in d]
+
+
+def test_qemu_argv_vsock_agent_uses_vhost_vsock_with_the_guest_cid() -> None:
+    devices = option_values(qemu_argv(make_spec(agent=AgentChannel("vsock", guest_cid=77)), pidfile=PIDFILE), "-device")
+    assert "vhost-vsock-pci,id=vsock,guest-cid=77" in devices
+    assert not [d for d in devices if "virtserial" in d]
+
+
+def test_qemu_argv_doubles_commas_in_paths_inside_option_values() -> None:
+    argv = qemu_argv(make_spec(root_disk=Path("/cache/a,b.img")), pidfile=PIDFILE)
+    assert any("filename=/cache/a,,b.img," in v for v in option_values(argv, "-blockdev"))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"name": ""},
+        {"name": "-starts-with-dash"},
+        {"name": "has,comma"},
+        {"name": "x" * 65},
+        {"vcpus": 0},
+        {"memory_mib": 16},
+        {"accel": "hvf"},
+        {"tb_cache_mib": 0},
+        {"kernel": Path("relative/vmlinuz")},
+        {"run_dir": Path("/" + "r" * 100)},
+    ],
+)
+def test_vmspec_rejects_bad_fields(changes: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        make_spec(**changes)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"transport": "virtio-serial"},
+        {"transport": "virtio-serial", "socket_path": Path("/" + "s" * 120)},
+        {"transport": "vsock"},
+        {"transport": "vsock", "guest_cid": 2},
+        {"transport": "vsock", "guest_cid": 5, "socket_path": Path("/run/a.sock")},
+        {"transport": "pigeon", "guest_cid": 5},
+    ],
+)
+def test_agent_channel_rejects_fields_that_do_not_fit_the_transport(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        AgentChannel(**kwargs)
+
+
+def test_embed_uri_round_trips_a_root_with_odd_characters() -> None:
+    root = Path("/var/lib/kvm sandbox/lib&virt")
+    assert embed_root(embed_uri(root)) == root
+    assert embed_root("qemu:///system") is None
+
+
+def test_prepare_embed_root_writes_qemu_conf_and_rejects_long_roots() -> None:
+    # pytest's tmp_path is too long for an embed root, which is the point of the second half.
+    with tempfile.TemporaryDirectory(prefix="ks-", dir="/tmp") as short:
+        root = Path(short) / "lv"
+        prepare_embed_root(root)
+        conf = (root / "etc" / "qemu.conf").read_text()
+    assert 'stdio_handler = "file"' in conf
+    assert "namespaces = []" in conf
+    with pytest.raises(HypervisorError):
+        prepare_embed_root(Path("/" + "x" * EMBED_ROOT_MAX))
