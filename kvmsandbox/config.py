@@ -108,9 +108,7 @@ def _build(cls: type[Any], data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r} (known here: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known here: {', '.join(sorted(names))})")
     return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
 
 

@@ -183,9 +183,7 @@ class AgentClient:
             response = fut.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             conn.forget(req.id)
-            raise DeadlineExceeded(
-                f"agent of {self.name} did not answer {method} within {timeout:.1f}s"
-            ) from None
+            raise DeadlineExceeded(f"agent of {self.name} did not answer {method} within {timeout:.1f}s") from None
         if response.status.code != pb.OK:
             raise AgentError(f"{method}: {response.status.message}", pb.Code.Name(response.status.code))
         return response_type.FromString(response.body)
@@ -229,16 +227,12 @@ class AgentClient:
         self.call("StartContainer", req, pb.StartContainerResponse, timeout)
 
     def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
-        req = pb.ExecProcessRequest(
-            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process)
-        )
+        req = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process_json=json.dumps(process))
         return self.call("ExecProcess", req, pb.ExecProcessResponse).pid
 
     def wait_process(self, container_id: str, exec_id: str = "", timeout: float = 0.0) -> ExitStatus | None:
         """The exit of a process, waiting up to ``timeout`` seconds in the guest; None if it still runs."""
-        req = pb.WaitProcessRequest(
-            container_id=container_id, exec_id=exec_id, timeout_ms=int(timeout * 1000)
-        )
+        req = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id, timeout_ms=int(timeout * 1000))
         resp = self.call("WaitProcess", req, pb.WaitProcessResponse, timeout + LONG_POLL_SLACK)
         if not resp.exited:
             return None
@@ -270,6 +264,4 @@ class AgentClient:
         return self.call("ContainerStats", req, pb.ContainerStatsResponse)
 
     def list_containers(self) -> list[pb.ContainerInfo]:
-        return list(
-            self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse).containers
-        )
+        return list(self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse).containers)

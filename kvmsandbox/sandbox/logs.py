@@ -15,11 +15,7 @@ MAX_LINE_BYTES = 16 * 1024
 
 def timestamp(ns: int | None = None) -> str:
     """RFC 3339 with nanoseconds in UTC, as kubelet writes and parses."""
-    now = (
-        datetime.datetime.now(datetime.UTC)
-        if ns is None
-        else datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
-    )
+    now = datetime.datetime.now(datetime.UTC) if ns is None else datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond * 1000:09d}Z"
 
 

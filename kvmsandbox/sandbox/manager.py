@@ -62,6 +62,15 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(tail) or "(no console output)"
 
 
+@dataclass
+class BootTimings:
+    """Seconds from the create request to each phase of a sandbox boot."""
+
+    vmm_started: float = 0.0
+    agent_ready: float = 0.0
+    sandbox_ready: float = 0.0
+
+
 @dataclass(frozen=True)
 class ExecResult:
     exit_code: int
@@ -167,6 +176,7 @@ class SandboxManager:
         self._clients: dict[str, AgentClient] = {}
         self._logs: dict[tuple[str, str], CriLogWriter] = {}
         self._pumps: dict[tuple[str, str], _OutputPump] = {}
+        self.boot_timings: dict[str, BootTimings] = {}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -221,9 +231,7 @@ class SandboxManager:
                 labels=dict(labels or {}),
             )
             try:
-                self._boot(
-                    record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns
-                )
+                self._boot(record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns)
             except BaseException:
                 self._teardown(record.id, record.vm_name)
                 raise
@@ -246,15 +254,13 @@ class SandboxManager:
             channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
         else:
             record.agent_socket = str(run_dir / "agent.sock")
-            channel = AgentChannel(
-                transport="virtio-serial", socket_path=Path(record.agent_socket), guest_cid=None
-            )
+            channel = AgentChannel(transport="virtio-serial", socket_path=Path(record.agent_socket), guest_cid=None)
         self.store.save(record)
         spec = VMSpec(
             name=record.vm_name,
             vcpus=record.vcpus,
             memory_mib=record.memory_mib,
-            accel=self.accel,  # type: ignore[arg-type]
+            accel=self.accel,
             kernel=self.image.kernel,
             initrd=self.image.initrd,
             cmdline=self.image.cmdline(extra=cmdline_extra),
@@ -266,7 +272,9 @@ class SandboxManager:
             tb_cache_mib=self.config.hypervisor.tb_cache_mib,
         )
         started = time.monotonic()
+        timings = self.boot_timings[record.id] = BootTimings()
         self.hypervisor.boot(spec)
+        timings.vmm_started = time.monotonic() - started
         client = self._client(record)
 
         def alive() -> bool:
@@ -281,6 +289,7 @@ class SandboxManager:
                 f"sandbox {record.id}: the guest agent did not become ready ({e}); "
                 f"last lines of the console log {self.console_log(record.id)}:\n{tail}"
             ) from None
+        timings.agent_ready = time.monotonic() - started
         files = client.create_sandbox(
             pb.CreateSandboxRequest(
                 sandbox_id=record.id,
@@ -296,9 +305,8 @@ class SandboxManager:
         }
         record.state = "ready"
         self.store.save(record)
-        log.info(
-            "sandbox ready id=%s vm=%s seconds=%.2f", record.id, record.vm_name, time.monotonic() - started
-        )
+        timings.sandbox_ready = time.monotonic() - started
+        log.info("sandbox ready id=%s vm=%s seconds=%.2f", record.id, record.vm_name, timings.sandbox_ready)
 
     def _client(self, record: SandboxRecord) -> AgentClient:
         with self._lock:
@@ -354,9 +362,7 @@ class SandboxManager:
                 try:
                     self._client(record).destroy_sandbox(timeout=10)
                 except KvmSandboxError as e:
-                    log.warning(
-                        "sandbox %s: guest teardown failed, destroying the VM anyway: %s", sandbox_id, e
-                    )
+                    log.warning("sandbox %s: guest teardown failed, destroying the VM anyway: %s", sandbox_id, e)
             self._teardown(sandbox_id, vm_name)
 
     def _teardown(self, sandbox_id: str, vm_name: str) -> None:
@@ -374,6 +380,7 @@ class SandboxManager:
             w.close()
         rootfs.remove_tree(self.sandbox_dir(sandbox_id))
         shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
+        self.boot_timings.pop(sandbox_id, None)
         log.info("sandbox removed id=%s vm=%s", sandbox_id, vm_name)
 
     # -- containers ------------------------------------------------------------------------
@@ -404,9 +411,7 @@ class SandboxManager:
         with self._lock_for(sandbox_id):
             record = self.store.load(sandbox_id)
             if record.state != "ready":
-                raise FailedPrecondition(
-                    f"sandbox {sandbox_id} is {record.state}: cannot create containers in it"
-                )
+                raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state}: cannot create containers in it")
             if container_id in record.containers:
                 raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
             client = self._client(record)
@@ -537,9 +542,7 @@ class SandboxManager:
             pump = self._pumps.get((sandbox_id, container_id))
         return pump.join(timeout) if pump is not None else True
 
-    def exec_sync(
-        self, sandbox_id: str, container_id: str, args: list[str], timeout: float = 60.0
-    ) -> ExecResult:
+    def exec_sync(self, sandbox_id: str, container_id: str, args: list[str], timeout: float = 60.0) -> ExecResult:
         """Runs ``args`` in a running container and returns its exit code and output.
 
         Raises:
@@ -557,9 +560,7 @@ class SandboxManager:
             client.signal_process(container_id, signal.SIGKILL, exec_id)
             client.wait_process(container_id, exec_id, 10)
             pump.join(10)
-            raise DeadlineExceeded(
-                f"command {args[0]!r} in container {container_id} ran longer than {timeout}s"
-            )
+            raise DeadlineExceeded(f"command {args[0]!r} in container {container_id} ran longer than {timeout}s")
         pump.join(30)
         return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))
 

@@ -23,9 +23,7 @@ def make_busybox_rootfs(dest: Path, busybox: Path = BUSYBOX) -> Path:
     """
     if not busybox.is_file():
         raise FailedPrecondition(f"{busybox} is missing: install the busybox-static package")
-    applets = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for d in (
@@ -50,9 +48,7 @@ def make_busybox_rootfs(dest: Path, busybox: Path = BUSYBOX) -> Path:
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink("/bin/busybox", link)
     (tmp / "tmp").chmod(0o1777)
-    (tmp / "etc" / "passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
-    )
+    (tmp / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
     (tmp / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)

@@ -51,9 +51,7 @@ class AgentService:
         self.runner = runner
         self.sandbox = SandboxSetup()
         self.transport = transport
-        self._handlers: dict[str, Callable[[Any], Message]] = {
-            name: getattr(self, name) for name in wire.METHODS
-        }
+        self._handlers: dict[str, Callable[[Any], Message]] = {name: getattr(self, name) for name in wire.METHODS}
 
     def handle(self, request: pb.Request) -> pb.Response:
         """Runs one request; every failure becomes a status, never an exception."""

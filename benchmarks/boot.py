@@ -1,0 +1,169 @@
+"""Boot benchmark: request to agent-ready for N sandboxes, against the bare floor of the same
+kernel and initramfs (an init that powers off at once), measured in the same run.
+
+    .venv/bin/python benchmarks/boot.py [--boots N] [--backend libvirt|qemu]
+
+Prints min/median/max per phase, guest memory used and QEMU RSS once ready, and the ratio
+sandbox-ready / bare-boot. Run as root on a host set up by `make setup`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kvmsandbox.config import AgentConfig, Config, HypervisorConfig
+from kvmsandbox.guest_image import GuestImage, build_guest_image
+from kvmsandbox.hypervisor.spec import Hypervisor, VMSpec, open_hypervisor
+from kvmsandbox.sandbox.manager import SandboxManager
+
+INIT_MARKER = re.compile(rb"kvmsandbox-init: reached init")
+
+
+def watch_console(
+    path: Path, marker: re.Pattern[bytes], t0: float, out: dict[str, float], stop: threading.Event
+) -> None:
+    """Records the wall time (since t0) at which ``marker`` first shows in the console log."""
+    while not stop.is_set():
+        try:
+            if marker.search(path.read_bytes()):
+                out["init"] = time.monotonic() - t0
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
+def rss_mib(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bare_boot(
+    hv: Hypervisor, image: GuestImage, run_dir: Path, memory_mib: int, accel: str, i: int
+) -> dict[str, float]:
+    name = f"bench-bare-{i}"
+    vm_dir = run_dir / name
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    console = vm_dir / "console.log"
+    spec = VMSpec(
+        name=name,
+        vcpus=1,
+        memory_mib=memory_mib,
+        accel=accel,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        cmdline=image.cmdline(bare=True),
+        root_disk=image.rootfs,
+        shared_dir=None,
+        agent=None,
+        console_log=console,
+        run_dir=vm_dir,
+    )
+    marks: dict[str, float] = {}
+    stop = threading.Event()
+    t0 = time.monotonic()
+    watcher = threading.Thread(target=watch_console, args=(console, INIT_MARKER, t0, marks, stop))
+    watcher.start()
+    hv.boot(spec)
+    marks["vmm"] = time.monotonic() - t0
+    while True:
+        info = hv.info(name)
+        if info is None or not info.running:
+            break
+        time.sleep(0.005)
+    marks["exit"] = time.monotonic() - t0
+    stop.set()
+    watcher.join()
+    hv.destroy(name)
+    return marks
+
+
+def summary(values: list[float]) -> str:
+    return f"min {min(values):6.2f}  median {statistics.median(values):6.2f}  max {max(values):6.2f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boots", type=int, default=3)
+    parser.add_argument("--backend", choices=["libvirt", "qemu"], default="qemu")
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
+    args = parser.parse_args()
+
+    image = build_guest_image(args.cache_dir / "guest-image").image
+    work = Path(tempfile.mkdtemp(prefix="ksb-", dir="/tmp"))
+    config = Config(
+        state_dir=work / "state",
+        run_dir=work / "run",
+        cache_dir=args.cache_dir,
+        hypervisor=HypervisorConfig(backend=args.backend),  # type: ignore[arg-type]
+        agent=AgentConfig(ready_timeout_seconds=300),
+    )
+    hv = open_hypervisor(args.backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri)
+    manager = SandboxManager(config, hv, image)
+    print(
+        f"backend {args.backend}, accel {manager.accel} ({manager.accel_reason}), transport {manager.transport}, "
+        f"{args.memory_mib} MiB, 1 vCPU, kernel {image.kernel_version}"
+    )
+
+    bare: list[dict[str, float]] = []
+    ready: list[dict[str, float]] = []
+    for i in range(args.boots):
+        # Interleave floor and sandbox boots so machine noise hits both alike.
+        bare.append(bare_boot(hv, image, config.run_dir, args.memory_mib, manager.accel, i))
+        marks: dict[str, float] = {}
+        stop = threading.Event()
+        sandbox_id = f"bench-{i}"
+        console = manager.console_log(sandbox_id)
+        t0 = time.monotonic()
+        watcher = threading.Thread(target=watch_console, args=(console, INIT_MARKER, t0, marks, stop))
+        watcher.start()
+        record = manager.create_sandbox(sandbox_id, memory_mib=args.memory_mib)
+        stop.set()
+        watcher.join()
+        timings = manager.boot_timings[record.id]
+        details = manager.client(record.id).guest_details()
+        info = hv.info(record.vm_name)
+        marks.update(
+            vmm=timings.vmm_started,
+            agent=timings.agent_ready,
+            ready=timings.sandbox_ready,
+            guest_used_mib=(details.mem_total_bytes - details.mem_available_bytes) / 2**20,
+            agent_rss_mib=details.agent_rss_bytes / 2**20,
+            qemu_rss_mib=rss_mib(info.pid if info else None),
+        )
+        ready.append(marks)
+        manager.destroy_sandbox(record.id)
+        print(f"  boot {i + 1}: bare {bare[-1]['exit']:.2f}s, sandbox ready {marks['ready']:.2f}s", flush=True)
+
+    print("\nsandbox boot, seconds since the request:")
+    print(f"  VMM started        {summary([m['vmm'] for m in ready])}")
+    print(f"  kernel reached init {summary([m.get('init', float('nan')) for m in ready])}")
+    print(f"  agent answered     {summary([m['agent'] for m in ready])}")
+    print(f"  sandbox ready      {summary([m['ready'] for m in ready])}")
+    print("bare boot (same kernel + initramfs, init powers off at once):")
+    print(f"  VMM started        {summary([m['vmm'] for m in bare])}")
+    print(f"  kernel reached init {summary([m.get('init', float('nan')) for m in bare])}")
+    print(f"  VM exited          {summary([m['exit'] for m in bare])}")
+    print("memory once ready, MiB:")
+    print(f"  guest used (MemTotal-MemAvailable) {summary([m['guest_used_mib'] for m in ready])}")
+    print(f"  agent RSS                          {summary([m['agent_rss_mib'] for m in ready])}")
+    print(f"  QEMU RSS                           {summary([m['qemu_rss_mib'] for m in ready])}")
+    ratio = statistics.median(m["ready"] for m in ready) / statistics.median(m["exit"] for m in bare)
+    print(f"\nsandbox-ready / bare-boot (medians): {ratio:.2f}  (target <= 1.2)")
+    hv.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""``kvmsandbox doctor``: what this host offers the runtime and what is missing."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+
+from kvmsandbox.cli import tool_version
+from kvmsandbox.config import Config
+from kvmsandbox.guest_image import find_guest_image
+from kvmsandbox.hypervisor.accel import detect_accel
+from kvmsandbox.sandbox.manager import choose_transport
+
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+
+def run_doctor(config: Config) -> int:
+    """Prints one line per check; returns 1 with a sentence per problem when something required is missing."""
+    problems: list[str] = []
+    accel, reason = detect_accel() if config.hypervisor.accel == "auto" else (config.hypervisor.accel, "set in config")
+    print(f"accel:            {accel} ({reason})")
+    if accel == "tcg":
+        print("                  guests run under software emulation: expect boots about ten times slower than KVM")
+    transport = choose_transport(config.agent.transport)
+    why = "/dev/vhost-vsock is usable" if transport == "vsock" else "no usable /dev/vhost-vsock"
+    print(f"agent transport:  {transport} ({why if config.agent.transport == 'auto' else 'set in config'})")
+    virtiofsd = shutil.which("virtiofsd") or next((p for p in VIRTIOFSD_PATHS if os.path.exists(p)), None)
+    print(f"shared fs:        virtio-9p{'' if virtiofsd is None else f' (virtiofsd at {virtiofsd} is not used yet)'}")
+    qemu = tool_version([config.hypervisor.qemu_binary, "--version"])
+    print(f"qemu:             {qemu}")
+    if qemu == "not installed":
+        problems.append(f"{config.hypervisor.qemu_binary} is missing: install the qemu-system-x86 package")
+    print(
+        f"hypervisor:       {config.hypervisor.backend}"
+        + (f" ({config.libvirt_uri})" if config.hypervisor.backend == "libvirt" else "")
+    )
+    try:
+        import libvirt
+
+        major, rest = divmod(libvirt.getVersion(), 1_000_000)
+        print(f"libvirt:          {major}.{rest // 1000}.{rest % 1000}")
+    except ImportError:
+        print("libvirt:          python bindings missing")
+        if config.hypervisor.backend == "libvirt":
+            problems.append("libvirt-python is not installed: run `make setup` (or choose hypervisor.backend: qemu)")
+    if config.hypervisor.backend == "libvirt" and config.libvirt_uri.startswith("qemu:///embed"):
+        try:
+            pwd.getpwnam("libvirt-qemu")
+        except KeyError:
+            problems.append(
+                "the embedded libvirt driver needs a libvirt-qemu user: run `make setup` or "
+                "`useradd --system --user-group --no-create-home libvirt-qemu`"
+            )
+    image = find_guest_image(config.guest_image_dir)
+    if image is None:
+        print(f"guest image:      not built in {config.guest_image_dir}")
+        problems.append("the guest image is not built: run `kvmsandbox guest-image build`")
+    else:
+        print(f"guest image:      {image.key[:16]} kernel {image.kernel_version} in {image.rootfs.parent}")
+    if not shutil.which("mount"):
+        problems.append("mount(8) is missing")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    print("ok: this host can run kvmsandbox" if not problems else f"{len(problems)} problem(s) to fix")
+    return 1 if problems else 0

@@ -1,0 +1,95 @@
+"""Shared fixtures. VM tests boot real guests (TCG on machines without usable KVM); one sandbox
+per hypervisor backend is booted once per session and shared by the tests that allow it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmsandbox.config import AgentConfig, Config, HypervisorConfig
+from kvmsandbox.errors import HypervisorError
+from kvmsandbox.guest_image import GuestImage, build_guest_image
+from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
+from kvmsandbox.hypervisor.spec import open_hypervisor
+from kvmsandbox.sandbox.manager import SandboxManager
+from kvmsandbox.sandbox.store import SandboxRecord
+from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
+
+# The guest image and libvirt's capability cache are expensive to make: keep them outside the
+# repo, shared by every run on this machine.
+CACHE_DIR = Path(os.environ.get("KVMSANDBOX_TEST_CACHE", "/var/cache/kvmsandbox"))
+BACKENDS = ("libvirt", "qemu")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return build_guest_image(CACHE_DIR / "guest-image").image
+
+
+@pytest.fixture(scope="session")
+def short_tmp() -> Iterator[Path]:
+    """A short directory for unix sockets (their paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="ks-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_busybox_rootfs(tmp_path_factory.mktemp("layers") / "busybox")
+
+
+def make_config(state_dir: Path, run_dir: Path, backend: str, libvirt_root: Path) -> Config:
+    return Config(
+        state_dir=state_dir,
+        run_dir=run_dir,
+        cache_dir=CACHE_DIR,
+        hypervisor=HypervisorConfig(backend=backend, libvirt_uri=f"qemu:///embed?root={libvirt_root}"),  # type: ignore[arg-type]
+        agent=AgentConfig(ready_timeout_seconds=180),
+    )
+
+
+@pytest.fixture(scope="session")
+def libvirt_root(short_tmp: Path) -> Iterator[Path]:
+    """The one embedded-libvirt root of the session (libvirt allows one per process), seeded with
+    the cached QEMU capabilities so the probe runs once per machine, not once per run."""
+    root = short_tmp / "lv"
+    prepare_embed_root(root)
+    seed_capabilities(root, CACHE_DIR / "libvirt-caps")
+    yield root
+    with contextlib.suppress(HypervisorError):
+        save_capabilities(root, CACHE_DIR / "libvirt-caps")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def manager(
+    request: pytest.FixtureRequest,
+    guest_image: GuestImage,
+    short_tmp: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    libvirt_root: Path,
+) -> Iterator[SandboxManager]:
+    backend: str = request.param
+    config = make_config(tmp_path_factory.mktemp(f"state-{backend}"), short_tmp / backend, backend, libvirt_root)
+    hv = open_hypervisor(
+        backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri if backend == "libvirt" else None
+    )
+    mgr = SandboxManager(config, hv, guest_image)
+    yield mgr
+    for record in mgr.list_sandboxes():
+        mgr.destroy_sandbox(record.id)
+    hv.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox(manager: SandboxManager) -> Iterator[SandboxRecord]:
+    """A booted sandbox shared by the tests of one backend."""
+    record = manager.create_sandbox(hostname="shared-pod")
+    yield record
+    manager.destroy_sandbox(record.id)

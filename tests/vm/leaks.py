@@ -1,0 +1,26 @@
+"""What a removed sandbox could leave behind on the host, looked up for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmsandbox.agent.linux import mount_points_below
+
+
+def processes_mentioning(word: str) -> list[int]:
+    """Pids whose command line contains ``word`` (a VM name appears in QEMU's)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if word.encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def mounts_below(path: Path) -> list[str]:
+    return mount_points_below(str(path.resolve()))
