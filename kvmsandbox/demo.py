@@ -14,7 +14,8 @@ DEMO_SCRIPT = (
     'echo "hello from container $(hostname) in a kvmsandbox VM"; '
     'echo "guest kernel: $(uname -r)"; '
     'echo "container memory: $(head -n1 /proc/meminfo)"; '
-    "echo 'this line goes to stderr' >&2; sleep 30"
+    "echo 'this line goes to stderr' >&2; "
+    "trap 'echo got SIGTERM, exiting cleanly; exit 0' TERM; while true; do sleep 1; done"
 )
 
 

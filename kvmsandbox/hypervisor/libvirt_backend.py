@@ -23,12 +23,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-import libvirt
+# The embedded driver logs to stderr on every open: our deliberate choices ("security driver
+# none", "tainted: high-privileges") and harmless probe failures (dmidecode, access manager).
+# Failures that matter reach us as exceptions; libvirt's own errors go to a file instead,
+# unless the user set LIBVIRT_LOG_OUTPUTS. libvirt reads it once, when the module is imported.
+LIBVIRT_LOG_FILE = "/tmp/kvmsandbox-libvirt.log"
+os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"4:file:{LIBVIRT_LOG_FILE}")
 
-from kvmsandbox.errors import HypervisorError
-from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml
-from kvmsandbox.hypervisor.process import read_pidfile, wait_gone
-from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec
+import libvirt  # noqa: E402
+
+from kvmsandbox.errors import HypervisorError  # noqa: E402
+from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
+from kvmsandbox.hypervisor.process import read_pidfile, wait_gone  # noqa: E402
+from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
