@@ -247,8 +247,10 @@ class SandboxManager:
         sdir = self.sandbox_dir(record.id)
         run_dir = self.run_dir(record.id)
         shared = sdir / "shared"
-        for d in (sdir, shared / "containers", run_dir):
+        for d in (sdir, shared, run_dir):
             d.mkdir(parents=True, exist_ok=True)
+        rootfs.seal_shared_dir(shared)
+        (shared / "containers").mkdir(exist_ok=True)
         if record.transport == "vsock":
             record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
             channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)

@@ -10,8 +10,35 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmsandbox.agent.linux import MNT_DETACH, mount, mount_points_below, umount
+from kvmsandbox.agent.linux import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_REMOUNT,
+    mount,
+    mount_points_below,
+    umount,
+)
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument
+
+# What a guest writes through 9p lands on the host with real owners and modes (QEMU runs the 9p
+# server as root, security_model=passthrough). A device node or setuid binary a guest creates
+# there must stay inert for host processes: every mount a guest can write to is nodev and nosuid.
+GUEST_WRITABLE_FLAGS = MS_NODEV | MS_NOSUID
+
+
+def seal_shared_dir(path: Path) -> None:
+    """Makes ``path`` a nodev, nosuid bind mount of itself before a guest gets it over 9p.
+
+    Raises:
+        FailedPrecondition: the kernel refused (its reason in the message).
+    """
+    try:
+        mount(str(path), str(path), "", MS_BIND)
+        mount(str(path), str(path), "", MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS)
+    except OSError as e:
+        raise FailedPrecondition(f"cannot prepare the shared dir {path}: {e.strerror}") from None
 
 
 def mount_rootfs(lower_dirs: Sequence[Path], layer_dir: Path, target: Path) -> None:
@@ -31,7 +58,13 @@ def mount_rootfs(lower_dirs: Sequence[Path], layer_dir: Path, target: Path) -> N
         d.mkdir(parents=True, exist_ok=True)
     lowers = ":".join(str(d) for d in lower_dirs)
     try:
-        mount("overlay", str(target), "overlay", 0, f"lowerdir={lowers},upperdir={upper},workdir={work}")
+        mount(
+            "overlay",
+            str(target),
+            "overlay",
+            GUEST_WRITABLE_FLAGS,
+            f"lowerdir={lowers},upperdir={upper},workdir={work}",
+        )
     except OSError as e:
         raise FailedPrecondition(f"cannot mount the container rootfs: {e.strerror}") from None
 

@@ -24,3 +24,14 @@ def processes_mentioning(word: str) -> list[int]:
 
 def mounts_below(path: Path) -> list[str]:
     return mount_points_below(str(path.resolve()))
+
+
+def mount_options(path: Path) -> set[str]:
+    """The per-mount options of the mount point at ``path``."""
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return set(fields[5].split(","))
+    raise AssertionError(f"{path} is not a mount point")

@@ -13,7 +13,7 @@ from kvmsandbox.sandbox.logs import parse_cri_log
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.store import SandboxRecord
-from tests.vm.leaks import mounts_below, processes_mentioning
+from tests.vm.leaks import mount_options, mounts_below, processes_mentioning
 
 pytestmark = pytest.mark.vm
 
@@ -166,7 +166,10 @@ def test_destroy_releases_every_host_resource(manager: SandboxManager, busybox_l
     manager.start_container(record.id, c.id)
     sandbox_dir, run_dir = manager.sandbox_dir(record.id), manager.run_dir(record.id)
     assert processes_mentioning(record.vm_name)
-    assert mounts_below(sandbox_dir)
+    # Everything the guest can write to on the host is inert for host processes.
+    shared = sandbox_dir / "shared"
+    for mount_point in (shared, shared / "containers" / c.id / "rootfs"):
+        assert {"nodev", "nosuid"} <= mount_options(mount_point)
     manager.destroy_sandbox(record.id)
     assert processes_mentioning(record.vm_name) == []
     assert mounts_below(sandbox_dir) == []
