@@ -9,7 +9,6 @@ service in ``agent.proto``, so neither end repeats the message types by hand.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from google.protobuf import message_factory
 from google.protobuf.message import Message
@@ -29,13 +28,16 @@ class FrameError(Exception):
     """A frame could not be encoded or decoded."""
 
 
-@dataclass(frozen=True)
 class Method:
     """One RPC of the Agent service: its name and its request and response message classes."""
 
-    name: str
-    request_type: type[Message]
-    response_type: type[Message]
+    # A plain class, not a dataclass: importing dataclasses costs the guest agent 0.2 s under TCG.
+    __slots__ = ("name", "request_type", "response_type")
+
+    def __init__(self, name: str, request_type: type[Message], response_type: type[Message]) -> None:
+        self.name = name
+        self.request_type = request_type
+        self.response_type = response_type
 
 
 def _method_table() -> dict[str, Method]:

@@ -195,6 +195,33 @@ def _copy_files(files: list[tuple[str, Path]], dest: Path) -> None:
         target.chmod(0o644 if not os.access(src, os.X_OK) else 0o755)
 
 
+# Run in the finished tree: the agent must import with the guest's own Python and libraries, and
+# protobuf must use its C (upb) implementation; the pure-Python fallback costs the guest about a
+# second of boot under TCG and it is chosen silently when a shared library is missing.
+AGENT_IMPORT_CHECK = (
+    "from google.protobuf.internal import api_implementation as impl\n"
+    "import kvmsandbox.agent.guest.main\n"
+    "assert impl.Type() == 'upb', f'protobuf uses its {impl.Type()} implementation, not upb'\n"
+)
+
+
+def _check_agent_imports(tree: Path) -> None:
+    """Raises GuestImageError when the agent cannot be imported in the guest tree as it boots."""
+    rootfs.run(
+        [
+            "chroot",
+            str(tree),
+            "/usr/bin/env",
+            f"PYTHONPATH=/{GUEST_PREFIX}",
+            "/usr/bin/python3",
+            "-S",
+            "-c",
+            AGENT_IMPORT_CHECK,
+        ],
+        "importing the agent with the guest's Python",
+    )
+
+
 def _compile_guest_code(tree: Path, guest_python: str) -> None:
     """Byte-compiles /opt/kvmsandbox for the guest's Python, recording guest paths in the bytecode.
 
@@ -250,6 +277,7 @@ def _build_image(
     _copy_files(agent, tree / GUEST_PREFIX)
     _copy_files(protobuf, tree / GUEST_PREFIX)
     _compile_guest_code(tree, str(base["guest_python"]))
+    _check_agent_imports(tree)
     say(f"mkfs.erofs ({recipe.erofs_compression} compression)")
     rootfs.make_erofs(tree, stage / ROOTFS, recipe.erofs_compression)
     rootfs.remove_tree(tree)

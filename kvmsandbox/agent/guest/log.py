@@ -12,6 +12,13 @@ def uptime() -> float:
         return float(f.read().split()[0])
 
 
+def traceback() -> None:
+    """Prints the exception being handled (imported late: the module costs boot time under TCG)."""
+    import traceback as tb
+
+    tb.print_exc()
+
+
 def event(name: str, **fields: object) -> None:
     """Writes ``kvmsandbox-agent: <name> k=v ...`` to stderr (the console when the agent is PID 1)."""
     parts = [f"kvmsandbox-agent: {name}"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import traceback
 from pathlib import Path
 
 from kvmsandbox import __version__
@@ -58,7 +57,7 @@ def main() -> int:
     try:
         run()
     except BaseException:
-        traceback.print_exc()
+        log.traceback()
         log.event("fatal", pid=os.getpid())
         if os.getpid() == 1:
             init.power_off()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
-import shutil
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +66,7 @@ class AgentService:
             return _error(request.id, e.code, str(e))
         except Exception as e:
             log.event("request-crashed", method=request.method, error=repr(e))
-            traceback.print_exc()
+            log.traceback()
             return _error(request.id, pb.INTERNAL, f"{request.method} failed in the agent: {e!r}")
         return pb.Response(id=request.id, status=pb.Status(code=pb.OK), body=reply.SerializeToString())
 
@@ -80,7 +77,7 @@ class AgentService:
         mem = meminfo()
         return pb.GuestDetailsResponse(
             agent_version=__version__,
-            kernel_release=platform.release(),
+            kernel_release=os.uname().release,
             mem_total_bytes=mem.get("MemTotal", 0),
             mem_available_bytes=mem.get("MemAvailable", 0),
             mem_free_bytes=mem.get("MemFree", 0),
@@ -88,7 +85,7 @@ class AgentService:
             uptime_seconds=log.uptime(),
             online_cpus=os.cpu_count() or 1,
             transport=self.transport,
-            oci_runtime=shutil.which("crun") or "",
+            oci_runtime=self.runner.crun_path(),
         )
 
     def CreateSandbox(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:

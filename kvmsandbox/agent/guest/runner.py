@@ -6,10 +6,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +24,14 @@ from kvmsandbox.agent.v1 import agent_pb2 as pb
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CRUN_TIMEOUT = 120.0
+
+
+def remove_dir(path: Path) -> None:
+    """rm -rf; shutil is imported on first use because it costs the agent's start a quarter second
+    under TCG (it pulls in bz2 and lzma)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def check_id(kind: str, value: str) -> str:
@@ -99,15 +105,15 @@ def validate_spec(spec_json: str) -> dict[str, Any]:
     return cast(dict[str, Any], spec)
 
 
-@dataclass
 class Process:
     """A container's init process or an exec process: its output and its exit."""
 
-    pid: int
-    exit: Exit
-    stdout: OutputBuffer
-    stderr: OutputBuffer
-    waited: bool = False
+    def __init__(self, pid: int, exit_: Exit, stdout: OutputBuffer, stderr: OutputBuffer) -> None:
+        self.pid = pid
+        self.exit = exit_
+        self.stdout = stdout
+        self.stderr = stderr
+        self.waited = False
 
     def stream(self, which: int) -> OutputBuffer:
         return self.stderr if which == pb.STDERR else self.stdout
@@ -117,15 +123,15 @@ class Process:
         self.stderr.close()
 
 
-@dataclass
 class Container:
-    id: str
-    bundle: Path
-    cgroup: Path
-    init: Process
-    state: pb.ContainerState.ValueType = pb.CREATED
-    started_at_ns: int = 0
-    execs: dict[str, Process] = field(default_factory=dict)
+    def __init__(self, container_id: str, bundle: Path, cgroup: Path, init: Process) -> None:
+        self.id = container_id
+        self.bundle = bundle
+        self.cgroup = cgroup
+        self.init = init
+        self.state: pb.ContainerState.ValueType = pb.CREATED
+        self.started_at_ns = 0
+        self.execs: dict[str, Process] = {}
 
 
 class ContainerRunner:
@@ -145,6 +151,16 @@ class ContainerRunner:
         self._cgroup_root = cgroup_root
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
+
+    def crun_path(self) -> str:
+        """Where the OCI runtime is, or "" when it is not installed."""
+        if os.sep in self._crun:
+            return self._crun if os.access(self._crun, os.X_OK) else ""
+        for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+            candidate = os.path.join(d, self._crun)
+            if os.access(candidate, os.X_OK):
+                return candidate
+        return ""
 
     def _crun_cmd(self, bundle: Path, *args: str) -> list[str]:
         return [self._crun, f"--log=file:{bundle / 'crun.log'}", *args]
@@ -189,7 +205,7 @@ class ContainerRunner:
             if container_id in self._containers:
                 raise AlreadyExists(f"container {container_id} exists already")
             # A bundle without a container is a leftover of a failed create: start afresh.
-            shutil.rmtree(bundle, ignore_errors=True)
+            remove_dir(bundle)
             bundle.mkdir(parents=True)
         try:
             (bundle / "config.json").write_text(json.dumps(spec))
@@ -224,7 +240,7 @@ class ContainerRunner:
             self._reaper.watch(pid, init_exit.set_status)
         except BaseException:
             run_command(self._reaper, self._crun_cmd(bundle, "delete", "--force", container_id))
-            shutil.rmtree(bundle, ignore_errors=True)
+            remove_dir(bundle)
             raise
         container = Container(
             container_id,
@@ -354,7 +370,7 @@ class ContainerRunner:
             p.close()
         with self._lock:
             self._containers.pop(container_id, None)
-        shutil.rmtree(c.bundle, ignore_errors=True)
+        remove_dir(c.bundle)
 
     def remove_all(self) -> None:
         """Force-removes every container (sandbox teardown)."""
