@@ -51,6 +51,16 @@ class SandboxDefaults:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    # Registry host -> endpoints tried in order before the registry itself, e.g.
+    # {"registry.k8s.io": ["http://127.0.0.1:5000"]} (as containerd's hosts.toml or CRI-O's
+    # registries.conf allow), so air-gapped nodes pull public names from a local mirror.
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+    # Hosts (host:port) that may be reached over plain HTTP; loopback addresses always may.
+    insecure: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("/var/lib/kvmsandbox")
     # Sockets live here; keep the path short (unix socket paths are limited to 108 bytes).
@@ -60,6 +70,11 @@ class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    @property
+    def image_dir(self) -> Path:
+        return self.state_dir / "images"
 
     @property
     def guest_image_dir(self) -> Path:
@@ -81,6 +96,16 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             allowed = ", ".join(repr(a) for a in get_args(hint))
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        key_type, value_type = get_args(hint)
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (Union, types.UnionType):
         for arg in get_args(hint):
             try:

@@ -18,6 +18,14 @@ def test_values_are_typed_and_nested() -> None:
     assert c.libvirt_uri == "qemu:///embed?root=/tmp/x/libvirt"
 
 
+def test_registry_mirrors_and_insecure_hosts() -> None:
+    c = parse_config("registry:\n  mirrors: {registry.k8s.io: [http://127.0.0.1:5000]}\n  insecure: [10.0.0.1:5000]")
+    assert c.registry.mirrors == {"registry.k8s.io": ["http://127.0.0.1:5000"]}
+    assert c.registry.insecure == ["10.0.0.1:5000"]
+    with pytest.raises(ConfigError, match=r"'registry.mirrors.registry.k8s.io\[0\]' must be a str"):
+        parse_config("registry: {mirrors: {registry.k8s.io: [5]}}")
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
