@@ -67,6 +67,10 @@ class Config:
     run_dir: Path = Path("/run/kvmsandbox")
     # Guest image and other rebuildable things.
     cache_dir: Path = Path("/var/cache/kvmsandbox")
+    # The CRI socket kubelet and crictl connect to.
+    socket: Path = Path("/run/kvmsandbox/kvmsandbox.sock")
+    # RuntimeClass handlers served (RunPodSandboxRequest.runtime_handler); "" means the first.
+    runtime_handlers: list[str] = field(default_factory=lambda: ["kvmsandbox"])
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)

@@ -259,6 +259,10 @@ class AgentClient:
         req = pb.RemoveContainerRequest(container_id=container_id, force=force)
         self.call("RemoveContainer", req, pb.RemoveContainerResponse)
 
+    def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        req = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources))
+        self.call("UpdateContainer", req, pb.UpdateContainerResponse)
+
     def container_stats(self, container_id: str) -> pb.ContainerStatsResponse:
         req = pb.ContainerStatsRequest(container_id=container_id)
         return self.call("ContainerStats", req, pb.ContainerStatsResponse)

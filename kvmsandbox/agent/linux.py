@@ -7,10 +7,12 @@ import ctypes
 import os
 
 MNT_DETACH = 2
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_REC = 0x4000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -4,6 +4,7 @@ its run dir, and destroying the sandbox releases all of it, also after a failed 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmsandbox.agent.client import AgentClient, ExitStatus, serial_connector, vsock_connector
 from kvmsandbox.agent.v1 import agent_pb2 as pb
@@ -62,6 +64,15 @@ def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(tail) or "(no console output)"
 
 
+@dataclass(frozen=True)
+class HostMount:
+    """A host file or directory made visible at ``container_path`` in a container."""
+
+    host_path: Path
+    container_path: str
+    readonly: bool = False
+
+
 @dataclass
 class BootTimings:
     """Seconds from the create request to each phase of a sandbox boot."""
@@ -84,10 +95,11 @@ class _OutputPump:
     def __init__(
         self, client: AgentClient, container_id: str, exec_id: str, sink: Callable[[str, bytes | None], None]
     ) -> None:
+        self._stop = threading.Event()
         self._threads = [
             threading.Thread(
                 target=self._pump,
-                args=(client, container_id, exec_id, stream, name, sink),
+                args=(client, container_id, exec_id, stream, name, sink, self._stop),
                 name=f"stdio-{container_id[:12]}-{name}",
                 daemon=True,
             )
@@ -104,9 +116,10 @@ class _OutputPump:
         stream: pb.Stream.ValueType,
         name: str,
         sink: Callable[[str, bytes | None], None],
+        stop: threading.Event,
     ) -> None:
         failures = 0
-        while True:
+        while not stop.is_set():
             try:
                 data, eof = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS)
             except (AgentError, Unavailable, DeadlineExceeded) as e:
@@ -123,6 +136,10 @@ class _OutputPump:
             if eof:
                 break
         sink(name, None)
+
+    def stop(self) -> None:
+        """Stops copying after the current read (the runtime shuts down; the guest keeps the rest)."""
+        self._stop.set()
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -205,6 +222,7 @@ class SandboxManager:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         labels: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
         cmdline_extra: tuple[str, ...] = (),
         ready_timeout: float | None = None,
     ) -> SandboxRecord:
@@ -229,6 +247,7 @@ class SandboxManager:
                 state="booting",
                 created_at_ns=time.time_ns(),
                 labels=dict(labels or {}),
+                extra=dict(extra or {}),
             )
             try:
                 self._boot(record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns)
@@ -367,7 +386,152 @@ class SandboxManager:
                     log.warning("sandbox %s: guest teardown failed, destroying the VM anyway: %s", sandbox_id, e)
             self._teardown(sandbox_id, vm_name)
 
-    def _teardown(self, sandbox_id: str, vm_name: str) -> None:
+    def stop_sandbox(self, sandbox_id: str) -> None:
+        """Kills every container, records how each ended and destroys the VM; the sandbox and its
+        containers stay listed (not ready, exited) until removed. Idempotent.
+
+        Raises:
+            NotFound: no such sandbox.
+        """
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            if record.state == "stopped":
+                return
+            if record.state == "ready":
+                client = self._client(record)
+                for c in record.containers.values():
+                    if c.state == "exited":
+                        continue
+                    status = None
+                    with contextlib.suppress(KvmSandboxError):
+                        client.signal_process(c.id, signal.SIGKILL)
+                        status = client.wait_process(c.id, "", 10)
+                    self._mark_exited(c, status, "sandbox stopped")
+            self._release_vm(sandbox_id, record.vm_name)
+            record.state = "stopped"
+            record.stopped_at_ns = time.time_ns()
+            self.store.save(record)
+            log.info("sandbox stopped id=%s vm=%s", sandbox_id, record.vm_name)
+
+    @staticmethod
+    def _mark_exited(c: ContainerRecord, status: ExitStatus | None, reason: str) -> None:
+        c.state = "exited"
+        if status is not None:
+            c.exit_code = status.exit_code
+            c.finished_at_ns = status.finished_at_ns
+        else:
+            # Nobody saw it end (the VM went away first): as containerd, report 255.
+            c.exit_code = 255 if c.exit_code is None else c.exit_code
+            c.finished_at_ns = c.finished_at_ns or time.time_ns()
+            c.extra.setdefault("reason", reason)
+
+    def recover(self) -> None:
+        """After a restart of the runtime: reconnects to the agents of running sandboxes, brings
+        container states up to date, resumes copying container output to the logs; sandboxes whose
+        VM is gone become stopped, half-created ones are removed."""
+        running = {info.name for info in self.hypervisor.list() if info.running}
+        for record in self.list_sandboxes():
+            with self._lock_for(record.id):
+                if record.state == "booting":
+                    log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
+                    self._teardown(record.id, record.vm_name)
+                    continue
+                if record.state != "ready":
+                    continue
+                if record.vm_name not in running:
+                    log.warning("sandbox %s: its VM %s is gone: marking it stopped", record.id, record.vm_name)
+                    for c in record.containers.values():
+                        if c.state != "exited":
+                            self._mark_exited(c, None, "sandbox VM exited")
+                    self._release_vm(record.id, record.vm_name)
+                    record.state = "stopped"
+                    record.stopped_at_ns = time.time_ns()
+                    self.store.save(record)
+                    continue
+                try:
+                    in_guest = self._sync_containers(record)
+                except KvmSandboxError as e:
+                    log.warning("sandbox %s: agent not reachable during recovery: %s", record.id, e)
+                    continue
+                client = self._client(record)
+                for c in record.containers.values():
+                    if c.id in in_guest:
+                        self._start_pump(record.id, c, client)
+                log.info("sandbox recovered id=%s containers=%d", record.id, len(record.containers))
+
+    def _sync_containers(self, record: SandboxRecord) -> set[str]:
+        """Updates ``record`` (and saves it) with the containers' states in the guest; returns the
+        ids the guest knows."""
+        infos = {i.id: i for i in self._client(record).list_containers()}
+        for c in record.containers.values():
+            info = infos.get(c.id)
+            if c.state == "exited":
+                continue
+            if info is None:
+                self._mark_exited(c, None, "container lost by the guest")
+            elif info.state == pb.EXITED:
+                self._mark_exited(c, ExitStatus(info.exit_code, 0, info.finished_at_ns), "")
+            elif info.state == pb.RUNNING:
+                c.state = "running"
+        self.store.save(record)
+        return set(infos)
+
+    def refresh(self, sandbox_id: str) -> SandboxRecord:
+        """The sandbox record with its containers' states as the guest sees them now."""
+        with self._lock_for(sandbox_id):
+            record = self.store.load(sandbox_id)
+            if record.state == "ready" and any(c.state != "exited" for c in record.containers.values()):
+                with contextlib.suppress(KvmSandboxError):
+                    self._sync_containers(record)
+            return record
+
+    def _start_pump(self, sandbox_id: str, c: ContainerRecord, client: AgentClient) -> None:
+        key = (sandbox_id, c.id)
+        with self._lock:
+            if key in self._pumps:
+                return
+            writer = self._logs.get(key) or CriLogWriter(Path(c.log_path))
+            self._logs[key] = writer
+            self._pumps[key] = _OutputPump(client, c.id, "", _LogSink(writer))
+
+    def close(self) -> None:
+        """Lets go of every agent connection, output pump and log file, leaving the VMs running
+        (the runtime stops; a new one recovers them with ``recover``)."""
+        with self._lock:
+            pumps = list(self._pumps.values())
+            clients = list(self._clients.values())
+            writers = list(self._logs.values())
+            self._pumps.clear()
+            self._clients.clear()
+            self._logs.clear()
+        for pump in pumps:
+            pump.stop()
+        for client in clients:
+            client.close()
+        for pump in pumps:
+            pump.join(STDIO_POLL_SECONDS + 5)
+        for w in writers:
+            w.close()
+
+    def reopen_log(self, sandbox_id: str, container_id: str) -> None:
+        """Starts a new log file at the container's log path (after kubelet rotated the old one).
+
+        Raises:
+            NotFound. FailedPrecondition: the container is not running.
+        """
+        c = self._container(self.store.load(sandbox_id), container_id)
+        if c.state != "running":
+            raise FailedPrecondition(
+                f"container {container_id} is {c.state}: only a running container's log is reopened"
+            )
+        with self._lock:
+            writer = self._logs.get((sandbox_id, container_id))
+        if writer is None:
+            raise FailedPrecondition(f"container {container_id} has no open log")
+        writer.reopen()
+
+    def _release_vm(self, sandbox_id: str, vm_name: str) -> None:
+        """Destroys the VM and drops the client, the output pumps and the log writers."""
         with self._lock:
             client = self._clients.pop(sandbox_id, None)
             keys = [k for k in self._pumps if k[0] == sandbox_id]
@@ -380,6 +544,9 @@ class SandboxManager:
             pump.join(5)
         for w in writers:
             w.close()
+
+    def _teardown(self, sandbox_id: str, vm_name: str) -> None:
+        self._release_vm(sandbox_id, vm_name)
         rootfs.remove_tree(self.sandbox_dir(sandbox_id))
         shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
         self.boot_timings.pop(sandbox_id, None)
@@ -404,6 +571,8 @@ class SandboxManager:
         log_path: Path | None = None,
         readonly_rootfs: bool = False,
         labels: dict[str, str] | None = None,
+        mounts: list[HostMount] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> ContainerRecord:
         """Prepares the rootfs on the host and creates the container in the guest (not started).
 
@@ -422,23 +591,31 @@ class SandboxManager:
             target = sdir / "shared" / "containers" / container_id / "rootfs"
             log_file = log_path or sdir / "logs" / f"{container_id}.log"
             rootfs.mount_rootfs(lower_dirs, layer_dir, target)
+            mounts_dir = sdir / "shared" / "mounts" / container_id
             try:
+                guest_mounts = [
+                    oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
+                    for name in ("hostname", "hosts", "resolv.conf")
+                    if name in record.guest_files
+                ]
+                for i, m in enumerate(mounts or []):
+                    rootfs.bind_host_path(m.host_path, mounts_dir / str(i), m.readonly)
+                    guest_mounts.append(
+                        oci_spec.Mount(f"{GUEST_SHARE}/mounts/{container_id}/{i}", m.container_path, m.readonly)
+                    )
                 spec = oci_spec.container_spec(
                     root_path=guest_rootfs_path(container_id),
                     process=process,
                     hostname=record.hostname,
                     readonly_rootfs=readonly_rootfs,
-                    mounts=[
-                        oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
-                        for name in ("hostname", "hosts", "resolv.conf")
-                        if name in record.guest_files
-                    ],
+                    mounts=guest_mounts,
                     cgroups_path=f"/kvmsandbox/{container_id}",
                 )
                 pid = client.create_container(container_id, spec)
                 writer = CriLogWriter(log_file)
             except BaseException:
                 rootfs.remove_tree(target.parent)
+                rootfs.remove_tree(mounts_dir)
                 rootfs.remove_tree(layer_dir)
                 raise
             container = ContainerRecord(
@@ -452,13 +629,13 @@ class SandboxManager:
                 pid=pid,
                 created_at_ns=time.time_ns(),
                 labels=dict(labels or {}),
+                extra=dict(extra or {}),
             )
             record.containers[container_id] = container
             self.store.save(record)
-            key = (sandbox_id, container_id)
             with self._lock:
-                self._logs[key] = writer
-                self._pumps[key] = _OutputPump(client, container_id, "", _LogSink(writer))
+                self._logs[(sandbox_id, container_id)] = writer
+            self._start_pump(sandbox_id, container, client)
             return container
 
     def start_container(self, sandbox_id: str, container_id: str) -> None:
@@ -499,9 +676,9 @@ class SandboxManager:
         """SIGTERM, then SIGKILL once ``grace`` seconds passed. Idempotent for a stopped container."""
         record = self.store.load(sandbox_id)
         c = self._container(record, container_id)
-        client = self.client(sandbox_id)
         if c.state == "exited" and c.exit_code is not None:
             return ExitStatus(c.exit_code, 0, c.finished_at_ns)
+        client = self.client(sandbox_id)
         if grace > 0:
             client.signal_process(container_id, signal.SIGTERM)
             status = self.wait_container(sandbox_id, container_id, grace)
@@ -519,11 +696,12 @@ class SandboxManager:
             record = self.store.load(sandbox_id)
             if container_id not in record.containers:
                 raise NotFound(f"container {container_id} not found in sandbox {sandbox_id}")
-            try:
-                self.client(sandbox_id).remove_container(container_id, force=True)
-            except AgentError as e:
-                if e.grpc_code != "NOT_FOUND":
-                    raise
+            if record.state == "ready":
+                try:
+                    self._client(record).remove_container(container_id, force=True)
+                except AgentError as e:
+                    if e.grpc_code != "NOT_FOUND":
+                        raise
             key = (sandbox_id, container_id)
             with self._lock:
                 pump = self._pumps.pop(key, None)
@@ -534,6 +712,7 @@ class SandboxManager:
                 writer.close()
             sdir = self.sandbox_dir(sandbox_id)
             rootfs.remove_tree(sdir / "shared" / "containers" / container_id)
+            rootfs.remove_tree(sdir / "shared" / "mounts" / container_id)
             rootfs.remove_tree(sdir / "layers" / container_id)
             del record.containers[container_id]
             self.store.save(record)
@@ -565,6 +744,11 @@ class SandboxManager:
             raise DeadlineExceeded(f"command {args[0]!r} in container {container_id} ran longer than {timeout}s")
         pump.join(30)
         return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))
+
+    def update_container_resources(self, sandbox_id: str, container_id: str, resources: dict[str, Any]) -> None:
+        """Applies OCI ``linux.resources`` to the container's cgroup in the guest."""
+        self._container(self.store.load(sandbox_id), container_id)
+        self.client(sandbox_id).update_container(container_id, resources)
 
     def container_stats(self, sandbox_id: str, container_id: str) -> pb.ContainerStatsResponse:
         self._container(self.store.load(sandbox_id), container_id)

@@ -15,6 +15,8 @@ from kvmsandbox.agent.linux import (
     MS_BIND,
     MS_NODEV,
     MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
     MS_REMOUNT,
     mount,
     mount_points_below,
@@ -67,6 +69,29 @@ def mount_rootfs(lower_dirs: Sequence[Path], layer_dir: Path, target: Path) -> N
         )
     except OSError as e:
         raise FailedPrecondition(f"cannot mount the container rootfs: {e.strerror}") from None
+
+
+def bind_host_path(source: Path, target: Path, readonly: bool) -> None:
+    """Bind-mounts a host file or directory at ``target`` (created to match), nodev and nosuid,
+    read-only when asked.
+
+    Raises:
+        InvalidArgument: the host path does not exist.
+        FailedPrecondition: the kernel refused the bind mount.
+    """
+    if not source.exists():
+        raise InvalidArgument(f"host path {source} does not exist")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        target.mkdir(exist_ok=True)
+    else:
+        target.touch(exist_ok=True)
+    flags = MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS | (MS_RDONLY if readonly else 0)
+    try:
+        mount(str(source), str(target), "", MS_BIND | MS_REC)
+        mount(str(source), str(target), "", flags)
+    except OSError as e:
+        raise FailedPrecondition(f"cannot share host path {source} with the guest: {e.strerror}") from None
 
 
 def unmount_all(path: Path, attempts: int = 20) -> None:

@@ -42,6 +42,8 @@ class ContainerRecord:
     started_at_ns: int = 0
     finished_at_ns: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    # Kept for the CRI layer, opaque here: metadata, annotations, image, mounts, reason...
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +63,9 @@ class SandboxRecord:
     guest_files: dict[str, str] = field(default_factory=dict)
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    stopped_at_ns: int = 0
+    # Kept for the CRI layer, opaque here: metadata, annotations, log directory, handler...
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

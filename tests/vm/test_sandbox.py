@@ -10,7 +10,7 @@ import pytest
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentError, DeadlineExceeded, InvalidArgument, KvmSandboxError, Unavailable
 from kvmsandbox.sandbox.logs import parse_cri_log
-from kvmsandbox.sandbox.manager import SandboxManager
+from kvmsandbox.sandbox.manager import HostMount, SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.store import SandboxRecord
 from tests.vm.leaks import mount_options, mounts_below, processes_mentioning
@@ -209,3 +209,90 @@ def test_unknown_ids_are_not_found(manager: SandboxManager, sandbox: SandboxReco
     with pytest.raises(KvmSandboxError) as e:
         manager.client("no-such-sandbox")
     assert e.value.grpc_code == "NOT_FOUND"
+
+
+def test_host_paths_are_shared_into_containers_read_only_where_asked(
+    manager: SandboxManager, sandbox: SandboxRecord, busybox_layer: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello").write_text("from the host\n")
+    conf = tmp_path / "app.conf"
+    conf.write_text("key=value\n")
+    c = manager.create_container(
+        sandbox.id,
+        lower_dirs=[busybox_layer],
+        process=sh("sleep 600"),
+        mounts=[HostMount(data, "/data", readonly=True), HostMount(conf, "/etc/app.conf")],
+    )
+    try:
+        manager.start_container(sandbox.id, c.id)
+        assert manager.exec_sync(sandbox.id, c.id, ["cat", "/data/hello", "/etc/app.conf"]).stdout == (
+            b"from the host\nkey=value\n"
+        )
+        denied = manager.exec_sync(sandbox.id, c.id, ["sh", "-c", "echo x > /data/new"])
+        assert denied.exit_code != 0 and b"Read-only file system" in denied.stderr
+        assert not (data / "new").exists()
+    finally:
+        manager.stop_container(sandbox.id, c.id, grace=0)
+        manager.remove_container(sandbox.id, c.id)
+    assert not mounts_below(manager.sandbox_dir(sandbox.id) / "shared" / "mounts")
+
+
+def test_resource_updates_reach_the_guest_cgroup(
+    manager: SandboxManager, sandbox: SandboxRecord, busybox_layer: Path
+) -> None:
+    c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("sleep 600"))
+    try:
+        manager.start_container(sandbox.id, c.id)
+        manager.update_container_resources(sandbox.id, c.id, {"memory": {"limit": 64 << 20}})
+        assert manager.container_stats(sandbox.id, c.id).memory_limit_bytes == 64 << 20
+    finally:
+        manager.stop_container(sandbox.id, c.id, grace=0)
+        manager.remove_container(sandbox.id, c.id)
+
+
+def test_a_restarted_manager_recovers_sandboxes_and_stop_keeps_their_records(
+    manager: SandboxManager, busybox_layer: Path
+) -> None:
+    record = manager.create_sandbox(hostname="survivor")
+    again: SandboxManager | None = None
+    try:
+        c = manager.create_container(
+            record.id,
+            lower_dirs=[busybox_layer],
+            process=sh("i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done"),
+        )
+        done = manager.create_container(record.id, lower_dirs=[busybox_layer], process=sh("exit 4"))
+        manager.start_container(record.id, c.id)
+        # A new manager over the same state, as after a restart of the runtime (the old one lets
+        # go of its agent connections: a virtio-serial port serves one host connection).
+        manager.close()
+        again = SandboxManager(manager.config, manager.hypervisor, manager.image)
+        again.recover()
+        again.start_container(record.id, done.id)
+        assert again.wait_container(record.id, done.id, 30) is not None
+        assert again.refresh(record.id).containers[done.id].exit_code == 4
+        lines_before = len(log_lines(c.log_path))
+        assert again.exec_sync(record.id, c.id, ["hostname"]).stdout == b"survivor\n"
+        deadline = time.monotonic() + 30
+        while len(log_lines(c.log_path)) <= lines_before + 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert len(log_lines(c.log_path)) > lines_before + 2, "output stopped reaching the log after recovery"
+
+        again.stop_sandbox(record.id)
+        again.stop_sandbox(record.id)
+        stopped = again.get_sandbox(record.id)
+        assert stopped.state == "stopped"
+        assert stopped.containers[c.id].state == "exited" and stopped.containers[c.id].exit_code == 137
+        assert processes_mentioning(record.vm_name) == []
+        with pytest.raises(KvmSandboxError) as e:
+            again.create_container(record.id, lower_dirs=[busybox_layer], process=sh("true"))
+        assert e.value.grpc_code == "FAILED_PRECONDITION"
+        again.remove_container(record.id, c.id)
+        assert c.id not in again.get_sandbox(record.id).containers
+    finally:
+        if again is not None:
+            again.close()
+        manager.destroy_sandbox(record.id)
+    assert not manager.sandbox_dir(record.id).exists()

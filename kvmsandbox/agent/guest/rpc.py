@@ -136,6 +136,10 @@ class AgentService:
     def ContainerStats(self, req: pb.ContainerStatsRequest) -> pb.ContainerStatsResponse:
         return self.runner.stats(req.container_id)
 
+    def UpdateContainer(self, req: pb.UpdateContainerRequest) -> pb.UpdateContainerResponse:
+        self.runner.update(req.container_id, req.resources_json)
+        return pb.UpdateContainerResponse()
+
     def ListContainers(self, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
         return pb.ListContainersResponse(containers=self.runner.list())
 

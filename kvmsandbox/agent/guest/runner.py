@@ -350,6 +350,28 @@ class ContainerRunner:
         if result.exit_code != 0 and c.init.exit.info is None:
             raise self._crun_error(c.bundle, f"crun kill {container_id} {sig} failed", result.stderr)
 
+    def update(self, container_id: str, resources_json: str) -> None:
+        """Applies new cgroup limits (an OCI ``linux.resources`` object) to a container.
+
+        Raises:
+            InvalidArgument: not a JSON object. NotFound. FailedPrecondition: it has exited.
+            AgentFault: crun refused, with its words.
+        """
+        try:
+            resources = json.loads(resources_json)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"invalid resources: not JSON ({e})") from None
+        if not isinstance(resources, dict):
+            raise InvalidArgument("invalid resources: must be a JSON object")
+        c = self.get(container_id)
+        if c.init.exit.info is not None:
+            raise FailedPrecondition(f"container {container_id} has exited")
+        path = c.bundle / "resources.json"
+        path.write_text(json.dumps(resources))
+        result = run_command(self._reaper, self._crun_cmd(c.bundle, "update", "--resources", str(path), container_id))
+        if result.exit_code != 0:
+            raise self._crun_error(c.bundle, f"crun update {container_id} failed", result.stderr)
+
     def remove(self, container_id: str, force: bool) -> None:
         """Deletes the container and its bundle.
 
