@@ -41,6 +41,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_config(args), backend=args.backend, keep=args.keep)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvmsandbox.cri.server import serve
+
+    return serve(_config(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvmsandbox", description="A container runtime that runs every pod in its own VM."
@@ -49,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (default /etc/kvmsandbox/config.yaml if it exists)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every event")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the CRI (RuntimeService and ImageService) on a unix socket")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="check this host and say what to fix")
     p.set_defaults(func=cmd_doctor)
@@ -66,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -1,0 +1,189 @@
+"""CreateContainer, StartContainer, StopContainer, RemoveContainer, ContainerStatus,
+ListContainers, UpdateContainerResources, ReopenContainerLog, ExecSync."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kvmsandbox.cri.process import process_spec
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.sandbox.manager import HostMount
+
+# ExecSync without a timeout still ends: a stuck command must not hold a kubelet worker forever.
+EXEC_SYNC_DEFAULT_TIMEOUT = 3600.0
+
+
+def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContainerResponse:
+    """Creates the container from a pulled image.
+
+    Raises:
+        NotFound: unknown sandbox, or the image is not pulled. FailedPrecondition: sandbox not ready.
+        InvalidArgument: missing metadata or image, a host path that does not exist, nothing to run.
+    """
+    config = req.config
+    if not config.metadata.name:
+        raise InvalidArgument("the container config needs metadata with a name")
+    if not config.image.image:
+        raise InvalidArgument("the container config names no image")
+    sandbox = state.manager.get_sandbox(req.pod_sandbox_id)
+    if sandbox.state != "ready":
+        raise FailedPrecondition(f"sandbox {sandbox.id} is not ready ({sandbox.state}): cannot create containers in it")
+    image = state.images.status(config.image.image)
+    if image is None:
+        raise NotFound(f"image {config.image.image!r} is not present on this node: pull it first")
+    layers: list[Path] = state.images.layer_dirs(image.id)
+    process = process_spec(config, image.config, layers)
+    mounts = [HostMount(Path(m.host_path), m.container_path, m.readonly) for m in config.mounts if m.host_path]
+    log_dir = sandbox.extra.get("log_directory", "")
+    log_path = Path(log_dir, config.log_path) if log_dir and config.log_path else None
+    extra: dict[str, Any] = {
+        "metadata": {"name": config.metadata.name, "attempt": config.metadata.attempt},
+        "image": config.image.image,
+        "image_id": image.id,
+        "image_ref": image.repo_digests[0] if image.repo_digests else image.id,
+        "annotations": dict(config.annotations),
+        "mounts": [
+            {"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly}
+            for m in config.mounts
+        ],
+        "stop_signal": image.config.get("StopSignal", ""),
+    }
+    record = state.manager.create_container(
+        sandbox.id,
+        lower_dirs=layers,
+        process=process,
+        name=config.metadata.name,
+        log_path=log_path,
+        readonly_rootfs=config.linux.security_context.readonly_rootfs,
+        labels=dict(config.labels),
+        mounts=mounts,
+        extra=extra,
+    )
+    hold = getattr(state.images, "hold", None)
+    if hold is not None:
+        hold(image.id, record.id)
+    return cri.CreateContainerResponse(container_id=record.id)
+
+
+def start(state: CriState, req: cri.StartContainerRequest) -> cri.StartContainerResponse:
+    sandbox, _ = state.find_container(req.container_id)
+    state.manager.start_container(sandbox.id, req.container_id)
+    return cri.StartContainerResponse()
+
+
+def stop(state: CriState, req: cri.StopContainerRequest) -> cri.StopContainerResponse:
+    """SIGTERM, SIGKILL after ``timeout`` seconds; idempotent for a stopped container."""
+    sandbox, _ = state.find_container(req.container_id)
+    state.manager.stop_container(sandbox.id, req.container_id, grace=max(0, req.timeout))
+    return cri.StopContainerResponse()
+
+
+def remove(state: CriState, req: cri.RemoveContainerRequest) -> cri.RemoveContainerResponse:
+    """Idempotent: removing an unknown container is not an error (the API asks this)."""
+    try:
+        sandbox, c = state.find_container(req.container_id)
+    except NotFound:
+        return cri.RemoveContainerResponse()
+    state.manager.remove_container(sandbox.id, req.container_id)
+    release = getattr(state.images, "release", None)
+    if release is not None and c.extra.get("image_id"):
+        release(c.extra["image_id"], c.id)
+    return cri.RemoveContainerResponse()
+
+
+def status(state: CriState, req: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
+    sandbox, _ = state.find_container(req.container_id)
+    record = state.manager.refresh(sandbox.id)
+    return cri.ContainerStatusResponse(status=container_status(record.containers[req.container_id]))
+
+
+def list_(state: CriState, req: cri.ListContainersRequest) -> cri.ListContainersResponse:
+    f = req.filter
+    out = []
+    for sandbox in state.manager.list_sandboxes():
+        if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
+            continue
+        if any(c.state != "exited" for c in sandbox.containers.values()):
+            sandbox = state.manager.refresh(sandbox.id)
+        for c in sandbox.containers.values():
+            if f.id and not c.id.startswith(f.id):
+                continue
+            if f.HasField("state") and CONTAINER_STATES[c.state] != f.state.state:
+                continue
+            if not labels_match(c.labels, f.label_selector):
+                continue
+            out.append(container(c))
+    return cri.ListContainersResponse(containers=out)
+
+
+def oci_resources(r: cri.LinuxContainerResources) -> dict[str, Any]:
+    """CRI resources as an OCI ``linux.resources`` object (only what is set)."""
+    cpu: dict[str, Any] = {}
+    if r.cpu_shares:
+        cpu["shares"] = r.cpu_shares
+    if r.cpu_quota:
+        cpu["quota"] = r.cpu_quota
+    if r.cpu_period:
+        cpu["period"] = r.cpu_period
+    if r.cpuset_cpus:
+        cpu["cpus"] = r.cpuset_cpus
+    if r.cpuset_mems:
+        cpu["mems"] = r.cpuset_mems
+    out: dict[str, Any] = {}
+    if cpu:
+        out["cpu"] = cpu
+    if r.memory_limit_in_bytes:
+        out["memory"] = {"limit": r.memory_limit_in_bytes}
+        if r.memory_swap_limit_in_bytes:
+            out["memory"]["swap"] = r.memory_swap_limit_in_bytes
+    if r.unified:
+        out["unified"] = dict(r.unified)
+    return out
+
+
+def update_resources(state: CriState, req: cri.UpdateContainerResourcesRequest) -> cri.UpdateContainerResourcesResponse:
+    sandbox, _ = state.find_container(req.container_id)
+    resources = oci_resources(req.linux)
+    if resources:
+        state.manager.update_container_resources(sandbox.id, req.container_id, resources)
+    return cri.UpdateContainerResourcesResponse()
+
+
+def reopen_log(state: CriState, req: cri.ReopenContainerLogRequest) -> cri.ReopenContainerLogResponse:
+    sandbox, _ = state.find_container(req.container_id)
+    state.manager.reopen_log(sandbox.id, req.container_id)
+    return cri.ReopenContainerLogResponse()
+
+
+def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse:
+    """Runs a command in a running container; ``timeout`` (seconds) is honoured.
+
+    Raises:
+        InvalidArgument: empty command. DeadlineExceeded: it ran too long (it is killed).
+    """
+    if not req.cmd:
+        raise InvalidArgument("ExecSync needs a command")
+    sandbox, c = state.find_container(req.container_id)
+    if c.state != "running":
+        raise FailedPrecondition(f"container {c.id} is {c.state}, not running")
+    result = state.manager.exec_sync(
+        sandbox.id, c.id, list(req.cmd), timeout=float(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT
+    )
+    return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+
+def writable_layer_usage(layer_dir: Path) -> tuple[int, int]:
+    """(bytes, inodes) of a container's writable layer."""
+    used = inodes = 0
+    for root, dirs, files in os.walk(layer_dir):
+        for name in dirs + files:
+            inodes += 1
+            try:
+                used += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return used, inodes

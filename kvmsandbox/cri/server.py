@@ -1,0 +1,90 @@
+"""``kvmsandbox serve``: the CRI server on a unix socket.
+
+SIGTERM or SIGINT stops serving and leaves every pod running; the next server recovers them."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import IO
+
+# libvirt forks helper processes and QEMU from its own threads; gRPC's fork handlers then run in
+# those children and crash them (SIGSEGV/SIGABRT before exec). The server never forks Python.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc
+
+from kvmsandbox.config import Config
+from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
+from kvmsandbox.cri.service import ImageService, RuntimeService
+from kvmsandbox.cri.state import CriState
+from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.image import ImageStore
+from kvmsandbox.runtime import open_manager
+
+log = logging.getLogger(__name__)
+
+# Pod starts take seconds under TCG: enough workers that one slow RunPodSandbox blocks nothing else.
+WORKERS = 32
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str]:
+    """One server per state dir: two would fight over the same VMs and records.
+
+    Raises:
+        FailedPrecondition: another server holds the lock.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / "serve.lock", "w")  # noqa: SIM115 - held for the life of the server
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise FailedPrecondition(f"another kvmsandbox server uses {state_dir}") from None
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def serve(config: Config, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+    """Serves until SIGTERM/SIGINT (or ``stop``); returns the exit code."""
+    lock = _lock_state_dir(config.state_dir)
+    manager = open_manager(config)
+    manager.recover()
+    state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(state), server)  # type: ignore[abstract]
+    api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(state), server)  # type: ignore[abstract]
+    config.socket.parent.mkdir(parents=True, exist_ok=True)
+    config.socket.unlink(missing_ok=True)
+    server.add_insecure_port(f"unix://{config.socket}")
+    server.start()
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.warning(
+        "serving CRI on unix://%s (accel %s, agent transport %s)", config.socket, manager.accel, manager.transport
+    )
+    print(f"kvmsandbox: serving CRI on unix://{config.socket}", flush=True)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.warning("stopping: pods keep running")
+    server.stop(grace=5).wait()
+    manager.close()
+    manager.hypervisor.close()
+    config.socket.unlink(missing_ok=True)
+    lock.close()
+    return 0

@@ -1,0 +1,104 @@
+"""ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats: cgroup figures from
+inside the guest, the writable layer from the host."""
+
+from __future__ import annotations
+
+from kvmsandbox.cri.containers import writable_layer_usage
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.cri.state import CriState, container_metadata, labels_match, sandbox_metadata
+from kvmsandbox.errors import KvmSandboxError
+from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord
+
+
+def _container_stats(state: CriState, sandbox: SandboxRecord, c: ContainerRecord) -> cri.ContainerStats:
+    attributes = cri.ContainerAttributes(
+        id=c.id, metadata=container_metadata(c), labels=c.labels, annotations=c.extra.get("annotations", {})
+    )
+    layer = state.manager.sandbox_dir(sandbox.id) / "layers" / c.id / "upper"
+    used, inodes = writable_layer_usage(layer)
+    out = cri.ContainerStats(
+        attributes=attributes,
+        writable_layer=cri.FilesystemUsage(
+            fs_id=cri.FilesystemIdentifier(mountpoint=str(state.manager.sandbox_dir(sandbox.id))),
+            used_bytes=cri.UInt64Value(value=used),
+            inodes_used=cri.UInt64Value(value=inodes),
+        ),
+    )
+    if sandbox.state != "ready" or c.state != "running":
+        return out
+    try:
+        s = state.manager.container_stats(sandbox.id, c.id)
+    except KvmSandboxError:
+        return out
+    out.writable_layer.timestamp = s.timestamp_ns
+    out.cpu.CopyFrom(
+        cri.CpuUsage(timestamp=s.timestamp_ns, usage_core_nano_seconds=cri.UInt64Value(value=s.cpu_usage_ns))
+    )
+    available = max(0, s.memory_limit_bytes - s.memory_working_set_bytes) if s.memory_limit_bytes else 0
+    out.memory.CopyFrom(
+        cri.MemoryUsage(
+            timestamp=s.timestamp_ns,
+            working_set_bytes=cri.UInt64Value(value=s.memory_working_set_bytes),
+            usage_bytes=cri.UInt64Value(value=s.memory_usage_bytes),
+            rss_bytes=cri.UInt64Value(value=s.memory_rss_bytes),
+            available_bytes=cri.UInt64Value(value=available),
+        )
+    )
+    return out
+
+
+def container_stats(state: CriState, req: cri.ContainerStatsRequest) -> cri.ContainerStatsResponse:
+    sandbox, c = state.find_container(req.container_id)
+    return cri.ContainerStatsResponse(stats=_container_stats(state, sandbox, c))
+
+
+def list_container_stats(state: CriState, req: cri.ListContainerStatsRequest) -> cri.ListContainerStatsResponse:
+    f = req.filter
+    out = []
+    for sandbox in state.manager.list_sandboxes():
+        if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
+            continue
+        for c in sandbox.containers.values():
+            if (f.id and not c.id.startswith(f.id)) or not labels_match(c.labels, f.label_selector):
+                continue
+            out.append(_container_stats(state, sandbox, c))
+    return cri.ListContainerStatsResponse(stats=out)
+
+
+def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxStats:
+    containers = [_container_stats(state, sandbox, c) for c in sandbox.containers.values()]
+    timestamp = max((c.cpu.timestamp for c in containers), default=0)
+    cpu = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
+    working_set = sum(c.memory.working_set_bytes.value for c in containers)
+    usage = sum(c.memory.usage_bytes.value for c in containers)
+    return cri.PodSandboxStats(
+        attributes=cri.PodSandboxAttributes(
+            id=sandbox.id,
+            metadata=sandbox_metadata(sandbox),
+            labels=sandbox.labels,
+            annotations=sandbox.extra.get("annotations", {}),
+        ),
+        linux=cri.LinuxPodSandboxStats(
+            cpu=cri.CpuUsage(timestamp=timestamp, usage_core_nano_seconds=cri.UInt64Value(value=cpu)),
+            memory=cri.MemoryUsage(
+                timestamp=timestamp,
+                working_set_bytes=cri.UInt64Value(value=working_set),
+                usage_bytes=cri.UInt64Value(value=usage),
+            ),
+            containers=containers,
+        ),
+    )
+
+
+def pod_sandbox_stats(state: CriState, req: cri.PodSandboxStatsRequest) -> cri.PodSandboxStatsResponse:
+    return cri.PodSandboxStatsResponse(stats=_sandbox_stats(state, state.manager.get_sandbox(req.pod_sandbox_id)))
+
+
+def list_pod_sandbox_stats(state: CriState, req: cri.ListPodSandboxStatsRequest) -> cri.ListPodSandboxStatsResponse:
+    f = req.filter
+    out = [
+        _sandbox_stats(state, s)
+        for s in state.manager.list_sandboxes()
+        if (not f.id or s.id.startswith(f.id)) and labels_match(s.labels, f.label_selector)
+    ]
+    return cri.ListPodSandboxStatsResponse(stats=out)

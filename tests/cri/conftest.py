@@ -1,0 +1,124 @@
+"""A real ``kvmsandbox serve`` in a subprocess, driven over its unix socket with a CRI client
+made from the generated stubs, as kubelet and crictl drive it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
+from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, seed_capabilities
+from tests.conftest import CACHE_DIR
+from tests.registry import Registry, image_config, make_layer, push_image, running_registry
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class CriServer:
+    """The server process and clients of both services."""
+
+    config_path: Path
+    socket: Path
+    state_dir: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    channel: grpc.Channel | None = None
+
+    @property
+    def runtime(self) -> api_pb2_grpc.RuntimeServiceStub:
+        assert self.channel is not None
+        return api_pb2_grpc.RuntimeServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    @property
+    def images(self) -> api_pb2_grpc.ImageServiceStub:
+        assert self.channel is not None
+        return api_pb2_grpc.ImageServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def start(self, timeout: float = 120) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115 - the child holds it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kvmsandbox.cli", "--config", str(self.config_path), "serve"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        out.close()
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.process.poll() is not None:
+                raise AssertionError(f"kvmsandbox serve exited: {self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"kvmsandbox serve did not listen: {self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self.runtime.Version(cri.VersionRequest(), timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM, as an init system stops the runtime: pods must keep running."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            assert self.process.wait(60) == 0, self.log.read_text()[-3000:]
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def cri_server(short_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriServer]:
+    base = short_tmp / "cri"
+    state_dir = base / "s"
+    libvirt_root = state_dir / "libvirt"
+    prepare_embed_root(libvirt_root)
+    seed_capabilities(libvirt_root, CACHE_DIR / "libvirt-caps")
+    work = tmp_path_factory.mktemp("cri")
+    config = {
+        "state_dir": str(state_dir),
+        "run_dir": str(base / "r"),
+        "cache_dir": str(CACHE_DIR),
+        "socket": str(base / "cri.sock"),
+        "runtime_handlers": ["kvmsandbox", "kvmsandbox-alt"],
+        "agent": {"ready_timeout_seconds": 240},
+    }
+    config_path = work / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    server = CriServer(config_path, Path(config["socket"]), state_dir, work / "serve.log")
+    server.start()
+    yield server
+    # Leave nothing behind: every pod the tests left is removed through the API.
+    if server.channel is not None:
+        for pod in server.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+            server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cri_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with running_registry(tmp_path_factory.mktemp("cri-registry")) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def registry_host(cri_registry: Registry) -> str:
+    return cri_registry.host
+
+
+@pytest.fixture(scope="session")
+def busybox_image(cri_registry: Registry, busybox_layer: Path) -> str:
+    """A busybox image in the local registry, its config saying what an image usually says."""
+    layer = make_layer(busybox_layer)
+    config = image_config([layer], Cmd=["sh"], Env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], WorkingDir="/")
+    push_image(cri_registry, "test/busybox", "1.0", [layer], config=config)
+    return f"{cri_registry.host}/test/busybox:1.0"

@@ -1,0 +1,161 @@
+"""The kubelet's sequence of CRI calls against ``kvmsandbox serve``, images from a real local
+registry, with a restart of the server in the middle."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.sandbox.logs import parse_cri_log
+from tests.cri.conftest import CriServer
+from tests.vm.leaks import processes_mentioning
+
+pytestmark = pytest.mark.vm
+
+
+def pod_config(name: str, log_dir: Path) -> cri.PodSandboxConfig:
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default", attempt=0),
+        hostname=name,
+        log_directory=str(log_dir),
+        dns_config=cri.DNSConfig(servers=["127.0.0.53"], searches=["svc.cluster.local"]),
+        labels={"app": name},
+    )
+
+
+def container_config(name: str, image: str, script: str) -> cri.ContainerConfig:
+    return cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name=name),
+        image=cri.ImageSpec(image=image),
+        command=["sh", "-c", script],
+        envs=[cri.KeyValue(key="GREETING", value=b"hello")],
+        log_path=f"{name}/0.log",
+        labels={"container": name},
+    )
+
+
+def wait_for_log_line(path: Path, wanted: str, timeout: float = 60) -> list[tuple[str, str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = parse_cri_log(path.read_text()) if path.exists() else []
+        if any(content == wanted for _, _, content in entries) or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.2)
+
+
+def test_kubelet_sequence_with_a_server_restart_in_the_middle(
+    cri_server: CriServer, busybox_image: str, tmp_path: Path
+) -> None:
+    rt, img = cri_server.runtime, cri_server.images
+    ref = img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image))).image_ref
+    assert img.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=busybox_image))).image.id == ref
+
+    config = pod_config("web", tmp_path)
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    assert status.status.state == cri.SANDBOX_READY and status.status.metadata.name == "web"
+    vm_name = json.loads(status.info["info"])["vm"]
+
+    script = "echo $GREETING from $(hostname); cat /etc/resolv.conf; echo oops >&2; while true; do sleep 1; done"
+    cid = rt.CreateContainer(
+        cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=container_config("app", busybox_image, script), sandbox_config=config
+        )
+    ).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+    log = tmp_path / "app" / "0.log"
+    entries = wait_for_log_line(log, "oops")
+    assert ("stdout", "F", "hello from web") in entries
+    assert ("stdout", "F", "nameserver 127.0.0.53") in entries
+    assert ("stderr", "F", "oops") in entries
+
+    # Restart the server: the pod keeps running and everything carries on.
+    cri_server.stop()
+    assert processes_mentioning(vm_name)
+    cri_server.start()
+    rt = cri_server.runtime
+    listed = rt.ListPodSandbox(cri.ListPodSandboxRequest()).items
+    assert [p.id for p in listed if p.id == pod_id] == [pod_id]
+    c_status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert c_status.state == cri.CONTAINER_RUNNING and c_status.image_id == ref
+    assert "@sha256:" in c_status.image_ref
+
+    result = rt.ExecSync(
+        cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo $((40 + 2)); exit 3"], timeout=60)
+    )
+    assert (result.stdout, result.exit_code) == (b"42\n", 3)
+    with pytest.raises(grpc.RpcError) as e:
+        rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sleep", "60"], timeout=2))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+    stats = rt.ContainerStats(cri.ContainerStatsRequest(container_id=cid)).stats
+    assert stats.memory.working_set_bytes.value > 0 and stats.cpu.usage_core_nano_seconds.value > 0
+    pod_stats = rt.PodSandboxStats(cri.PodSandboxStatsRequest(pod_sandbox_id=pod_id)).stats
+    assert [c.attributes.id for c in pod_stats.linux.containers] == [cid]
+
+    rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2))
+    rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=2))
+    c_status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert c_status.state == cri.CONTAINER_EXITED and c_status.exit_code == 137 and c_status.reason == "Error"
+
+    # A container that ends by itself is Completed.
+    done = rt.CreateContainer(
+        cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container_config("job", busybox_image, "exit 0"))
+    ).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=done))
+    deadline = time.monotonic() + 60
+    while rt.ContainerStatus(cri.ContainerStatusRequest(container_id=done)).status.state != cri.CONTAINER_EXITED:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=done)).status.reason == "Completed"
+
+    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
+    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert processes_mentioning(vm_name) == []
+    stopped = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
+    assert stopped.state == cri.SANDBOX_NOTREADY
+    with pytest.raises(grpc.RpcError) as e:
+        rt.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container_config("late", busybox_image, "true"))
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert not rt.ListPodSandbox(cri.ListPodSandboxRequest()).items
+    assert not rt.ListContainers(cri.ListContainersRequest()).containers
+    assert not list((cri_server.state_dir / "sandboxes").iterdir())
+
+
+def test_four_pods_started_in_parallel_all_become_ready(cri_server: CriServer, tmp_path: Path) -> None:
+    rt = cri_server.runtime
+
+    def run(i: int) -> str:
+        config = pod_config(f"par-{i}", tmp_path)
+        return str(rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=600).pod_sandbox_id)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(run, range(4)))
+    try:
+        states = {p.id: p.state for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items}
+        assert all(states[i] == cri.SANDBOX_READY for i in ids)
+        ready = rt.ListPodSandbox(
+            cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(label_selector={"app": "par-2"}))
+        ).items
+        assert [p.metadata.name for p in ready] == ["par-2"]
+    finally:
+        for i in ids:
+            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=i))
+            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=i))
+
+
+def test_missing_image_is_not_found_with_the_registrys_words(cri_server: CriServer, registry_host: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=f"{registry_host}/nothing:here")))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+    assert "unknown" in e.value.details().lower()  # type: ignore[attr-defined]

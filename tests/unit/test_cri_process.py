@@ -1,0 +1,70 @@
+"""How a container's process is derived from its CRI config and its image's config."""
+
+from pathlib import Path
+
+import pytest
+
+from kvmsandbox.cri.process import command_line, merged_env, process_spec, resolve_user
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.errors import InvalidArgument
+
+IMAGE = {"Entrypoint": ["/entry"], "Cmd": ["--default"], "Env": ["PATH=/bin", "A=image"], "WorkingDir": "/app"}
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "expected"),
+    [
+        ([], [], ["/entry", "--default"]),
+        ([], ["--mine"], ["/entry", "--mine"]),
+        (["/bin/sh"], [], ["/bin/sh"]),
+        (["/bin/sh"], ["-c", "true"], ["/bin/sh", "-c", "true"]),
+    ],
+)
+def test_command_and_args_follow_kubernetes_rules(command: list[str], args: list[str], expected: list[str]) -> None:
+    assert command_line(IMAGE, command, args) == expected
+
+
+def test_nothing_to_run_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match="no command"):
+        command_line({}, [], [])
+
+
+def test_container_env_overrides_the_image_env_by_name() -> None:
+    env = merged_env(["PATH=/bin", "A=image"], [cri.KeyValue(key="A", value=b"pod"), cri.KeyValue(key="B", value=b"x")])
+    assert env == ["PATH=/bin", "A=pod", "B=x"]
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> list[Path]:
+    top, base = tmp_path / "top", tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nold:x:5:5::/:/bin/sh\n")
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/sh\n")
+    (top / "etc/group").write_text("root:x:0:\nstaff:x:50:\n")
+    return [top, base]
+
+
+def test_image_users_resolve_through_the_top_most_passwd(layers: list[Path]) -> None:
+    assert resolve_user("", layers) == (0, 0)
+    assert resolve_user("1234", layers) == (1234, 0)
+    assert resolve_user("1234:7", layers) == (1234, 7)
+    assert resolve_user("app", layers) == (1000, 1001)
+    assert resolve_user("app:staff", layers) == (1000, 50)
+    with pytest.raises(InvalidArgument, match="'old' is not in the image's /etc/passwd"):
+        resolve_user("old", layers)
+
+
+def test_security_context_beats_the_image_user(layers: list[Path]) -> None:
+    config = cri.ContainerConfig(
+        working_dir="/work",
+        linux=cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(
+                run_as_user=cri.Int64Value(value=4000), run_as_group=cri.Int64Value(value=4001), supplemental_groups=[9]
+            )
+        ),
+    )
+    spec = process_spec(config, {**IMAGE, "User": "app"}, layers)
+    assert (spec.uid, spec.gid, spec.additional_gids) == (4000, 4001, [9])
+    assert spec.cwd == "/work" and spec.args == ["/entry", "--default"]
+    assert process_spec(cri.ContainerConfig(), {**IMAGE, "User": "app"}, layers).cwd == "/app"
