@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 KVMSANDBOX := $(VENV)/bin/kvmsandbox
 
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev \
-	pkg-config gcc mmdebstrap busybox-static e2fsprogs erofs-utils cpio kmod docker-registry skopeo umoci
+	pkg-config gcc mmdebstrap busybox-static e2fsprogs erofs-utils cpio kmod docker-registry skopeo umoci \
+	zstd openssl
 
 .PHONY: setup apt venv guest-image proto lint typecheck unit test run doctor clean
 

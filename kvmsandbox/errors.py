@@ -57,6 +57,16 @@ class GuestImageError(KvmSandboxError):
     """The guest image could not be built or is incomplete."""
 
 
+class RegistryAuthError(KvmSandboxError):
+    """The registry or its token server refused the credentials, or asked for some and none were given."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class ContentError(KvmSandboxError):
+    """A registry sent content that fails verification (digest, size) or cannot be used."""
+
+
 class AgentError(KvmSandboxError):
     """The in-guest agent answered with an error; ``grpc_code`` is the agent's own code."""
 
