@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+# The CRI tests use gRPC in this process, which also embeds libvirt; libvirt forks QEMU from its
+# own threads and gRPC's fork handlers crash those children. Set before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import shutil
 import tempfile
 from collections.abc import Iterator

@@ -4,6 +4,7 @@ ListContainers, UpdateContainerResources, ReopenContainerLog, ExecSync."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         mounts=mounts,
         extra=extra,
     )
-    hold = getattr(state.images, "hold", None)
-    if hold is not None:
-        hold(image.id, record.id)
+    state.images.hold(image.id, record.id)
     return cri.CreateContainerResponse(container_id=record.id)
 
 
@@ -75,10 +74,29 @@ def start(state: CriState, req: cri.StartContainerRequest) -> cri.StartContainer
     return cri.StartContainerResponse()
 
 
+def stop_signal(name: str) -> int:
+    """The image's StopSignal ("SIGQUIT", "QUIT" or "3") as a number; SIGTERM when unset.
+
+    Raises:
+        InvalidArgument: not a signal this system knows.
+    """
+    if not name:
+        return int(signal.SIGTERM)
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+    except KeyError:
+        raise InvalidArgument(f"unknown stop signal {name!r} in the image config") from None
+
+
 def stop(state: CriState, req: cri.StopContainerRequest) -> cri.StopContainerResponse:
-    """SIGTERM, SIGKILL after ``timeout`` seconds; idempotent for a stopped container."""
-    sandbox, _ = state.find_container(req.container_id)
-    state.manager.stop_container(sandbox.id, req.container_id, grace=max(0, req.timeout))
+    """The image's stop signal (SIGTERM by default), SIGKILL after ``timeout`` seconds; idempotent
+    for a stopped container."""
+    sandbox, c = state.find_container(req.container_id)
+    state.manager.stop_container(
+        sandbox.id, req.container_id, grace=max(0, req.timeout), stop_signal=stop_signal(c.extra.get("stop_signal", ""))
+    )
     return cri.StopContainerResponse()
 
 
@@ -89,9 +107,8 @@ def remove(state: CriState, req: cri.RemoveContainerRequest) -> cri.RemoveContai
     except NotFound:
         return cri.RemoveContainerResponse()
     state.manager.remove_container(sandbox.id, req.container_id)
-    release = getattr(state.images, "release", None)
-    if release is not None and c.extra.get("image_id"):
-        release(c.extra["image_id"], c.id)
+    if c.extra.get("image_id"):
+        state.images.release(c.extra["image_id"], c.id)
     return cri.RemoveContainerResponse()
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState
 from kvmsandbox.errors import InvalidArgument
-from kvmsandbox.image import Auth
+from kvmsandbox.image import Auth, ImageRecord
 
 
-def _image(record: Any) -> cri.Image:
+def _image(record: ImageRecord) -> cri.Image:
     user = str(record.config.get("User") or "")
     name = user.partition(":")[0]
     image = cri.Image(id=record.id, repo_tags=record.repo_tags, repo_digests=record.repo_digests, size=record.size)

@@ -55,11 +55,10 @@ def remove(state: CriState, req: cri.RemovePodSandboxRequest) -> cri.RemovePodSa
         record = state.manager.get_sandbox(req.pod_sandbox_id)
     except NotFound:
         return cri.RemovePodSandboxResponse()
-    for c in record.containers.values():
-        release = getattr(state.images, "release", None)
-        if release is not None and c.extra.get("image_id"):
-            release(c.extra["image_id"], c.id)
     state.manager.destroy_sandbox(req.pod_sandbox_id)
+    for c in record.containers.values():
+        if c.extra.get("image_id"):
+            state.images.release(c.extra["image_id"], c.id)
     return cri.RemovePodSandboxResponse()
 
 

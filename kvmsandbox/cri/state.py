@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.errors import NotFound
+from kvmsandbox.image import ImageStore
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord
 
@@ -17,19 +18,11 @@ SANDBOX_STATES = {"ready": cri.SANDBOX_READY, "booting": cri.SANDBOX_NOTREADY, "
 CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING, "exited": cri.CONTAINER_EXITED}
 
 
-class ImageRecordLike(Protocol):
-    id: str
-    repo_tags: list[str]
-    repo_digests: list[str]
-    size: int
-    config: dict[str, Any]
-
-
 @dataclass
 class CriState:
     config: Config
     manager: SandboxManager
-    images: Any  # kvmsandbox.image.ImageStore
+    images: ImageStore
     pod_cidr: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 

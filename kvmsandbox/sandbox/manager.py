@@ -672,15 +672,18 @@ class SandboxManager:
                 c.finished_at_ns = status.finished_at_ns
                 self.store.save(record)
 
-    def stop_container(self, sandbox_id: str, container_id: str, grace: float = 10.0) -> ExitStatus:
-        """SIGTERM, then SIGKILL once ``grace`` seconds passed. Idempotent for a stopped container."""
+    def stop_container(
+        self, sandbox_id: str, container_id: str, grace: float = 10.0, stop_signal: int = signal.SIGTERM
+    ) -> ExitStatus:
+        """``stop_signal`` (SIGTERM unless the image says otherwise), then SIGKILL once ``grace``
+        seconds passed. Idempotent for a stopped container."""
         record = self.store.load(sandbox_id)
         c = self._container(record, container_id)
         if c.state == "exited" and c.exit_code is not None:
             return ExitStatus(c.exit_code, 0, c.finished_at_ns)
         client = self.client(sandbox_id)
         if grace > 0:
-            client.signal_process(container_id, signal.SIGTERM)
+            client.signal_process(container_id, stop_signal)
             status = self.wait_container(sandbox_id, container_id, grace)
             if status is not None:
                 return status

@@ -159,3 +159,53 @@ def test_missing_image_is_not_found_with_the_registrys_words(cri_server: CriServ
         cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=f"{registry_host}/nothing:here")))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     assert "unknown" in e.value.details().lower()  # type: ignore[attr-defined]
+
+
+def test_images_resources_and_log_reopen_through_the_cri(
+    cri_server: CriServer, busybox_image: str, tmp_path: Path
+) -> None:
+    rt, img = cri_server.runtime, cri_server.images
+    spec = cri.ImageSpec(image=busybox_image)
+    image_id = img.PullImage(cri.PullImageRequest(image=spec)).image_ref
+    listed = img.ListImages(cri.ListImagesRequest(filter=cri.ImageFilter(image=spec))).images
+    assert [i.id for i in listed] == [image_id] and busybox_image in listed[0].repo_tags
+    fs = img.ImageFsInfo(cri.ImageFsInfoRequest()).image_filesystems[0]
+    assert fs.used_bytes.value > 0 and fs.inodes_used.value > 0
+
+    config = pod_config("tuned", tmp_path)
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    try:
+        container = container_config("ticker", busybox_image, "while true; do echo tick; sleep 0.2; done")
+        container.linux.security_context.readonly_rootfs = True
+        cid = rt.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container, sandbox_config=config)
+        ).container_id
+        rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+        denied = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["touch", "/new-file"], timeout=30))
+        assert denied.exit_code != 0 and b"Read-only file system" in denied.stderr
+
+        rt.UpdateContainerResources(
+            cri.UpdateContainerResourcesRequest(
+                container_id=cid, linux=cri.LinuxContainerResources(memory_limit_in_bytes=96 << 20)
+            )
+        )
+        limit = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["cat", "/sys/fs/cgroup/memory.max"], timeout=30))
+        assert limit.stdout == str(96 << 20).encode() + b"\n"
+
+        # Log rotation as kubelet does it: move the file away, ask for a new one.
+        log = tmp_path / "ticker" / "0.log"
+        wait_for_log_line(log, "tick")
+        log.rename(tmp_path / "ticker" / "0.log.1")
+        rt.ReopenContainerLog(cri.ReopenContainerLogRequest(container_id=cid))
+        assert ("stdout", "F", "tick") in wait_for_log_line(log, "tick")
+
+        # An image in use cannot go; RemoveImage of an absent image is not an error.
+        with pytest.raises(grpc.RpcError) as e:
+            img.RemoveImage(cri.RemoveImageRequest(image=spec))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    finally:
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    img.RemoveImage(cri.RemoveImageRequest(image=spec))
+    img.RemoveImage(cri.RemoveImageRequest(image=spec))
+    assert img.ImageStatus(cri.ImageStatusRequest(image=spec)).image.id == ""

@@ -68,3 +68,12 @@ def test_security_context_beats_the_image_user(layers: list[Path]) -> None:
     assert (spec.uid, spec.gid, spec.additional_gids) == (4000, 4001, [9])
     assert spec.cwd == "/work" and spec.args == ["/entry", "--default"]
     assert process_spec(cri.ContainerConfig(), {**IMAGE, "User": "app"}, layers).cwd == "/app"
+
+
+def test_stop_signals_from_image_configs() -> None:
+    from kvmsandbox.cri.containers import stop_signal
+
+    assert stop_signal("") == 15
+    assert stop_signal("SIGQUIT") == stop_signal("QUIT") == stop_signal("3") == 3
+    with pytest.raises(InvalidArgument, match="unknown stop signal"):
+        stop_signal("SIGNOPE")
