@@ -2,7 +2,7 @@
 pods run one after another, then N pods in batches of 4 at once, against a real
 `kvmsandbox serve` and a local registry (both started here, on loopback).
 
-    .venv/bin/python benchmarks/cri_lifecycle.py [--pods N]
+    PYTHONPATH=. .venv/bin/python benchmarks/cri_lifecycle.py [--pods N]   (it reuses tests/ helpers)
 """
 
 from __future__ import annotations
