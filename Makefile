@@ -1,4 +1,4 @@
-# kvmsandbox: `make run` sets everything up and runs a demo sandbox; `make test` sets everything up
+# kvmsandbox: `make run` sets everything up, serves the CRI and runs a demo pod through it; `make test` sets everything up
 # and runs the whole suite. Both are idempotent and work on a fresh Debian 12 machine as root.
 
 PYTHON ?= python3
@@ -52,9 +52,11 @@ unit: venv
 test: setup lint typecheck
 	$(PY) -m pytest -q -ra tests
 
+# Serves the CRI on /run/kvmsandbox/kvmsandbox.sock and runs a demo pod through it; Ctrl-C stops
+# serving (pods keep running, the next server recovers them).
 run: setup
 	$(KVMSANDBOX) doctor
-	$(KVMSANDBOX) demo
+	$(KVMSANDBOX) serve --demo
 
 doctor: venv
 	$(KVMSANDBOX) doctor

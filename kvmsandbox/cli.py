@@ -7,6 +7,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvmsandbox.cri.server import serve
 
-    return serve(_config(args))
+    config = _config(args)
+    ready = threading.Event()
+    if args.demo:
+        from kvmsandbox.demo import run_cri_demo
+
+        threading.Thread(target=run_cri_demo, args=(config, ready), name="demo", daemon=True).start()
+    return serve(config, ready=ready)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the CRI (RuntimeService and ImageService) on a unix socket")
+    p.add_argument("--demo", action="store_true", help="once serving, run a demo pod through the socket")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="check this host and say what to fix")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 
 from kvmsandbox.config import Config
@@ -9,6 +11,7 @@ from kvmsandbox.runtime import open_manager
 from kvmsandbox.sandbox.logs import parse_cri_log
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
+from kvmsandbox.tools.local_registry import LocalRegistry
 
 DEMO_SCRIPT = (
     'echo "hello from container $(hostname) in a kvmsandbox VM"; '
@@ -59,3 +62,79 @@ def run_demo(config: Config, *, backend: str | None = None, keep: bool = False) 
             manager.destroy_sandbox(sandbox.id)
             print(f"sandbox {sandbox.id[:12]} destroyed: VM, rootfs and state removed")
     return 0
+
+
+DEMO_LABEL = {"app": "kvmsandbox-demo"}
+DEMO_POD_SCRIPT = 'echo "hello from a kvmsandbox pod on kernel $(uname -r)"; while true; do date; sleep 5; done'
+
+
+def run_cri_demo(config: Config, ready: threading.Event) -> None:
+    """Once the server is up: pushes a busybox image to a registry on loopback, then pulls it and
+    runs a pod through the server's own CRI socket, as kubelet would; the pod keeps running."""
+    ready.wait()
+    try:
+        _cri_demo(config)
+    except Exception as e:
+        print(f"demo pod failed: {e}", flush=True)
+
+
+def _cri_demo(config: Config) -> None:
+    import grpc
+
+    from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+    from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
+
+    channel = grpc.insecure_channel(f"unix://{config.socket}")
+    rt = api_pb2_grpc.RuntimeServiceStub(channel)
+    img = api_pb2_grpc.ImageServiceStub(channel)
+    for old in rt.ListPodSandbox(
+        cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(label_selector=DEMO_LABEL))
+    ).items:
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=old.id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=old.id))
+    for old_image in img.ListImages(cri.ListImagesRequest()).images:
+        if any("/kvmsandbox-demo/busybox:" in tag for tag in old_image.repo_tags):
+            img.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=old_image.id)))
+
+    registry = LocalRegistry()
+    try:
+        layer = make_busybox_rootfs(config.cache_dir / "demo-busybox-rootfs")
+        ref = registry.push_tree("kvmsandbox-demo/busybox", "latest", layer, {"Cmd": ["sh"], "Env": ["PATH=/bin"]})
+        t0 = time.monotonic()
+        image_id = img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref))).image_ref
+        print(f"demo: pulled {ref} ({image_id[:19]}) in {time.monotonic() - t0:.2f}s", flush=True)
+    finally:
+        registry.stop()
+    log_dir = config.state_dir / "demo-logs"
+    shutil.rmtree(log_dir, ignore_errors=True)  # the previous demo pod's, removed above
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="demo", uid="kvmsandbox-demo", namespace="default"),
+        hostname="demo",
+        log_directory=str(log_dir),
+        labels=DEMO_LABEL,
+    )
+    t0 = time.monotonic()
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config), timeout=600).pod_sandbox_id
+    print(f"demo: pod {pod[:12]} ready in {time.monotonic() - t0:.2f}s", flush=True)
+    container = cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="hello"),
+        image=cri.ImageSpec(image=ref),
+        command=["sh", "-c", DEMO_POD_SCRIPT],
+        log_path="hello.log",
+    )
+    cid = rt.CreateContainer(
+        cri.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=pod_config)
+    ).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+    result = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["uname", "-a"], timeout=60))
+    print(f"demo: exec in container {cid[:12]}: {result.stdout.decode().strip()}", flush=True)
+    time.sleep(1)
+    print(f"demo: its log {log_dir / 'hello.log'} so far:", flush=True)
+    for stream, _, line in parse_cri_log((log_dir / "hello.log").read_text()):
+        print(f"  [{stream}] {line}", flush=True)
+    print(
+        f"demo: the pod keeps running; inspect it with crictl (runtime-endpoint unix://{config.socket}):\n"
+        f"  crictl pods; crictl ps; crictl logs {cid[:12]}; crictl exec -s {cid[:12]} ps\n"
+        "Ctrl-C stops the server (pods keep running; the next server recovers them).",
+        flush=True,
+    )
