@@ -62,6 +62,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         readonly_rootfs=config.linux.security_context.readonly_rootfs,
         labels=dict(config.labels),
         mounts=mounts,
+        resources=oci_resources(config.linux.resources),
         extra=extra,
     )
     state.images.hold(image.id, record.id)

@@ -471,6 +471,8 @@ class SandboxManager:
                 self._mark_exited(c, None, "container lost by the guest")
             elif info.state == pb.EXITED:
                 self._mark_exited(c, ExitStatus(info.exit_code, 0, info.finished_at_ns), "")
+                if info.oom_killed:
+                    c.extra["oom_killed"] = True
             elif info.state == pb.RUNNING:
                 c.state = "running"
         self.store.save(record)
@@ -572,6 +574,7 @@ class SandboxManager:
         readonly_rootfs: bool = False,
         labels: dict[str, str] | None = None,
         mounts: list[HostMount] | None = None,
+        resources: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ContainerRecord:
         """Prepares the rootfs on the host and creates the container in the guest (not started).
@@ -610,6 +613,7 @@ class SandboxManager:
                     readonly_rootfs=readonly_rootfs,
                     mounts=guest_mounts,
                     cgroups_path=f"/kvmsandbox/{container_id}",
+                    resources=resources,
                 )
                 pid = client.create_container(container_id, spec)
                 writer = CriLogWriter(log_file)

@@ -95,6 +95,7 @@ def container_spec(
     readonly_rootfs: bool = False,
     mounts: list[Mount] | None = None,
     cgroups_path: str = "",
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest."""
     spec_mounts: list[dict[str, Any]] = [
@@ -152,6 +153,8 @@ def container_spec(
     }
     if cgroups_path:
         linux["cgroupsPath"] = cgroups_path
+    if resources:
+        linux["resources"] = resources
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": process_object(process),

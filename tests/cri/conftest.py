@@ -17,6 +17,7 @@ import yaml
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
+from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, seed_capabilities
 from tests.conftest import CACHE_DIR
 from tests.registry import Registry, image_config, make_layer, push_image, running_registry
@@ -77,7 +78,10 @@ class CriServer:
 
 
 @pytest.fixture(scope="session")
-def cri_server(short_tmp: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriServer]:
+def cri_server(
+    guest_image: GuestImage, short_tmp: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CriServer]:
+    """The server finds the guest image in the cache; the fixture makes sure it is current."""
     base = short_tmp / "cri"
     state_dir = base / "s"
     libvirt_root = state_dir / "libvirt"

@@ -209,3 +209,31 @@ def test_images_resources_and_log_reopen_through_the_cri(
     img.RemoveImage(cri.RemoveImageRequest(image=spec))
     img.RemoveImage(cri.RemoveImageRequest(image=spec))
     assert img.ImageStatus(cri.ImageStatusRequest(image=spec)).image.id == ""
+
+
+def test_memory_limits_apply_and_an_oom_kill_is_reported(
+    cri_server: CriServer, busybox_image: str, tmp_path: Path
+) -> None:
+    rt, img = cri_server.runtime, cri_server.images
+    img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
+    config = pod_config("hungry", tmp_path)
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    try:
+        container = container_config(
+            "hog", busybox_image, "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived"
+        )
+        container.linux.resources.memory_limit_in_bytes = 32 << 20
+        cid = rt.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container, sandbox_config=config)
+        ).container_id
+        rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+        deadline = time.monotonic() + 120
+        status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        while status.state != cri.CONTAINER_EXITED:
+            assert time.monotonic() < deadline, "the memory hog neither finished nor was killed"
+            time.sleep(0.5)
+            status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+        assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+    finally:
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

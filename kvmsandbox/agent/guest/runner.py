@@ -437,6 +437,17 @@ class ContainerRunner:
             oom_kills=kv("memory.events").get("oom_kill", 0),
         )
 
+    def _oom_kills(self, c: Container) -> int:
+        """OOM kills in the container's cgroup (kept until crun delete removes the cgroup)."""
+        try:
+            for line in (c.cgroup / "memory.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def list(self) -> list[pb.ContainerInfo]:
         with self._lock:
             containers = list(self._containers.values())
@@ -451,6 +462,7 @@ class ContainerRunner:
                     exit_code=info.exit_code if info else 0,
                     started_at_ns=c.started_at_ns,
                     finished_at_ns=info.finished_at_ns if info else 0,
+                    oom_killed=info is not None and self._oom_kills(c) > 0,
                 )
             )
         return out

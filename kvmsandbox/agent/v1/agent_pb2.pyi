@@ -861,12 +861,15 @@ class ContainerInfo(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     STARTED_AT_NS_FIELD_NUMBER: _builtins.int
     FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___ContainerState.ValueType
     pid: _builtins.int
     exit_code: _builtins.int
     started_at_ns: _builtins.int
     finished_at_ns: _builtins.int
+    oom_killed: _builtins.bool
+    """The kernel's OOM killer killed a process of the container (its cgroup's memory.events)."""
     def __init__(
         self,
         *,
@@ -876,10 +879,11 @@ class ContainerInfo(_message.Message):
         exit_code: _builtins.int = ...,
         started_at_ns: _builtins.int = ...,
         finished_at_ns: _builtins.int = ...,
+        oom_killed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "id", b"id", "pid", b"pid", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "id", b"id", "oom_killed", b"oom_killed", "pid", b"pid", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
