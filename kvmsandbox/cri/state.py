@@ -3,8 +3,7 @@ translation of the runtime's records into CRI messages."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvmsandbox.config import Config
@@ -24,7 +23,6 @@ class CriState:
     manager: SandboxManager
     images: ImageStore
     pod_cidr: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def find_container(self, container_id: str) -> tuple[SandboxRecord, ContainerRecord]:
         """The container with that id and its sandbox.
