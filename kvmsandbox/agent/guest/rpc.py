@@ -41,6 +41,15 @@ def self_rss() -> int:
     return 0
 
 
+def guest_cpu_busy_seconds() -> float:
+    """CPU time all CPUs spent not idle since boot: uptime x CPUs minus the idle time of
+    /proc/uptime, which the kernel keeps precisely (the busy columns of /proc/stat are tick
+    samples, too coarse for an idle guest)."""
+    with open("/proc/uptime") as f:
+        uptime, idle = (float(v) for v in f.read().split()[:2])
+    return max(0.0, uptime * (os.cpu_count() or 1) - idle)
+
+
 class AgentService:
     """Dispatches decoded requests to the runner and the sandbox setup."""
 
@@ -86,6 +95,8 @@ class AgentService:
             online_cpus=os.cpu_count() or 1,
             transport=self.transport,
             oci_runtime=self.runner.crun_path(),
+            agent_cpu_seconds=sum(os.times()[:2]),
+            guest_cpu_busy_seconds=guest_cpu_busy_seconds(),
         )
 
     def CreateSandbox(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:

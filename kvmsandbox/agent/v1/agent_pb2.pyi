@@ -259,6 +259,8 @@ class GuestDetailsResponse(_message.Message):
     ONLINE_CPUS_FIELD_NUMBER: _builtins.int
     TRANSPORT_FIELD_NUMBER: _builtins.int
     OCI_RUNTIME_FIELD_NUMBER: _builtins.int
+    AGENT_CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    GUEST_CPU_BUSY_SECONDS_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     kernel_release: _builtins.str
     mem_total_bytes: _builtins.int
@@ -271,6 +273,10 @@ class GuestDetailsResponse(_message.Message):
     transport: _builtins.str
     """"vsock" or "virtio-serial"."""
     oci_runtime: _builtins.str
+    agent_cpu_seconds: _builtins.float
+    """CPU time (user + system) the agent process itself used since it started, in seconds."""
+    guest_cpu_busy_seconds: _builtins.float
+    """CPU time all guest CPUs spent busy (neither idle nor waiting for I/O) since boot, in seconds."""
     def __init__(
         self,
         *,
@@ -284,10 +290,12 @@ class GuestDetailsResponse(_message.Message):
         online_cpus: _builtins.int = ...,
         transport: _builtins.str = ...,
         oci_runtime: _builtins.str = ...,
+        agent_cpu_seconds: _builtins.float = ...,
+        guest_cpu_busy_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_rss_bytes", b"agent_rss_bytes", "agent_version", b"agent_version", "kernel_release", b"kernel_release", "mem_available_bytes", b"mem_available_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "oci_runtime", b"oci_runtime", "online_cpus", b"online_cpus", "transport", b"transport", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_cpu_seconds", b"agent_cpu_seconds", "agent_rss_bytes", b"agent_rss_bytes", "agent_version", b"agent_version", "guest_cpu_busy_seconds", b"guest_cpu_busy_seconds", "kernel_release", b"kernel_release", "mem_available_bytes", b"mem_available_bytes", "mem_free_bytes", b"mem_free_bytes", "mem_total_bytes", b"mem_total_bytes", "oci_runtime", b"oci_runtime", "online_cpus", b"online_cpus", "transport", b"transport", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
