@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -175,6 +176,49 @@ def _open_on_first_cpu(uri: str) -> Any:
         os.sched_setaffinity(0, allowed)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@contextlib.contextmanager
+def _thread_in_cgroups(procs_files: tuple[Path, ...]) -> Iterator[bool]:
+    """Moves the calling thread into the cgroups of ``procs_files`` (cgroup v1 ``tasks`` files)
+    and back afterwards; yields whether it could join every one of them."""
+    if not procs_files or not all(p.with_name("tasks").exists() and p.is_relative_to(CGROUP_ROOT) for p in procs_files):
+        yield False
+        return
+    tid = str(threading.get_native_id())
+    current: dict[frozenset[str], str] = {}
+    for line in Path("/proc/thread-self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        current[frozenset(controllers.split(","))] = path
+    back: list[tuple[Path, Path]] = []
+    try:
+        for procs in procs_files:
+            hierarchy = procs.relative_to(CGROUP_ROOT).parts[0]
+            original = current.get(frozenset(hierarchy.split(",")))
+            if original is None:
+                yield False
+                return
+            home = CGROUP_ROOT / hierarchy / original.lstrip("/") / "tasks"
+            procs.with_name("tasks").write_text(tid)
+            back.append((procs.with_name("tasks"), home))
+        yield True
+    finally:
+        # This thread, and any thread libvirt started from it meanwhile (the VM's event loop), go
+        # home: only QEMU stays in the VMM's cgroup.
+        own = {p.name for p in Path("/proc/self/task").iterdir()}
+        for tasks, home in back:
+            try:
+                tids = [t for t in tasks.read_text().split() if t in own]
+            except OSError:
+                tids = [tid]
+            for t in tids:
+                try:
+                    home.write_text(t)
+                except OSError as e:
+                    log.warning("could not move thread %s back to %s: %s", t, home.parent, e.strerror)
+
+
 class LibvirtHypervisor:
     """Runs each VM as a transient libvirt domain named after the VMSpec."""
 
@@ -214,18 +258,45 @@ class LibvirtHypervisor:
         Raises HypervisorError with libvirt's message (e.g. a domain of that name exists).
         """
         started = time.monotonic()
-        try:
-            self._conn.createXML(domain_xml(spec), 0)
-        except libvirt.libvirtError as e:
-            # libvirt's message already quotes QEMU's stderr from the log.
-            self._remove_log(spec.name)
-            raise HypervisorError(f"libvirt: cannot boot VM {spec.name!r}: {e}") from e
+        # The embedded driver forks QEMU from the calling thread, and a forked process starts in
+        # its parent thread's cgroups: on cgroup v1 (per-thread membership) this thread joins the
+        # VMM's cgroups for the call, so QEMU is accounted there from its first page. Elsewhere
+        # QEMU starts paused and runs the guest once moved (what it touched while setting up stays
+        # charged where it was forked: recent kernels do not move charges).
+        with _thread_in_cgroups(spec.cgroup_procs) as joined:
+            flags = libvirt.VIR_DOMAIN_START_PAUSED if spec.cgroup_procs and not joined else 0
+            try:
+                dom = self._conn.createXML(domain_xml(spec), flags)
+            except libvirt.libvirtError as e:
+                # libvirt's message already quotes QEMU's stderr from the log.
+                self._remove_log(spec.name)
+                raise HypervisorError(f"libvirt: cannot boot VM {spec.name!r}: {e}") from e
+        if spec.cgroup_procs and not joined:
+            try:
+                self._join_cgroups(dom, spec)
+            except BaseException:
+                self.destroy(spec.name)
+                raise
         info = self.info(spec.name) or VMInfo(spec.name, None, False)
         log.info(
             "vm booted backend=libvirt vm=%s pid=%s seconds=%.3f",
             spec.name, info.pid, time.monotonic() - started,
         )  # fmt: skip
         return info
+
+    def _join_cgroups(self, dom: libvirt.virDomain, spec: VMSpec) -> None:
+        info = self.info(spec.name)
+        if info is None or not info.pid:
+            raise HypervisorError(f"libvirt: VM {spec.name!r} has no QEMU process to account")
+        for procs in spec.cgroup_procs:
+            try:
+                procs.write_text(str(info.pid))
+            except OSError as e:
+                raise HypervisorError(f"cannot move QEMU of VM {spec.name!r} into {procs.parent}: {e.strerror}") from e
+        try:
+            dom.resume()
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt: cannot start the vCPUs of VM {spec.name!r}: {e}") from e
 
     def destroy(self, name: str) -> None:
         """Destroy the domain and wait until its QEMU process is gone. Idempotent.

@@ -45,6 +45,16 @@ class _VMFiles:
     agent_socket: str | None
 
 
+# Joins every cgroup given before "--" (writing its own pid to each cgroup.procs), then execs the
+# command after it: the process is accounted in those cgroups from its first allocation on.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def in_cgroups(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
+    """``argv`` run by a shell that first joins the cgroups of ``procs_files``."""
+    return ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *(str(p) for p in procs_files), "--", *argv]
+
+
 class QemuHypervisor:
     """Runs each VM as a daemonized `qemu-system-x86_64` with a QMP socket in its run dir."""
 
@@ -92,6 +102,8 @@ class QemuHypervisor:
         # Recorded before QEMU starts, so a crash of ours right after the start still leaves a trace.
         self._write_files_record(files)
         argv = qemu_argv(spec, pidfile=self._pidfile(spec.name), binary=self._binary)
+        if spec.cgroup_procs:
+            argv = in_cgroups(spec.cgroup_procs, argv)
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
         try:

@@ -84,6 +84,9 @@ class VMSpec:
     """Per-VM directory for sockets; short, because unix socket paths must fit in 107 bytes."""
     tb_cache_mib: int = 128
     """TCG translation cache cap; QEMU's default of 1 GiB inflates each VM's RSS."""
+    cgroup_procs: tuple[Path, ...] = ()
+    """``cgroup.procs`` files of the host cgroup the VMM is accounted in. Recent kernels no longer
+    move memory charges with a process, so the VMM joins the cgroup before it touches memory."""
 
     def __post_init__(self) -> None:
         """Raises InvalidArgument when a field is out of range or a path is unusable."""
