@@ -46,8 +46,33 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class SandboxDefaults:
+    # Used when the pod declares no limits (LinuxPodSandboxConfig.resources); otherwise the VM gets
+    # the pod's limits plus the guest's own overhead (see kvmsandbox.overhead.sizing).
     vcpus: int = 1
     memory_mib: int = 256
+    # Floor for sized VMs: below this the guest kernel and agent do not boot reliably.
+    min_memory_mib: int = 128
+    # Ceiling for sized VMs' vCPUs; unset means the host's CPU count.
+    max_vcpus: int | None = None
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    # Added to the highest observed overhead to make the recommended RuntimeClass podFixed.
+    margin_percent: float = 10.0
+    # Where the VMM's host process is accounted: "pod" puts it in the pod's cgroup (below
+    # LinuxPodSandboxConfig.cgroup_parent), so the pod's limits include the VM; "overhead" puts it
+    # in a cgroup of its own below `overhead_cgroup`, apart from the pods (Kata's
+    # sandbox_cgroup_only=false).
+    vmm_cgroup: Literal["pod", "overhead"] = "pod"
+    overhead_cgroup: str = "/kvmsandbox_overhead"
+    # Pods whose kubelet gives no cgroup_parent (crictl) are accounted below this cgroup.
+    default_cgroup_parent: str = "/kvmsandbox"
+    # What the guest needs beside its containers (kernel reservation plus idle use) when VMs are
+    # sized before `kvmsandbox overhead measure` ran on this node; afterwards the measurement counts.
+    guest_memory_mib: int = 96
+    # RuntimeClass scheduling.nodeSelector: the label of nodes that run kvmsandbox.
+    node_selector: dict[str, str] = field(default_factory=lambda: {"kvmsandbox.io/runtime": "true"})
 
 
 @dataclass(frozen=True)
@@ -75,10 +100,16 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    overhead: OverheadConfig = field(default_factory=OverheadConfig)
 
     @property
     def image_dir(self) -> Path:
         return self.state_dir / "images"
+
+    @property
+    def measurement_file(self) -> Path:
+        """The node's overhead measurement, written by `kvmsandbox overhead measure`."""
+        return self.state_dir / "overhead.json"
 
     @property
     def guest_image_dir(self) -> Path:

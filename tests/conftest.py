@@ -21,6 +21,7 @@ from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage, build_guest_image
 from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
 from kvmsandbox.hypervisor.spec import open_hypervisor
+from kvmsandbox.overhead.cgroups import HostCgroup
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.store import SandboxRecord
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
@@ -97,3 +98,5 @@ def sandbox(manager: SandboxManager) -> Iterator[SandboxRecord]:
     record = manager.create_sandbox(hostname="shared-pod")
     yield record
     manager.destroy_sandbox(record.id)
+    # Its host cgroup went with it (only the VMM was in it: no runtime thread stayed behind).
+    assert record.cgroup and not HostCgroup(record.cgroup).exists()

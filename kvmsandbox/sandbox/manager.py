@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
 import secrets
 import shutil
 import signal
@@ -32,6 +33,8 @@ from kvmsandbox.errors import (
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.accel import detect_accel
 from kvmsandbox.hypervisor.spec import AgentChannel, Hypervisor, VMSpec
+from kvmsandbox.overhead import measure
+from kvmsandbox.overhead.cgroups import HostCgroup, cgroups_available
 from kvmsandbox.sandbox import oci_spec, rootfs
 from kvmsandbox.sandbox.logs import CriLogWriter
 from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord, SandboxStore, check_id
@@ -194,6 +197,9 @@ class SandboxManager:
         self._logs: dict[tuple[str, str], CriLogWriter] = {}
         self._pumps: dict[tuple[str, str], _OutputPump] = {}
         self.boot_timings: dict[str, BootTimings] = {}
+        self._cgroups_ok, self.cgroups_reason = cgroups_available()
+        if not self._cgroups_ok:
+            log.warning("VMMs are not placed in host cgroups: %s", self.cgroups_reason)
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -223,10 +229,14 @@ class SandboxManager:
         memory_mib: int | None = None,
         labels: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        cgroup_parent: str = "",
         cmdline_extra: tuple[str, ...] = (),
         ready_timeout: float | None = None,
     ) -> SandboxRecord:
         """Boots a VM, waits for its agent and sets the sandbox up in the guest.
+
+        The VMM is accounted in a host cgroup: below ``cgroup_parent`` (the pod's cgroup) or below
+        the overhead cgroup, as ``overhead.vmm_cgroup`` in the config says.
 
         On any failure everything created so far is released before the error is raised; a guest
         that does not answer gives DeadlineExceeded naming the sandbox, with its console tail.
@@ -248,13 +258,32 @@ class SandboxManager:
                 created_at_ns=time.time_ns(),
                 labels=dict(labels or {}),
                 extra=dict(extra or {}),
+                cgroup=self._cgroup_path(sandbox_id, cgroup_parent),
             )
             try:
                 self._boot(record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns)
             except BaseException:
-                self._teardown(record.id, record.vm_name)
+                self._teardown(record.id, record.vm_name, record)
                 raise
             return record
+
+    def _cgroup_path(self, sandbox_id: str, cgroup_parent: str) -> str:
+        """Where the VMM is accounted; "" when the host has no usable cgroups."""
+        if not self._cgroups_ok:
+            return ""
+        oc = self.config.overhead
+        parent = oc.overhead_cgroup if oc.vmm_cgroup == "overhead" else (cgroup_parent or oc.default_cgroup_parent)
+        return posixpath.normpath("/" + parent.strip("/") + f"/kvmsandbox-{sandbox_id[:16]}")
+
+    def _vmm_cgroup(self, record: SandboxRecord) -> tuple[Path, ...]:
+        """Creates the sandbox's host cgroup and returns the files through which the VMM joins it.
+        The record names the leaf from the start, so a teardown after any failure removes it."""
+        if not record.cgroup:
+            return ()
+        cg = HostCgroup(record.cgroup)
+        record.cgroup_created = cg.create()
+        self.store.save(record)
+        return tuple(cg.procs_files())
 
     def _boot(
         self,
@@ -291,6 +320,7 @@ class SandboxManager:
             console_log=self.console_log(record.id),
             run_dir=run_dir,
             tb_cache_mib=self.config.hypervisor.tb_cache_mib,
+            cgroup_procs=self._vmm_cgroup(record),
         )
         started = time.monotonic()
         timings = self.boot_timings[record.id] = BootTimings()
@@ -324,9 +354,13 @@ class SandboxManager:
             "hosts": files.hosts_path,
             "resolv.conf": files.resolv_conf_path,
         }
-        record.state = "ready"
-        self.store.save(record)
         timings.sandbox_ready = time.monotonic() - started
+        record.state = "ready"
+        try:
+            record.overhead_at_boot = measure.snapshot(self, record, client.guest_details()).memory
+        except KvmSandboxError as e:
+            log.warning("sandbox %s: could not measure its overhead at boot: %s", record.id, e)
+        self.store.save(record)
         log.info("sandbox ready id=%s vm=%s seconds=%.2f", record.id, record.vm_name, timings.sandbox_ready)
 
     def _client(self, record: SandboxRecord) -> AgentClient:
@@ -384,7 +418,7 @@ class SandboxManager:
                     self._client(record).destroy_sandbox(timeout=10)
                 except KvmSandboxError as e:
                     log.warning("sandbox %s: guest teardown failed, destroying the VM anyway: %s", sandbox_id, e)
-            self._teardown(sandbox_id, vm_name)
+            self._teardown(sandbox_id, vm_name, record)
 
     def stop_sandbox(self, sandbox_id: str) -> None:
         """Kills every container, records how each ended and destroys the VM; the sandbox and its
@@ -407,7 +441,7 @@ class SandboxManager:
                         client.signal_process(c.id, signal.SIGKILL)
                         status = client.wait_process(c.id, "", 10)
                     self._mark_exited(c, status, "sandbox stopped")
-            self._release_vm(sandbox_id, record.vm_name)
+            self._release_vm(sandbox_id, record.vm_name, record)
             record.state = "stopped"
             record.stopped_at_ns = time.time_ns()
             self.store.save(record)
@@ -434,7 +468,7 @@ class SandboxManager:
             with self._lock_for(record.id):
                 if record.state == "booting":
                     log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
-                    self._teardown(record.id, record.vm_name)
+                    self._teardown(record.id, record.vm_name, record)
                     continue
                 if record.state != "ready":
                     continue
@@ -443,7 +477,7 @@ class SandboxManager:
                     for c in record.containers.values():
                         if c.state != "exited":
                             self._mark_exited(c, None, "sandbox VM exited")
-                    self._release_vm(record.id, record.vm_name)
+                    self._release_vm(record.id, record.vm_name, record)
                     record.state = "stopped"
                     record.stopped_at_ns = time.time_ns()
                     self.store.save(record)
@@ -532,14 +566,21 @@ class SandboxManager:
             raise FailedPrecondition(f"container {container_id} has no open log")
         writer.reopen()
 
-    def _release_vm(self, sandbox_id: str, vm_name: str) -> None:
-        """Destroys the VM and drops the client, the output pumps and the log writers."""
+    def _release_vm(self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None) -> None:
+        """Destroys the VM, removes its host cgroup (the caller saves ``record``) and drops the
+        client, the output pumps and the log writers."""
         with self._lock:
             client = self._clients.pop(sandbox_id, None)
             keys = [k for k in self._pumps if k[0] == sandbox_id]
             pumps = [self._pumps.pop(k) for k in keys]
             writers = [self._logs.pop(k) for k in list(self._logs) if k[0] == sandbox_id]
         self.hypervisor.destroy(vm_name)
+        if record is not None and record.cgroup:
+            try:
+                HostCgroup(record.cgroup).remove(record.cgroup_created)
+                record.cgroup_created = []
+            except KvmSandboxError as e:
+                log.warning("sandbox %s: its cgroup %s stays: %s", sandbox_id, record.cgroup, e)
         if client is not None:
             client.close()
         for pump in pumps:
@@ -547,8 +588,8 @@ class SandboxManager:
         for w in writers:
             w.close()
 
-    def _teardown(self, sandbox_id: str, vm_name: str) -> None:
-        self._release_vm(sandbox_id, vm_name)
+    def _teardown(self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None) -> None:
+        self._release_vm(sandbox_id, vm_name, record)
         rootfs.remove_tree(self.sandbox_dir(sandbox_id))
         shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
         self.boot_timings.pop(sandbox_id, None)

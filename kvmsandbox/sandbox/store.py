@@ -64,6 +64,12 @@ class SandboxRecord:
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     stopped_at_ns: int = 0
+    # The host cgroup the VMM was placed in ("" when none) and the cgroup dirs the runtime created
+    # for it (removed with the VM).
+    cgroup: str = ""
+    cgroup_created: list[str] = field(default_factory=list)
+    # What the sandbox cost right after boot (kvmsandbox.overhead.measure.snapshot), bytes.
+    overhead_at_boot: dict[str, int] = field(default_factory=dict)
     # Kept for the CRI layer, opaque here: metadata, annotations, log directory, handler...
     extra: dict[str, Any] = field(default_factory=dict)
 

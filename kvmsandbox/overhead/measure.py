@@ -1,0 +1,209 @@
+"""Measuring what a VM pod costs: per sandbox (a snapshot of one running pod) and per node (N pods
+booted with an idle container each, `kvmsandbox overhead measure`).
+
+Guest side (from the agent): the memory the guest kernel reserves (VM memory minus MemTotal), the
+kernel's and agent's idle use (MemTotal minus MemAvailable), the agent's RSS and CPU. Host side (from
+/proc): the VMM's PSS beyond the guest RAM it touched, its CPU at idle and during a container start,
+and the runtime's own growth per pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.config import Config
+from kvmsandbox.errors import FailedPrecondition, KvmSandboxError
+from kvmsandbox.overhead import host
+from kvmsandbox.overhead.model import CPU_COMPONENTS, MEMORY_COMPONENTS, Measurement, Sample
+from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from kvmsandbox.sandbox.store import SandboxRecord
+
+if TYPE_CHECKING:
+    from kvmsandbox.sandbox.manager import SandboxManager
+
+MIB = 1024 * 1024
+IDLE_COMMAND = ["sleep", "2147483647"]
+
+
+def guest_memory(details: pb.GuestDetailsResponse, vm_memory_bytes: int) -> dict[str, int]:
+    """The guest side of a sample from the agent's GuestDetails."""
+    return {
+        "guest_kernel_reserved": max(0, vm_memory_bytes - details.mem_total_bytes),
+        "guest_idle_used": max(0, details.mem_total_bytes - details.mem_available_bytes),
+        "agent_rss": details.agent_rss_bytes,
+    }
+
+
+def vmm_pid(manager: SandboxManager, record: SandboxRecord) -> int:
+    """Raises FailedPrecondition when the sandbox's VM does not run."""
+    info = manager.hypervisor.info(record.vm_name)
+    if info is None or not info.running or not info.pid:
+        raise FailedPrecondition(f"sandbox {record.id}: its VM {record.vm_name} is not running")
+    return info.pid
+
+
+def vmm_memory(manager: SandboxManager, record: SandboxRecord) -> dict[str, int]:
+    """The host side of a sample: the VMM's memory beyond the guest's RAM, with its parts."""
+    tcg_cache = manager.config.hypervisor.tb_cache_mib * MIB if record.accel == "tcg" else 0
+    mem = host.vmm_memory(vmm_pid(manager, record), record.memory_mib * MIB, tcg_cache)
+    return {
+        "vmm_beyond_guest_ram": mem.beyond_guest_ram,
+        "vmm_tcg_cache": mem.tcg_cache_pss,
+        "vmm_guest_ram_touched": mem.guest_ram_rss,
+        "vmm_pss": mem.pss,
+    }
+
+
+def snapshot(manager: SandboxManager, record: SandboxRecord, details: pb.GuestDetailsResponse | None = None) -> Sample:
+    """The memory one running sandbox costs now (no CPU: that needs a time window); ``details``
+    saves asking the agent again.
+
+    Raises:
+        FailedPrecondition: the VM does not run. KvmSandboxError: the agent does not answer.
+    """
+    details = details or manager.client(record.id).guest_details()
+    memory = guest_memory(details, record.memory_mib * MIB)
+    memory.update(vmm_memory(manager, record))
+    return Sample(memory=memory)
+
+
+@dataclass
+class _Pod:
+    record: SandboxRecord
+    pid: int
+    sample: Sample
+    details: pb.GuestDetailsResponse | None = None
+    vmm_cpu: float = 0.0
+
+
+def _idle_container(manager: SandboxManager, pod: _Pod, layer: Path) -> None:
+    """Creates and starts an idle container, measuring the VMM's CPU while it starts."""
+    wall0, cpu0 = time.monotonic(), host.cpu_seconds(pod.pid)
+    c = manager.create_container(pod.record.id, lower_dirs=[layer], process=ProcessSpec(args=IDLE_COMMAND), name="idle")
+    manager.start_container(pod.record.id, c.id)
+    wall, cpu = time.monotonic() - wall0, host.cpu_seconds(pod.pid) - cpu0
+    pod.sample.cpu["vmm_container_start"] = 1000 * cpu / wall if wall > 0 else 0.0
+
+
+def measure_node(
+    manager: SandboxManager,
+    layer: Path,
+    samples: int,
+    *,
+    margin_percent: float,
+    idle_seconds: float = 10.0,
+    settle_seconds: float = 3.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Measurement:
+    """Boots ``samples`` sandboxes one after the other, each with an idle container from ``layer``,
+    lets them all idle, and measures each. Every sandbox is destroyed before returning, also on
+    failure."""
+    if samples < 1:
+        raise FailedPrecondition("at least one sample is needed")
+    config: Config = manager.config
+    pods: list[_Pod] = []
+    try:
+        runtime_before = host.process_pss()
+        runtime_cpu0 = time.process_time()
+        for i in range(samples):
+            progress(f"booting sandbox {i + 1}/{samples}")
+            record = manager.create_sandbox(hostname=f"overhead-{i + 1}")
+            pod = _Pod(record=record, pid=vmm_pid(manager, record), sample=Sample())
+            pods.append(pod)
+            progress(f"starting an idle container in sandbox {i + 1}/{samples}")
+            _idle_container(manager, pod, layer)
+        progress(f"letting {samples} sandboxes settle for {settle_seconds:.0f}s")
+        time.sleep(settle_seconds)
+        # The runtime's growth with N pods, shared out: per-pod increments are mostly allocator
+        # noise (the first pod grows the heap, later ones reuse it).
+        runtime_share = max(0, host.process_pss() - runtime_before) // samples
+        for p in pods:
+            p.sample.memory["runtime_share"] = runtime_share
+        progress(f"measuring {samples} idle sandboxes for {idle_seconds:.0f}s")
+        start_details = {p.record.id: manager.client(p.record.id).guest_details() for p in pods}
+        for p in pods:
+            p.vmm_cpu = host.cpu_seconds(p.pid)
+        wall0, runtime_cpu1 = time.monotonic(), time.process_time()
+        time.sleep(idle_seconds)
+        wall = time.monotonic() - wall0
+        runtime_idle = 1000 * (time.process_time() - runtime_cpu1) / wall / samples
+        for p in pods:
+            vmm_cpu = host.cpu_seconds(p.pid) - p.vmm_cpu
+            details = manager.client(p.record.id).guest_details()
+            before = start_details[p.record.id]
+            guest_wall = details.uptime_seconds - before.uptime_seconds or wall
+            p.sample.cpu.update(
+                {
+                    "vmm_idle": 1000 * vmm_cpu / wall,
+                    "runtime_idle": runtime_idle,
+                    "agent_idle": 1000 * (details.agent_cpu_seconds - before.agent_cpu_seconds) / guest_wall,
+                    "guest_idle": 1000 * (details.guest_cpu_busy_seconds - before.guest_cpu_busy_seconds) / guest_wall,
+                }
+            )
+            p.sample.memory.update(guest_memory(details, p.record.memory_mib * MIB))
+            p.sample.memory.update(vmm_memory(manager, p.record))
+        accel = pods[0].record.accel
+        kernel = start_details[pods[0].record.id].kernel_release
+        conditions = {
+            "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "samples": samples,
+            "backend": manager.hypervisor.name,
+            "accel": accel,
+            "vm_memory_mib": pods[0].record.memory_mib,
+            "vcpus": pods[0].record.vcpus,
+            "guest_kernel": kernel,
+            "guest_image": manager.image.key,
+            "tb_cache_mib": config.hypervisor.tb_cache_mib if accel == "tcg" else 0,
+            "idle_window_seconds": round(wall, 2),
+            "runtime_pss_before_bytes": runtime_before,
+            "runtime_cpu_seconds_total": round(time.process_time() - runtime_cpu0, 3),
+            "memory_components": list(MEMORY_COMPONENTS),
+            "cpu_components": list(CPU_COMPONENTS),
+        }
+        return Measurement(samples=[p.sample for p in pods], margin_percent=margin_percent, conditions=conditions)
+    finally:
+        for i, p in enumerate(pods):
+            progress(f"removing sandbox {i + 1}/{len(pods)}")
+            with contextlib.suppress(KvmSandboxError):
+                manager.destroy_sandbox(p.record.id)
+
+
+@dataclass(frozen=True)
+class VmUsage:
+    """A running pod's host-side figures: everything its VM uses, containers included."""
+
+    timestamp_ns: int
+    cpu_usage_ns: int
+    memory_usage_bytes: int
+    memory_working_set_bytes: int
+    # "cgroup <path>" or "process <pid>".
+    source: str
+
+
+def vm_usage(manager: SandboxManager, record: SandboxRecord) -> VmUsage:
+    """CPU from the VMM process (every thread, since it started); memory from the sandbox's host
+    cgroup when it has one, else the VMM's resident set.
+
+    Raises:
+        FailedPrecondition: the VM does not run.
+    """
+    from kvmsandbox.overhead.cgroups import HostCgroup
+
+    pid = vmm_pid(manager, record)
+    cpu_ns = int(host.cpu_seconds(pid) * 1e9)
+    if record.cgroup:
+        cg = HostCgroup(record.cgroup)
+        if cg.exists():
+            u = cg.usage()
+            return VmUsage(
+                time.time_ns(), cpu_ns, u.memory_usage_bytes, u.memory_working_set_bytes, f"cgroup {record.cgroup}"
+            )
+    mem = host.vmm_memory(pid, record.memory_mib * MIB)
+    return VmUsage(time.time_ns(), cpu_ns, mem.rss, mem.rss, f"process {pid}")
