@@ -1,4 +1,4 @@
-"""The ``kvmsandbox`` command: doctor, guest image, demo."""
+"""The ``kvmsandbox`` command: serve, doctor, guest image, demo, overhead."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmsandbox import __version__
 from kvmsandbox.config import Config, load_config
-from kvmsandbox.errors import KvmSandboxError
+from kvmsandbox.errors import InvalidArgument, KvmSandboxError
+
+if TYPE_CHECKING:
+    from kvmsandbox.overhead.model import Measurement
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -54,6 +58,84 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, ready=ready)
 
 
+def cmd_overhead_measure(args: argparse.Namespace) -> int:
+    from kvmsandbox.overhead.measure import measure_node
+    from kvmsandbox.overhead.report import render_measurement
+    from kvmsandbox.runtime import open_manager
+    from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
+
+    config = _config(args)
+    if args.samples < 1:
+        raise InvalidArgument("--samples must be at least 1")
+    margin = config.overhead.margin_percent if args.margin is None else args.margin
+    if margin < 0:
+        raise InvalidArgument("--margin must not be negative")
+    manager = open_manager(config, args.backend)
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{elapsed(start):>7}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        layer = make_busybox_rootfs(config.cache_dir / "overhead-busybox-rootfs")
+        m = measure_node(manager, layer, args.samples, margin_percent=margin, progress=progress)
+    finally:
+        manager.close()
+    print(render_measurement(m))
+    m.save(config.measurement_file)
+    print(f"\nwritten to {config.measurement_file} (read by the runtime for sizing and checks)")
+    if args.json:
+        m.save(Path(args.json))
+        print(f"written to {args.json}")
+    return 0
+
+
+def _measurement_from(args: argparse.Namespace, config: Config) -> Measurement:
+    from kvmsandbox.overhead.model import load_measurement
+
+    return load_measurement(Path(args.from_file) if args.from_file else config.measurement_file)
+
+
+def cmd_overhead_runtimeclass(args: argparse.Namespace) -> int:
+    from kvmsandbox.overhead.runtimeclass import runtime_class_yaml
+
+    config = _config(args)
+    m = _measurement_from(args, config)
+    handler = args.handler or config.runtime_handlers[0]
+    c = m.conditions
+    comment = (
+        f"Pod overhead measured by kvmsandbox on {c.get('measured_at', '?')}: {plural(len(m.samples), 'pod')}, "
+        f"accel {c.get('accel', '?')}, highest observed {m.observed_memory_bytes / 2**20:.1f} MiB and "
+        f"{m.observed_cpu_millicores:.1f}m, plus a {m.margin_percent:g}% margin."
+    )
+    print(
+        runtime_class_yaml(
+            handler,
+            m.recommended_memory_bytes,
+            m.recommended_cpu_millicores,
+            config.overhead.node_selector,
+            comment=comment,
+            source=(
+                f"measured {c.get('measured_at', '?')}, {plural(len(m.samples), 'sample')}, accel {c.get('accel', '?')}"
+            ),
+        ),
+        end="",
+    )
+    return 0
+
+
+def cmd_overhead_simulate(args: argparse.Namespace) -> int:
+    from kvmsandbox.overhead.simulate import render_text, run_simulation
+
+    config = _config(args)
+    m = _measurement_from(args, config)
+    out = Path(args.out)
+    result = run_simulation(args.node_memory, args.node_cpu, Path(args.pods), m, out)
+    print(render_text(result))
+    print(f"\nwritten {out / 'simulation.md'} and {out / 'simulation.png'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvmsandbox", description="A container runtime that runs every pod in its own VM."
@@ -81,6 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the sandbox running")
     p.set_defaults(func=cmd_demo)
 
+    ov = sub.add_parser("overhead", help="measure what a VM pod costs; RuntimeClass; scheduling experiment")
+    ov_sub = ov.add_subparsers(dest="overhead_command", required=True)
+    p = ov_sub.add_parser("measure", help="boot N sandboxes with an idle container each and measure them")
+    p.add_argument("--samples", type=int, default=3, help="sandboxes to boot (default 3)")
+    p.add_argument("--json", help="also write the measurement to this file")
+    p.add_argument("--margin", type=float, help="percent added to the highest observed (default from config)")
+    p.add_argument("--backend", choices=["libvirt", "qemu"], help="override the configured hypervisor backend")
+    p.set_defaults(func=cmd_overhead_measure)
+    p = ov_sub.add_parser("runtimeclass", help="print a RuntimeClass with the measured overhead.podFixed")
+    p.add_argument("--handler", help="RuntimeClass handler (default: the first configured runtime handler)")
+    p.add_argument("--from", dest="from_file", help="measurement file (default: this node's)")
+    p.set_defaults(func=cmd_overhead_runtimeclass)
+    p = ov_sub.add_parser("simulate", help="pack a workload with no, Kata's and the measured overhead")
+    p.add_argument("--node-memory", required=True, help="node memory, e.g. 24Gi")
+    p.add_argument("--node-cpu", required=True, help="node CPUs, e.g. 2 or 1500m")
+    p.add_argument("--pods", required=True, help="workload YAML (see examples/overhead/pods.yaml)")
+    p.add_argument("--from", dest="from_file", help="measurement file (default: this node's)")
+    p.add_argument("--out", default="simulation", help="directory for simulation.md and simulation.png")
+    p.set_defaults(func=cmd_overhead_simulate)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
@@ -104,6 +206,10 @@ def tool_version(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unknown ({e})"
     return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def elapsed(start: float) -> str:

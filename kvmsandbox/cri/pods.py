@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import secrets
+from dataclasses import asdict
+from typing import Any
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
-from kvmsandbox.cri.state import CriState, container_status, labels_match, pod_sandbox
-from kvmsandbox.errors import InvalidArgument, NotFound
+from kvmsandbox.cri.state import CriState, container_status, labels_match, pod_resources, pod_sandbox
+from kvmsandbox.errors import InvalidArgument, KvmSandboxError, NotFound
+from kvmsandbox.overhead import measure
+from kvmsandbox.overhead.sizing import PodResources
+from kvmsandbox.sandbox.store import SandboxRecord
+
+log = logging.getLogger(__name__)
 
 
 def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
@@ -28,8 +37,14 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
     if config.linux.security_context.namespace_options.network == cri.NODE:
         raise InvalidArgument("host network pods cannot run in kvmsandbox: a VM cannot share the host's network")
     dns = config.dns_config
+    linux = config.linux
+    size = state.overhead.size(pod_resources(linux.resources), os.cpu_count() or 1)
+    declared = pod_resources(linux.overhead)
     record = state.manager.create_sandbox(
         secrets.token_hex(32),
+        vcpus=size.vcpus,
+        memory_mib=size.memory_mib,
+        cgroup_parent=linux.cgroup_parent,
         hostname=config.hostname or md.name,
         dns=pb.DNSConfig(servers=dns.servers, searches=dns.searches, options=dns.options),
         labels=dict(config.labels),
@@ -38,9 +53,47 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             "annotations": dict(config.annotations),
             "log_directory": config.log_directory,
             "runtime_handler": handler,
+            "sizing": size.reason,
+            "declared_overhead": asdict(declared),
         },
     )
+    checked = state.overhead.check(declared, record.overhead_at_boot)
+    if checked is not None and checked[0].warning:
+        log.warning("pod %s/%s (sandbox %s): %s", md.namespace, md.name, record.id, checked[0].warning)
     return cri.RunPodSandboxResponse(pod_sandbox_id=record.id)
+
+
+def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
+    """The pod's overhead: declared, measured (node or at boot), the warning, and the live figures."""
+    declared = PodResources(**record.extra.get("declared_overhead", {}))
+    out: dict[str, Any] = {
+        "declared": {"memory_bytes": declared.memory_limit_in_bytes, "cpu_millicores": declared.cpu_millicores},
+        "at_boot_bytes": record.overhead_at_boot,
+        "vmm_cgroup": record.cgroup,
+        "sizing": record.extra.get("sizing", ""),
+    }
+    checked = state.overhead.check(declared, record.overhead_at_boot)
+    if checked is not None:
+        check, source = checked
+        out["measured"] = {
+            "memory_bytes": check.measured_memory_bytes,
+            "cpu_millicores": round(check.measured_cpu_millicores, 1),
+            "source": source,
+        }
+        if check.warning:
+            out["warning"] = check.warning
+    if record.state == "ready":
+        try:
+            out["now_bytes"] = measure.snapshot(state.manager, record).memory
+            usage = measure.vm_usage(state.manager, record)
+            out["vm"] = {
+                "memory_working_set_bytes": usage.memory_working_set_bytes,
+                "cpu_usage_ns": usage.cpu_usage_ns,
+                "source": usage.source,
+            }
+        except KvmSandboxError as e:
+            out["now_error"] = str(e)
+    return out
 
 
 def stop(state: CriState, req: cri.StopPodSandboxRequest) -> cri.StopPodSandboxResponse:
@@ -86,6 +139,7 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
                 "vcpus": record.vcpus,
                 "memory_mib": record.memory_mib,
                 "console_log": str(state.manager.console_log(record.id)),
+                "overhead": overhead_info(state, record),
             }
         )
     return cri.PodSandboxStatusResponse(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from kvmsandbox import __version__
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState
+from kvmsandbox.overhead.sizing import PodResources
 
 RUNTIME_NAME = "kvmsandbox"
 API_VERSION = "v1"
@@ -40,9 +42,41 @@ def status(state: CriState, req: cri.StatusRequest) -> cri.StatusResponse:
                 "guest_image": {"key": m.image.key, "kernel": m.image.kernel_version, "rootfs": str(m.image.rootfs)},
                 "runtime_handlers": state.config.runtime_handlers,
                 "pod_cidr": state.pod_cidr,
+                "overhead": node_overhead_info(state),
             }
         )
     return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
+
+
+def node_overhead_info(state: CriState) -> dict[str, Any]:
+    """The node's measurement and every pod whose declared overhead is below it."""
+    node = state.overhead
+    m = node.measurement()
+    out: dict[str, Any] = {
+        "measurement_file": str(node.path),
+        "vmm_cgroup": state.config.overhead.vmm_cgroup,
+        "host_cgroups": state.manager.cgroups_reason,
+        "guest_memory_bytes_for_sizing": node.guest_memory_bytes(),
+    }
+    if m is None:
+        out["problem"] = node.problem
+    else:
+        out["observed"] = {"memory_bytes": m.observed_memory_bytes, "cpu_millicores": m.observed_cpu_millicores}
+        out["recommended_pod_fixed"] = {
+            "memory_bytes": m.recommended_memory_bytes,
+            "cpu_millicores": m.recommended_cpu_millicores,
+        }
+        out["conditions"] = m.conditions
+    warnings = []
+    for record in state.manager.list_sandboxes():
+        if record.state != "ready":
+            continue
+        declared = PodResources(**record.extra.get("declared_overhead", {}))
+        checked = node.check(declared, record.overhead_at_boot)
+        if checked is not None and checked[0].warning:
+            warnings.append({"pod_sandbox_id": record.id, "warning": checked[0].warning})
+    out["pods_declaring_too_little"] = warnings
+    return out
 
 
 def runtime_config(state: CriState, req: cri.RuntimeConfigRequest) -> cri.RuntimeConfigResponse:

@@ -3,13 +3,15 @@ translation of the runtime's records into CRI messages."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.errors import NotFound
 from kvmsandbox.image import ImageStore
+from kvmsandbox.overhead.node import NodeOverhead
+from kvmsandbox.overhead.sizing import PodResources
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord
 
@@ -23,6 +25,10 @@ class CriState:
     manager: SandboxManager
     images: ImageStore
     pod_cidr: str = ""
+    overhead: NodeOverhead = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.overhead = NodeOverhead(self.config)
 
     def find_container(self, container_id: str) -> tuple[SandboxRecord, ContainerRecord]:
         """The container with that id and its sandbox.
@@ -35,6 +41,15 @@ class CriState:
             if c is not None:
                 return record, c
         raise NotFound(f"container {container_id} not found")
+
+
+def pod_resources(r: cri.LinuxContainerResources) -> PodResources:
+    return PodResources(
+        cpu_period=r.cpu_period,
+        cpu_quota=r.cpu_quota,
+        cpu_shares=r.cpu_shares,
+        memory_limit_in_bytes=r.memory_limit_in_bytes,
+    )
 
 
 def labels_match(labels: dict[str, str], selector: Any) -> bool:
