@@ -80,11 +80,11 @@ def main() -> int:
         f"median {statistics.median(totals):.1f}, max {max(totals):.1f} MiB "
         f"(max - min = {max(totals) - min(totals):.1f} MiB, margin added {mem - max(totals):.1f} MiB)"
     )
-    print(f"\n  {'podFixed':<40} {'memory':>8} {'cpu':>6} {'memory vs measured':>20}")
-    print(f"  {'kvmsandbox, measured here':<40} {mem:>6.0f}Mi {cpu:>5}m {'1.00':>20}")
+    print(f"\n  {'podFixed':<40} {'memory':>8} {'cpu':>6} {'/ measured':>11}  against the highest pod")
+    print(f"  {'kvmsandbox, measured here':<40} {mem:>6.0f}Mi {cpu:>5}m {1:>11.2f}  covers it")
     for name, kata_mem, kata_cpu in KATA:
         verdict = "covers it" if kata_mem >= max(totals) else "BELOW what a pod costs"
-        print(f"  {name:<40} {kata_mem:>6}Mi {kata_cpu:>5}m {kata_mem / mem:>10.2f} {verdict:>9}")
+        print(f"  {name:<40} {kata_mem:>6}Mi {kata_cpu:>5}m {kata_mem / mem:>11.2f}  {verdict}")
     tcg = m.memory_spread("vmm_tcg_cache").max / MIB
     if tcg:
         print(
