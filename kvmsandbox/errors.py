@@ -53,6 +53,11 @@ class HypervisorError(KvmSandboxError):
     """Booting, inspecting or destroying a VM failed; the message carries the VMM's words."""
 
 
+class NetworkError(KvmSandboxError):
+    """A pod network could not be set up or torn down (namespace, CNI config or plugin); the
+    message carries the plugin's own words."""
+
+
 class GuestImageError(KvmSandboxError):
     """The guest image could not be built or is incomplete."""
 
