@@ -1,12 +1,14 @@
-"""Sandbox-wide guest setup: hostname, DNS and hosts files, shared storages."""
+"""Sandbox-wide guest setup: hostname, network, DNS and hosts files, shared storages."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
+from kvmsandbox.agent.guest.network import configure_network
 from kvmsandbox.agent.linux import MNT_DETACH, mount, umount
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
@@ -24,9 +26,22 @@ def resolv_conf(dns: pb.DNSConfig) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def hosts_file(hostname: str, extra: list[pb.HostEntry]) -> str:
+def pod_ip(interfaces: Sequence[pb.Interface]) -> str:
+    """The first address of the first interface, without its prefix length ("" without one)."""
+    if not interfaces or not interfaces[0].addresses:
+        return ""
+    return interfaces[0].addresses[0].partition("/")[0]
+
+
+def hosts_file(hostname: str, extra: list[pb.HostEntry], ip: str = "") -> str:
+    """/etc/hosts text: localhost, the hostname on the pod IP (on 127.0.1.1 without one), then the
+    pod's host aliases."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    if hostname:
+    # As the kubelet's managed hosts file: the hostname on the pod IP, or on 127.0.1.1 without one
+    # (both would let a resolver prefer the loopback address).
+    if hostname and ip:
+        lines.append(f"{ip}\t{hostname}")
+    elif hostname:
         lines.append(f"127.0.1.1\t{hostname}")
     lines += [f"{e.ip}\t{' '.join(e.names)}" for e in extra]
     return "\n".join(lines) + "\n"
@@ -40,10 +55,11 @@ class SandboxSetup:
         self.sandbox_id = ""
 
     def create(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
-        """Sets the hostname, writes the files containers get, mounts the storages.
+        """Sets the hostname, configures the network, writes the files containers get, mounts the storages.
 
         Raises:
-            InvalidArgument: a storage is malformed. AgentFault: a mount failed.
+            InvalidArgument: a storage, interface or route is malformed. AgentFault: a NIC is
+            missing, an ``ip`` command or a mount failed.
         """
         self.sandbox_id = req.sandbox_id
         SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
@@ -52,13 +68,15 @@ class SandboxSetup:
             socket.sethostname(hostname)
         except OSError as e:
             raise AgentFault(f"cannot set hostname {hostname!r}: {e}") from None
+        if req.interfaces:
+            configure_network(req.interfaces, req.routes)
         paths = {
             "hostname": SANDBOX_DIR / "hostname",
             "hosts": SANDBOX_DIR / "hosts",
             "resolv.conf": SANDBOX_DIR / "resolv.conf",
         }
         paths["hostname"].write_text(hostname + "\n")
-        paths["hosts"].write_text(hosts_file(hostname, list(req.hosts)))
+        paths["hosts"].write_text(hosts_file(hostname, list(req.hosts), pod_ip(req.interfaces)))
         paths["resolv.conf"].write_text(resolv_conf(req.dns))
         for storage in req.storages:
             self._mount_storage(storage)

@@ -385,6 +385,72 @@ class HostEntry(_message.Message):
 Global___HostEntry: _TypeAlias = HostEntry  # noqa: Y015
 
 @_typing.final
+class Interface(_message.Message):
+    """A network interface of the guest, found by its MAC address (the host gives the guest NIC the MAC
+    of the pod's CNI interface, so neighbours on the pod network see one address).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name it gets in the guest, e.g. "eth0"."""
+    mac: _builtins.str
+    """"aa:bb:cc:dd:ee:ff", lower case."""
+    mtu: _builtins.int
+    """0 keeps the guest's default."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses with their prefix length, e.g. "10.88.0.5/16" or "fd00::5/64"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        mac: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        mtu: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "mac", b"mac", "mtu", b"mtu", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interface: _TypeAlias = Interface  # noqa: Y015
+
+@_typing.final
+class Route(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """A prefix, e.g. "0.0.0.0/0" or "10.96.0.0/12"."""
+    gateway: _builtins.str
+    """Empty for a route on the link."""
+    interface: _builtins.str
+    """The guest interface name; empty: the first interface."""
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        gateway: _builtins.str = ...,
+        interface: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "gateway", b"gateway", "interface", b"interface"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
 class CreateSandboxRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -393,6 +459,8 @@ class CreateSandboxRequest(_message.Message):
     DNS_FIELD_NUMBER: _builtins.int
     STORAGES_FIELD_NUMBER: _builtins.int
     HOSTS_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     hostname: _builtins.str
     @_builtins.property
@@ -401,6 +469,12 @@ class CreateSandboxRequest(_message.Message):
     def storages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Storage]: ...
     @_builtins.property
     def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostEntry]: ...
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interface]:
+        """Configured (up, addresses, MTU, then routes) before the sandbox is reported ready."""
+
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
     def __init__(
         self,
         *,
@@ -409,10 +483,12 @@ class CreateSandboxRequest(_message.Message):
         dns: Global___DNSConfig | None = ...,
         storages: _abc.Iterable[Global___Storage] | None = ...,
         hosts: _abc.Iterable[Global___HostEntry] | None = ...,
+        interfaces: _abc.Iterable[Global___Interface] | None = ...,
+        routes: _abc.Iterable[Global___Route] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "sandbox_id", b"sandbox_id", "storages", b"storages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "interfaces", b"interfaces", "routes", b"routes", "sandbox_id", b"sandbox_id", "storages", b"storages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
