@@ -76,6 +76,16 @@ class OverheadConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    # CNI network configs: the lexically first *.conflist, *.conf or *.json of the first dir that
+    # has one is the pod network (as containerd and CRI-O choose).
+    cni_conf_dirs: list[Path] = field(default_factory=lambda: [Path("/etc/cni/net.d")])
+    # Where plugin binaries are looked up, in order (Debian's containernetworking-plugins installs
+    # them in /usr/lib/cni).
+    cni_bin_dirs: list[Path] = field(default_factory=lambda: [Path("/opt/cni/bin"), Path("/usr/lib/cni")])
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     # Registry host -> endpoints tried in order before the registry itself, e.g.
     # {"registry.k8s.io": ["http://127.0.0.1:5000"]} (as containerd's hosts.toml or CRI-O's
@@ -101,10 +111,16 @@ class Config:
     sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     overhead: OverheadConfig = field(default_factory=OverheadConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
     def image_dir(self) -> Path:
         return self.state_dir / "images"
+
+    @property
+    def cni_cache_dir(self) -> Path:
+        """CNI results of running pods, needed for their DEL."""
+        return self.state_dir / "cni"
 
     @property
     def measurement_file(self) -> Path:

@@ -73,6 +73,15 @@ def domain_xml(spec: VMSpec) -> str:
         vsock = ET.SubElement(devices, "vsock", model="virtio")
         ET.SubElement(vsock, "cid", auto="no", address=str(spec.agent.guest_cid))
 
+    if spec.nic is not None:
+        # managed='no': libvirt opens the tap the runtime made instead of creating one.
+        iface = ET.SubElement(devices, "interface", type="ethernet")
+        ET.SubElement(iface, "mac", address=spec.nic.mac)
+        ET.SubElement(iface, "target", dev=spec.nic.tap, managed="no")
+        ET.SubElement(iface, "model", type="virtio")
+        if spec.nic.mtu:
+            ET.SubElement(iface, "mtu", size=str(spec.nic.mtu))
+
     # The guest's first getrandom() (Python's hash seed) stalls about a second under TCG without it.
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
@@ -124,6 +133,12 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
         ]  # fmt: skip
     elif spec.agent is not None:
         argv += ["-device", f"vhost-vsock-pci,id=vsock,guest-cid={spec.agent.guest_cid}"]
+    if spec.nic is not None:
+        mtu = f",host_mtu={spec.nic.mtu}" if spec.nic.mtu else ""
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={spec.nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={spec.nic.mac}{mtu}",
+        ]  # fmt: skip
     argv += [
         "-chardev", f"socket,id=qmp,path={_val(spec.run_dir / QMP_SOCKET_NAME)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

@@ -34,6 +34,25 @@ MIN_MEMORY_MIB = 64
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC backed by an existing tap device on the host, opened by name when QEMU starts
+    (the runtime may move the tap into the pod's network namespace afterwards; QEMU keeps its fd)."""
+
+    tap: str
+    mac: str
+    mtu: int = 0
+
+    def __post_init__(self) -> None:
+        """Raises InvalidArgument for an unusable tap name or MAC."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
+            raise InvalidArgument(f"tap device name {self.tap!r} must be 1-15 letters, digits, '_', '.', '-'")
+        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", self.mac):
+            raise InvalidArgument(f"MAC address {self.mac!r} must be six lower-case hex pairs separated by ':'")
+        if self.mtu and not 68 <= self.mtu <= 65535:
+            raise InvalidArgument(f"MTU {self.mtu} is outside 68-65535")
+
+
+@dataclass(frozen=True)
 class AgentChannel:
     """How the host reaches the in-guest agent.
 
@@ -84,6 +103,8 @@ class VMSpec:
     """Per-VM directory for sockets; short, because unix socket paths must fit in 107 bytes."""
     tb_cache_mib: int = 128
     """TCG translation cache cap; QEMU's default of 1 GiB inflates each VM's RSS."""
+    nic: Nic | None = None
+    """The pod's network interface; None: the guest has only loopback."""
     cgroup_procs: tuple[Path, ...] = ()
     """``cgroup.procs`` files of the host cgroup the VMM is accounted in. Recent kernels no longer
     move memory charges with a process, so the VMM joins the cgroup before it touches memory."""

@@ -33,6 +33,8 @@ from kvmsandbox.errors import (
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.accel import detect_accel
 from kvmsandbox.hypervisor.spec import AgentChannel, Hypervisor, VMSpec
+from kvmsandbox.network.cni import PortMapping
+from kvmsandbox.network.pod import PodNetwork, PodNetworking
 from kvmsandbox.overhead import measure
 from kvmsandbox.overhead.cgroups import HostCgroup, cgroups_available
 from kvmsandbox.sandbox import oci_spec, rootfs
@@ -74,6 +76,14 @@ class HostMount:
     host_path: Path
     container_path: str
     readonly: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    """What a pod asks of its network: port mappings (CNI portmap) and CNI_ARGS (pod name...)."""
+
+    port_mappings: list[PortMapping]
+    args: dict[str, str]
 
 
 @dataclass
@@ -197,6 +207,7 @@ class SandboxManager:
         self._logs: dict[tuple[str, str], CriLogWriter] = {}
         self._pumps: dict[tuple[str, str], _OutputPump] = {}
         self.boot_timings: dict[str, BootTimings] = {}
+        self.networking = PodNetworking(config)
         self._cgroups_ok, self.cgroups_reason = cgroups_available()
         if not self._cgroups_ok:
             log.warning("VMMs are not placed in host cgroups: %s", self.cgroups_reason)
@@ -230,13 +241,16 @@ class SandboxManager:
         labels: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
         cgroup_parent: str = "",
+        network: NetworkRequest | None = None,
         cmdline_extra: tuple[str, ...] = (),
         ready_timeout: float | None = None,
     ) -> SandboxRecord:
         """Boots a VM, waits for its agent and sets the sandbox up in the guest.
 
         The VMM is accounted in a host cgroup: below ``cgroup_parent`` (the pod's cgroup) or below
-        the overhead cgroup, as ``overhead.vmm_cgroup`` in the config says.
+        the overhead cgroup, as ``overhead.vmm_cgroup`` in the config says. With ``network`` the
+        pod gets a network namespace, a CNI interface and a guest NIC joined to it; without, the
+        guest has only loopback.
 
         On any failure everything created so far is released before the error is raised; a guest
         that does not answer gives DeadlineExceeded naming the sandbox, with its console tail.
@@ -261,7 +275,9 @@ class SandboxManager:
                 cgroup=self._cgroup_path(sandbox_id, cgroup_parent),
             )
             try:
-                self._boot(record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns)
+                self._boot(
+                    record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns, network
+                )
             except BaseException:
                 self._teardown(record.id, record.vm_name, record)
                 raise
@@ -291,6 +307,7 @@ class SandboxManager:
         cmdline_extra: tuple[str, ...],
         ready_timeout: float,
         dns: pb.DNSConfig | None,
+        network: NetworkRequest | None,
     ) -> None:
         sdir = self.sandbox_dir(record.id)
         run_dir = self.run_dir(record.id)
@@ -306,6 +323,14 @@ class SandboxManager:
             record.agent_socket = str(run_dir / "agent.sock")
             channel = AgentChannel(transport="virtio-serial", socket_path=Path(record.agent_socket), guest_cid=None)
         self.store.save(record)
+        pod_net = None
+        if network is not None:
+            # Recorded (by name) before anything is made, so a teardown after any failure finds it.
+            record.network = {"pending": True}
+            self.store.save(record)
+            pod_net = self.networking.setup(record.id, network.port_mappings, network.args)
+            record.network = pod_net.to_json()
+            self.store.save(record)
         spec = VMSpec(
             name=record.vm_name,
             vcpus=record.vcpus,
@@ -321,11 +346,14 @@ class SandboxManager:
             run_dir=run_dir,
             tb_cache_mib=self.config.hypervisor.tb_cache_mib,
             cgroup_procs=self._vmm_cgroup(record),
+            nic=pod_net.nic() if pod_net else None,
         )
         started = time.monotonic()
         timings = self.boot_timings[record.id] = BootTimings()
         self.hypervisor.boot(spec)
         timings.vmm_started = time.monotonic() - started
+        if pod_net is not None:
+            self.networking.attach(pod_net)
         client = self._client(record)
 
         def alive() -> bool:
@@ -347,6 +375,8 @@ class SandboxManager:
                 hostname=record.hostname,
                 dns=dns or pb.DNSConfig(),
                 storages=[pb.Storage(driver="9p", source=SHARE_TAG, mount_point=GUEST_SHARE)],
+                interfaces=pod_net.guest_interfaces() if pod_net else [],
+                routes=pod_net.guest_routes() if pod_net else [],
             )
         )
         record.guest_files = {
@@ -566,15 +596,24 @@ class SandboxManager:
             raise FailedPrecondition(f"container {container_id} has no open log")
         writer.reopen()
 
-    def _release_vm(self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None) -> None:
-        """Destroys the VM, removes its host cgroup (the caller saves ``record``) and drops the
-        client, the output pumps and the log writers."""
+    def _release_vm(
+        self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None, *, remove_netns: bool = False
+    ) -> None:
+        """Destroys the VM, releases its network (CNI DEL; the namespace too with ``remove_netns``),
+        removes its host cgroup (the caller saves ``record``) and drops the client, the output
+        pumps and the log writers."""
         with self._lock:
             client = self._clients.pop(sandbox_id, None)
             keys = [k for k in self._pumps if k[0] == sandbox_id]
             pumps = [self._pumps.pop(k) for k in keys]
             writers = [self._logs.pop(k) for k in list(self._logs) if k[0] == sandbox_id]
         self.hypervisor.destroy(vm_name)
+        if record is not None and (record.network or remove_netns):
+            pod_net = PodNetwork.from_json(record.network) if "netns" in record.network else None
+            try:
+                self.networking.teardown(sandbox_id, pod_net, remove_netns=remove_netns)
+            except KvmSandboxError as e:
+                log.warning("sandbox %s: its network was not fully released: %s", sandbox_id, e)
         if record is not None and record.cgroup:
             try:
                 HostCgroup(record.cgroup).remove(record.cgroup_created)
@@ -589,7 +628,7 @@ class SandboxManager:
             w.close()
 
     def _teardown(self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None) -> None:
-        self._release_vm(sandbox_id, vm_name, record)
+        self._release_vm(sandbox_id, vm_name, record, remove_netns=record is not None and bool(record.network))
         rootfs.remove_tree(self.sandbox_dir(sandbox_id))
         shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
         self.boot_timings.pop(sandbox_id, None)

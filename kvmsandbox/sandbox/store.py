@@ -68,6 +68,8 @@ class SandboxRecord:
     # for it (removed with the VM).
     cgroup: str = ""
     cgroup_created: list[str] = field(default_factory=list)
+    # The pod network (kvmsandbox.network.pod.PodNetwork.to_json()); {} for a sandbox without one.
+    network: dict[str, Any] = field(default_factory=dict)
     # What the sandbox cost right after boot (kvmsandbox.overhead.measure.snapshot), bytes.
     overhead_at_boot: dict[str, int] = field(default_factory=dict)
     # Kept for the CRI layer, opaque here: metadata, annotations, log directory, handler...

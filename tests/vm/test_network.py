@@ -1,0 +1,66 @@
+"""A pod network on both backends: the guest NIC gets the CNI address, the host reaches it, and
+removal leaves no namespace, tap or lease."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmsandbox.config import NetworkConfig
+from kvmsandbox.sandbox.manager import NetworkRequest, SandboxManager
+from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from tests.cri.conftest import write_cni_config
+
+pytestmark = pytest.mark.vm
+# Apart from the CRI tests' network: their pods may still run while these do.
+BRIDGE = "kvsbtest1"
+SUBNET = "10.78.1.0/24"
+
+
+@pytest.fixture
+def net_manager(manager: SandboxManager, tmp_path: Path) -> Iterator[SandboxManager]:
+    """The session's manager (same hypervisor and guest image) with a pod network of its own."""
+    conf = write_cni_config(tmp_path / "net.d", tmp_path / "ipam", BRIDGE, SUBNET)
+    config = dataclasses.replace(
+        manager.config, state_dir=tmp_path / "state", network=NetworkConfig(cni_conf_dirs=[conf])
+    )
+    m = SandboxManager(config, manager.hypervisor, manager.image)
+    yield m
+    for record in m.list_sandboxes():
+        m.destroy_sandbox(record.id)
+    m.close()
+    subprocess.run(["ip", "link", "del", "dev", BRIDGE], capture_output=True, check=False)
+
+
+def test_a_pod_gets_its_cni_address_in_the_guest_and_leaves_nothing(
+    net_manager: SandboxManager, busybox_layer: Path, tmp_path: Path
+) -> None:
+    m = net_manager
+    record = m.create_sandbox(hostname="net-vm", network=NetworkRequest(port_mappings=[], args={}))
+    address = record.network["addresses"][0]
+    ip = address.split("/")[0]
+    c = m.create_container(record.id, lower_dirs=[busybox_layer], process=ProcessSpec(args=["sleep", "600"]))
+    m.start_container(record.id, c.id)
+    out = m.exec_sync(record.id, c.id, ["ip", "-o", "addr", "show", "eth0"])
+    assert f"inet {address}" in out.stdout.decode()
+    route = m.exec_sync(record.id, c.id, ["ip", "route"]).stdout.decode()
+    assert route.startswith("default via ")
+    ping = subprocess.run(["busybox", "ping", "-c", "2", "-W", "5", ip], capture_output=True, text=True)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    hosts = m.exec_sync(record.id, c.id, ["cat", "/etc/hosts"]).stdout.decode()
+    assert f"{ip}\tnet-vm" in hosts
+
+    netns, tap = record.network["netns"], record.network["tap"]
+    # The node's config changes under a running pod: its DEL still runs with the config it was
+    # added with.
+    for f in (tmp_path / "net.d").iterdir():
+        f.write_text("{ broken")
+    m.destroy_sandbox(record.id)
+    assert not Path("/run/netns", netns).exists()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert tap not in links
+    assert not [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip]
