@@ -8,11 +8,11 @@ KVMSANDBOX := $(VENV)/bin/kvmsandbox
 
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev \
 	pkg-config gcc mmdebstrap busybox-static e2fsprogs erofs-utils cpio kmod docker-registry skopeo umoci \
-	zstd openssl
+	zstd openssl containernetworking-plugins iproute2 iptables
 
-.PHONY: setup apt venv guest-image proto lint typecheck unit test run doctor clean
+.PHONY: setup apt cni venv guest-image proto lint typecheck unit test run doctor clean
 
-setup: apt venv guest-image
+setup: apt cni venv guest-image
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -23,6 +23,14 @@ apt:
 	@# The embedded libvirt driver refuses to start without the user its QEMU would run as, which only
 	@# libvirt-daemon-system (and with it systemd) would create.
 	@getent passwd libvirt-qemu >/dev/null || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+
+# A single-node bridge network for pods, unless the node already has a CNI config.
+cni: apt
+	@mkdir -p /etc/cni/net.d
+	@if ! ls /etc/cni/net.d/*.conflist /etc/cni/net.d/*.conf /etc/cni/net.d/*.json >/dev/null 2>&1; then \
+		install -m 644 images/cni/10-kvmsandbox.conflist /etc/cni/net.d/10-kvmsandbox.conflist; \
+		echo "installed the default pod network /etc/cni/net.d/10-kvmsandbox.conflist (bridge kvsb0, 10.77.0.0/16)"; \
+	fi
 
 venv: $(VENV)/.installed
 

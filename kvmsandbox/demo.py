@@ -65,7 +65,26 @@ def run_demo(config: Config, *, backend: str | None = None, keep: bool = False) 
 
 
 DEMO_LABEL = {"app": "kvmsandbox-demo"}
-DEMO_POD_SCRIPT = 'echo "hello from a kvmsandbox pod on kernel $(uname -r)"; while true; do date; sleep 5; done'
+DEMO_POD_SCRIPT = (
+    'echo "hello from a kvmsandbox pod on kernel $(uname -r)"; '
+    'mkdir -p /tmp/www && echo "hello from pod $(hostname)" > /tmp/www/index.html && httpd -p 8080 -h /tmp/www; '
+    "while true; do date; sleep 5; done"
+)
+
+
+def _fetch(url: str, timeout: float = 30.0) -> str:
+    """The body at ``url`` (the pod's web server may take a moment to listen)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return str(r.read().decode().strip())
+        except OSError as e:
+            if time.monotonic() > deadline:
+                return f"nothing ({e})"
+            time.sleep(0.5)
 
 
 def run_cri_demo(config: Config, ready: threading.Event) -> None:
@@ -115,7 +134,8 @@ def _cri_demo(config: Config) -> None:
     )
     t0 = time.monotonic()
     pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config), timeout=600).pod_sandbox_id
-    print(f"demo: pod {pod[:12]} ready in {time.monotonic() - t0:.2f}s", flush=True)
+    ip = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status.network.ip
+    print(f"demo: pod {pod[:12]} ready in {time.monotonic() - t0:.2f}s, pod IP {ip}", flush=True)
     container = cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name="hello"),
         image=cri.ImageSpec(image=ref),
@@ -128,6 +148,7 @@ def _cri_demo(config: Config) -> None:
     rt.StartContainer(cri.StartContainerRequest(container_id=cid))
     result = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["uname", "-a"], timeout=60))
     print(f"demo: exec in container {cid[:12]}: {result.stdout.decode().strip()}", flush=True)
+    print(f"demo: from the host, {_fetch(f'http://{ip}:8080/')!r} came back from the pod's web server", flush=True)
     time.sleep(1)
     print(f"demo: its log {log_dir / 'hello.log'} so far:", flush=True)
     for stream, _, line in parse_cri_log((log_dir / "hello.log").read_text()):

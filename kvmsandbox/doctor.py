@@ -58,6 +58,18 @@ def run_doctor(config: Config) -> int:
         problems.append("the guest image is not built: run `kvmsandbox guest-image build`")
     else:
         print(f"guest image:      {image.key[:16]} kernel {image.kernel_version} in {image.rootfs.parent}")
+    from kvmsandbox.network.pod import PodNetworking
+
+    net = PodNetworking(config).status()
+    print(f"pod network:      {net.message}")
+    if not net.ready:
+        problems.append(
+            "pods cannot get a network (NetworkReady false): put a CNI config in "
+            f"{config.network.cni_conf_dirs[0]} (`make setup` installs a single-node bridge)"
+        )
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            problems.append(f"{tool}(8) is missing: install the iproute2 package")
     if not shutil.which("mount"):
         problems.append("mount(8) is missing")
     for p in problems:

@@ -12,10 +12,15 @@ from typing import Any
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState, container_status, labels_match, pod_resources, pod_sandbox
-from kvmsandbox.errors import InvalidArgument, KvmSandboxError, NotFound
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
+from kvmsandbox.network.cni import PortMapping
+from kvmsandbox.network.pod import PodNetwork
 from kvmsandbox.overhead import measure
 from kvmsandbox.overhead.sizing import PodResources
+from kvmsandbox.sandbox.manager import NetworkRequest
 from kvmsandbox.sandbox.store import SandboxRecord
+
+PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,26 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
         raise InvalidArgument("the pod sandbox config needs metadata with name, namespace and uid")
     if config.linux.security_context.namespace_options.network == cri.NODE:
         raise InvalidArgument("host network pods cannot run in kvmsandbox: a VM cannot share the host's network")
+    net = state.manager.networking.status()
+    if not net.ready:
+        raise FailedPrecondition(f"the pod network is not ready: {net.message}")
+    network = NetworkRequest(
+        port_mappings=[
+            PortMapping(
+                host_port=p.host_port,
+                container_port=p.container_port,
+                protocol=PROTOCOLS.get(p.protocol, "tcp"),
+                host_ip=p.host_ip,
+            )
+            for p in config.port_mappings
+            if p.host_port > 0
+        ],
+        args={
+            "K8S_POD_NAMESPACE": md.namespace,
+            "K8S_POD_NAME": md.name,
+            "K8S_POD_UID": md.uid,
+        },
+    )
     dns = config.dns_config
     linux = config.linux
     size = state.overhead.size(pod_resources(linux.resources), os.cpu_count() or 1)
@@ -45,6 +70,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
         vcpus=size.vcpus,
         memory_mib=size.memory_mib,
         cgroup_parent=linux.cgroup_parent,
+        network=network,
         hostname=config.hostname or md.name,
         dns=pb.DNSConfig(servers=dns.servers, searches=dns.searches, options=dns.options),
         labels=dict(config.labels),
@@ -61,6 +87,14 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
     if checked is not None and checked[0].warning:
         log.warning("pod %s/%s (sandbox %s): %s", md.namespace, md.name, record.id, checked[0].warning)
     return cri.RunPodSandboxResponse(pod_sandbox_id=record.id)
+
+
+def network_status(record: SandboxRecord) -> cri.PodSandboxNetworkStatus:
+    """The pod IP (IPv4 first) and the others; empty once the network was released (stopped)."""
+    if "netns" not in record.network or record.state == "stopped":
+        return cri.PodSandboxNetworkStatus(ip="")
+    ips = PodNetwork.from_json(record.network).ips
+    return cri.PodSandboxNetworkStatus(ip=ips[0] if ips else "", additional_ips=[cri.PodIP(ip=ip) for ip in ips[1:]])
 
 
 def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
@@ -123,7 +157,7 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
         metadata=item.metadata,
         state=item.state,
         created_at=item.created_at,
-        network=cri.PodSandboxNetworkStatus(ip=""),
+        network=network_status(record),
         labels=item.labels,
         annotations=item.annotations,
         runtime_handler=item.runtime_handler,
@@ -140,6 +174,7 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
                 "memory_mib": record.memory_mib,
                 "console_log": str(state.manager.console_log(record.id)),
                 "overhead": overhead_info(state, record),
+                "network": record.network,
             }
         )
     return cri.PodSandboxStatusResponse(

@@ -22,14 +22,10 @@ def version(state: CriState, req: cri.VersionRequest) -> cri.VersionResponse:
 
 def status(state: CriState, req: cri.StatusRequest) -> cri.StatusResponse:
     m = state.manager
+    net = m.networking.status()
     conditions = [
         cri.RuntimeCondition(type="RuntimeReady", status=True),
-        cri.RuntimeCondition(
-            type="NetworkReady",
-            status=False,
-            reason="NetworkPluginNotReady",
-            message="kvmsandbox does not set up pod networking (CNI) yet: pods have only a loopback interface",
-        ),
+        cri.RuntimeCondition(type="NetworkReady", status=net.ready, reason=net.reason, message=net.message),
     ]
     info = {}
     if req.verbose:
@@ -42,6 +38,12 @@ def status(state: CriState, req: cri.StatusRequest) -> cri.StatusResponse:
                 "guest_image": {"key": m.image.key, "kernel": m.image.kernel_version, "rootfs": str(m.image.rootfs)},
                 "runtime_handlers": state.config.runtime_handlers,
                 "pod_cidr": state.pod_cidr,
+                "network": {
+                    "ready": net.ready,
+                    "message": net.message,
+                    "cni_conf_dirs": [str(d) for d in state.config.network.cni_conf_dirs],
+                    "cni_bin_dirs": [str(d) for d in state.config.network.cni_bin_dirs],
+                },
                 "overhead": node_overhead_info(state),
             }
         )

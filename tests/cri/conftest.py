@@ -3,6 +3,7 @@ made from the generated stubs, as kubelet and crictl drive it."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def cri_server(
         "socket": str(base / "cri.sock"),
         "runtime_handlers": ["kvmsandbox", "kvmsandbox-alt"],
         "agent": {"ready_timeout_seconds": 240},
+        "network": {"cni_conf_dirs": [str(write_cni_config(work / "net.d", work / "ipam"))]},
     }
     config_path = work / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -106,6 +108,38 @@ def cri_server(
         for pod in server.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
             server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
     server.stop()
+    subprocess.run(["ip", "link", "del", "dev", TEST_BRIDGE], capture_output=True, check=False)
+
+
+# The pods of the CRI tests get their own bridge and subnet (not the node's default network).
+TEST_BRIDGE = "kvsbtest0"
+TEST_SUBNET = "10.78.0.0/24"
+
+
+def write_cni_config(conf_dir: Path, ipam_dir: Path, bridge: str = TEST_BRIDGE, subnet: str = TEST_SUBNET) -> Path:
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    conflist = {
+        "cniVersion": "1.0.0",
+        "name": "kvmsandbox-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": True,
+                "ipMasq": True,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(ipam_dir),
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+    (conf_dir / "10-test.conflist").write_text(json.dumps(conflist, indent=1))
+    return conf_dir
 
 
 @pytest.fixture(scope="session")
