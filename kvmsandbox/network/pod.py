@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,8 @@ class PodNetwork:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PodNetwork:
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @property
     def ips(self) -> list[str]:
@@ -187,7 +188,12 @@ class PodNetworking:
             _ip("tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
             return network
         except BaseException:
-            self.teardown(sandbox_id, None, remove_netns=True)
+            # The error that matters is the one that stopped the setup; a failing undo is logged.
+            try:
+                self.teardown(sandbox_id, None, remove_netns=True)
+            except KvmSandboxError as e:
+                log.warning("sandbox %s: undoing its half-made network failed too: %s", sandbox_id, e)
+                self.forget(sandbox_id)
             raise
 
     def attach(self, network: PodNetwork) -> None:
@@ -207,6 +213,11 @@ class PodNetworking:
                 ns, "filter", "add", "dev", src, "parent", "ffff:", "protocol", "all",
                 "u32", "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", dst,
             )  # fmt: skip
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drops the CNI state cached for a pod that goes away although its DEL failed."""
+        for path in self.config.cni_cache_dir.glob(f"*-{sandbox_id}.json"):
+            path.unlink(missing_ok=True)
 
     def teardown(self, sandbox_id: str, network: PodNetwork | None, *, remove_netns: bool) -> None:
         """CNI DEL (idempotent; also for a half-made network), the host-side tap if it never moved,

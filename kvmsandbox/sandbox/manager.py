@@ -279,7 +279,7 @@ class SandboxManager:
                     record, cmdline_extra, ready_timeout or self.config.agent.ready_timeout_seconds, dns, network
                 )
             except BaseException:
-                self._teardown(record.id, record.vm_name, record)
+                self._teardown(record.id, record.vm_name, record, must_release=False)
                 raise
             return record
 
@@ -297,7 +297,23 @@ class SandboxManager:
         if not record.cgroup:
             return ()
         cg = HostCgroup(record.cgroup)
-        record.cgroup_created = cg.create()
+        for attempt in range(3):
+            try:
+                created = cg.create()
+                break
+            except FailedPrecondition:
+                # Another sandbox's teardown may have removed a parent between our mkdirs.
+                if attempt == 2:
+                    raise
+        # The configured parents are shared by every pod without a cgroup of its own: they stay.
+        oc = self.config.overhead
+        shared: set[str] = set()
+        for parent in (oc.default_cgroup_parent, oc.overhead_cgroup):
+            path = posixpath.normpath("/" + parent.strip("/"))
+            while path != "/":
+                shared.add(path)
+                path = posixpath.dirname(path)
+        record.cgroup_created = [p for p in created if p not in shared]
         self.store.save(record)
         return tuple(cg.procs_files())
 
@@ -460,6 +476,8 @@ class SandboxManager:
         with self._lock_for(sandbox_id):
             record = self.store.load(sandbox_id)
             if record.state == "stopped":
+                if self._release_pending(record):
+                    self._finish_stop(record, self._release_vm(sandbox_id, record.vm_name, record))
                 return
             if record.state == "ready":
                 client = self._client(record)
@@ -471,11 +489,18 @@ class SandboxManager:
                         client.signal_process(c.id, signal.SIGKILL)
                         status = client.wait_process(c.id, "", 10)
                     self._mark_exited(c, status, "sandbox stopped")
-            self._release_vm(sandbox_id, record.vm_name, record)
+            problems = self._release_vm(sandbox_id, record.vm_name, record)
             record.state = "stopped"
             record.stopped_at_ns = time.time_ns()
-            self.store.save(record)
-            log.info("sandbox stopped id=%s vm=%s", sandbox_id, record.vm_name)
+            self._finish_stop(record, problems)
+
+    def _finish_stop(self, record: SandboxRecord, problems: list[str]) -> None:
+        """Saves a stopped sandbox; Unavailable when its network or cgroup is not released yet
+        (stopping again retries, as the kubelet does)."""
+        self.store.save(record)
+        if problems:
+            raise Unavailable(f"sandbox {record.id} is stopped, but {'; '.join(problems)}. Stop it again to retry")
+        log.info("sandbox stopped id=%s vm=%s", record.id, record.vm_name)
 
     @staticmethod
     def _mark_exited(c: ContainerRecord, status: ExitStatus | None, reason: str) -> None:
@@ -498,7 +523,7 @@ class SandboxManager:
             with self._lock_for(record.id):
                 if record.state == "booting":
                     log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
-                    self._teardown(record.id, record.vm_name, record)
+                    self._teardown(record.id, record.vm_name, record, must_release=False)
                     continue
                 if record.state != "ready":
                     continue
@@ -598,37 +623,72 @@ class SandboxManager:
 
     def _release_vm(
         self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None, *, remove_netns: bool = False
-    ) -> None:
+    ) -> list[str]:
         """Destroys the VM, releases its network (CNI DEL; the namespace too with ``remove_netns``),
-        removes its host cgroup (the caller saves ``record``) and drops the client, the output
-        pumps and the log writers."""
+        removes its host cgroup and drops the client, the output pumps and the log writers.
+
+        Returns what could not be released (the caller saves ``record``, which says what is done).
+        """
         with self._lock:
             client = self._clients.pop(sandbox_id, None)
             keys = [k for k in self._pumps if k[0] == sandbox_id]
             pumps = [self._pumps.pop(k) for k in keys]
             writers = [self._logs.pop(k) for k in list(self._logs) if k[0] == sandbox_id]
+        problems: list[str] = []
         self.hypervisor.destroy(vm_name)
-        if record is not None and (record.network or remove_netns):
+        if record is not None and record.network and (remove_netns or not record.network.get("released")):
             pod_net = PodNetwork.from_json(record.network) if "netns" in record.network else None
             try:
                 self.networking.teardown(sandbox_id, pod_net, remove_netns=remove_netns)
+                record.network["released"] = True
             except KvmSandboxError as e:
                 log.warning("sandbox %s: its network was not fully released: %s", sandbox_id, e)
+                record.network["released"] = False
+                problems.append(f"network: {e}")
         if record is not None and record.cgroup:
             try:
                 HostCgroup(record.cgroup).remove(record.cgroup_created)
                 record.cgroup_created = []
             except KvmSandboxError as e:
                 log.warning("sandbox %s: its cgroup %s stays: %s", sandbox_id, record.cgroup, e)
+                problems.append(f"cgroup {record.cgroup}: {e}")
         if client is not None:
             client.close()
         for pump in pumps:
             pump.join(5)
         for w in writers:
             w.close()
+        return problems
 
-    def _teardown(self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None) -> None:
-        self._release_vm(sandbox_id, vm_name, record, remove_netns=record is not None and bool(record.network))
+    @staticmethod
+    def _release_pending(record: SandboxRecord) -> bool:
+        """A stopped sandbox whose network or cgroup could not be released yet."""
+        network = bool(record.network) and not record.network.get("released", False)
+        return network or bool(record.cgroup and HostCgroup(record.cgroup).exists())
+
+    def _teardown(
+        self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None, *, must_release: bool = True
+    ) -> None:
+        """Releases everything and removes the sandbox's files and record.
+
+        With ``must_release`` (RemovePodSandbox) a network or cgroup that could not be released
+        keeps the record, stopped, and raises Unavailable: removing again retries, as the kubelet
+        does. Without (a failed create, recovery), what could not be released is logged, and the
+        cached CNI state goes with the record, since nothing would retry it.
+        """
+        problems = self._release_vm(
+            sandbox_id, vm_name, record, remove_netns=record is not None and bool(record.network)
+        )
+        if problems and must_release and record is not None:
+            if record.state != "stopped":
+                record.state = "stopped"
+                record.stopped_at_ns = time.time_ns()
+            self.store.save(record)
+            raise Unavailable(
+                f"sandbox {sandbox_id} is stopped but not removed: {'; '.join(problems)}. Remove it again to retry"
+            )
+        if problems:
+            self.networking.forget(sandbox_id)
         rootfs.remove_tree(self.sandbox_dir(sandbox_id))
         shutil.rmtree(self.run_dir(sandbox_id), ignore_errors=True)
         self.boot_timings.pop(sandbox_id, None)

@@ -41,6 +41,16 @@ def nat_rules() -> str:
     return subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
 
 
+def filter_rules() -> str:
+    return subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True, check=True).stdout
+
+
+def cni_cache(cri_server: CriServer) -> list[str]:
+    """What the runtime keeps of running pods' CNI ADD (needed for their DEL)."""
+    cache = cri_server.state_dir / "cni"
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
 def leases(ipam_dir: Path) -> list[str]:
     # host-local keeps one file per leased IP (named by the IP) plus its own bookkeeping files.
     return sorted(p.name for p in ipam_dir.rglob("*") if p.is_file() and p.name[0].isdigit())
@@ -132,15 +142,16 @@ def test_pods_reach_each_other_the_host_reaches_them_and_a_port_mapping_works(
         assert "18080" not in nat_rules()
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_a))
         assert rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_a)).status.network.ip == ""
-        for pod in (pod_a, pod_b):
-            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
-            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_a))
+        # Pod B is removed without a stop first: removal releases its network as well.
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_b))
         removed = True
         assert netns_names() == before_ns
         assert tap not in links()
         assert leases(ipam_dir) == before_leases
-        rules = nat_rules()
+        rules = nat_rules() + filter_rules()
         assert pod_a not in rules and pod_b not in rules
+        assert cni_cache(cri_server) == []
     finally:
         if not removed:
             for pod in (pod_a, pod_b):
@@ -197,11 +208,14 @@ def test_a_failing_plugin_fails_the_pod_cleanly(cri_server: CriServer, conf_dir:
     # A subnet host-local refuses: the bridge plugin runs, then its IPAM fails.
     conflist["plugins"][0]["ipam"]["ranges"] = [[{"subnet": "10.78.1.0/33"}]]
     good.write_text(json.dumps(conflist))
-    before_ns, before_links = netns_names(), link_names()
+    ipam_dir = cri_server.config_path.parent / "ipam"
+    before = (netns_names(), link_names(), leases(ipam_dir), cni_cache(cri_server), nat_rules().count("\n"))
     with pytest.raises(grpc.RpcError) as e:
         cri_server.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config("bad-ipam", tmp_path)))
+    # The plugin's own words, not those of the failed undo.
     assert "10.78.1.0/33" in e.value.details()  # type: ignore[attr-defined]
-    assert netns_names() == before_ns
-    assert link_names() == before_links
+    assert "could not add" in e.value.details()  # type: ignore[attr-defined]
+    after = (netns_names(), link_names(), leases(ipam_dir), cni_cache(cri_server), nat_rules().count("\n"))
+    assert after == before
     names = [p.metadata.name for p in cri_server.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items]
     assert "bad-ipam" not in names

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.config import NetworkConfig
+from kvmsandbox.errors import NotFound, Unavailable
+from kvmsandbox.network.pod import PodNetworking
 from kvmsandbox.sandbox.manager import NetworkRequest, SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from tests.cri.conftest import write_cni_config
@@ -64,3 +66,34 @@ def test_a_pod_gets_its_cni_address_in_the_guest_and_leaves_nothing(
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert tap not in links
     assert not [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip]
+
+
+def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
+    net_manager: SandboxManager, tmp_path: Path
+) -> None:
+    m = net_manager
+    record = m.create_sandbox(hostname="net-retry", network=NetworkRequest(port_mappings=[], args={}))
+    ip = record.network["addresses"][0].split("/")[0]
+    working = m.networking
+    # The plugins vanish (a node upgrade in progress): DEL cannot run.
+    m.networking = PodNetworking(
+        dataclasses.replace(
+            m.config, network=dataclasses.replace(m.config.network, cni_bin_dirs=[tmp_path / "no-plugins"])
+        )
+    )
+    with pytest.raises(Unavailable, match="stopped, but network"):
+        m.stop_sandbox(record.id)
+    with pytest.raises(Unavailable, match="not removed"):
+        m.destroy_sandbox(record.id)
+    kept = m.get_sandbox(record.id)
+    assert kept.state == "stopped" and kept.network["released"] is False
+    assert [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip], "the lease is held until DEL runs"
+    # The plugins are back: stopping again releases the network, removing finishes.
+    m.networking = working
+    m.stop_sandbox(record.id)
+    assert m.get_sandbox(record.id).network["released"] is True
+    assert not [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip]
+    m.destroy_sandbox(record.id)
+    assert not Path("/run/netns", record.network["netns"]).exists()
+    with pytest.raises(NotFound):
+        m.get_sandbox(record.id)
