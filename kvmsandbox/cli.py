@@ -106,7 +106,10 @@ def cmd_overhead_runtimeclass(args: argparse.Namespace) -> int:
     comment = (
         f"Pod overhead measured by kvmsandbox on {c.get('measured_at', '?')}: {plural(len(m.samples), 'pod')}, "
         f"accel {c.get('accel', '?')}, highest observed {m.observed_memory_bytes / 2**20:.1f} MiB and "
-        f"{m.observed_cpu_millicores:.1f}m, plus a {m.margin_percent:g}% margin."
+        f"{m.observed_cpu_millicores:.1f}m, plus a {m.margin_percent:g}% margin. A pod's VM is sized from its "
+        "memory limit, and every GiB of it costs the guest 16 MiB of page structs more: the margin covers "
+        f"limits up to {(m.recommended_memory_bytes - m.observed_memory_bytes) * 64 / 2**30:.1f} GiB; "
+        "pods above get a warning."
     )
     print(
         runtime_class_yaml(

@@ -83,7 +83,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             "declared_overhead": asdict(declared),
         },
     )
-    checked = state.overhead.check(declared, record.overhead_at_boot)
+    checked = state.overhead.check(declared, record.overhead_at_boot, record.memory_mib)
     if checked is not None and checked[0].warning:
         log.warning("pod %s/%s (sandbox %s): %s", md.namespace, md.name, record.id, checked[0].warning)
     return cri.RunPodSandboxResponse(pod_sandbox_id=record.id)
@@ -106,7 +106,7 @@ def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
         "vmm_cgroup": record.cgroup,
         "sizing": record.extra.get("sizing", ""),
     }
-    checked = state.overhead.check(declared, record.overhead_at_boot)
+    checked = state.overhead.check(declared, record.overhead_at_boot, record.memory_mib)
     if checked is not None:
         check, source = checked
         out["measured"] = {

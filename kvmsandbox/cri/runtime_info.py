@@ -74,7 +74,7 @@ def node_overhead_info(state: CriState) -> dict[str, Any]:
         if record.state != "ready":
             continue
         declared = PodResources(**record.extra.get("declared_overhead", {}))
-        checked = node.check(declared, record.overhead_at_boot)
+        checked = node.check(declared, record.overhead_at_boot, record.memory_mib)
         if checked is not None and checked[0].warning:
             warnings.append({"pod_sandbox_id": record.id, "warning": checked[0].warning})
     out["pods_declaring_too_little"] = warnings

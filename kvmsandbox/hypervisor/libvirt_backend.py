@@ -195,7 +195,9 @@ def _thread_in_cgroups(procs_files: tuple[Path, ...]) -> Iterator[bool]:
     try:
         for procs in procs_files:
             hierarchy = procs.relative_to(CGROUP_ROOT).parts[0]
-            original = current.get(frozenset(hierarchy.split(",")))
+            # /sys/fs/cgroup/cpu is often a link to the "cpu,cpuacct" mount: key by the real one.
+            mounted = frozenset((CGROUP_ROOT / hierarchy).resolve().name.split(","))
+            original = current.get(mounted)
             if original is None:
                 yield False
                 return

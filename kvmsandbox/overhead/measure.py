@@ -109,12 +109,16 @@ def measure_node(
         raise FailedPrecondition("at least one sample is needed")
     config: Config = manager.config
     pods: list[_Pod] = []
+    # Measured pods get a network as real ones do, when the node has one.
+    from kvmsandbox.sandbox.manager import NetworkRequest
+
+    network = NetworkRequest(port_mappings=[], args={}) if manager.networking.status().ready else None
     try:
         runtime_before = host.process_pss()
         runtime_cpu0 = time.process_time()
         for i in range(samples):
             progress(f"booting sandbox {i + 1}/{samples}")
-            record = manager.create_sandbox(hostname=f"overhead-{i + 1}")
+            record = manager.create_sandbox(hostname=f"overhead-{i + 1}", network=network)
             pod = _Pod(record=record, pid=vmm_pid(manager, record), sample=Sample())
             pods.append(pod)
             progress(f"starting an idle container in sandbox {i + 1}/{samples}")
@@ -147,7 +151,9 @@ def measure_node(
                     "guest_idle": 1000 * (details.guest_cpu_busy_seconds - before.guest_cpu_busy_seconds) / guest_wall,
                 }
             )
-            p.sample.memory.update(guest_memory(details, p.record.memory_mib * MIB))
+            # The guest's own need is taken before any workload: at boot, before the idle container.
+            at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
+            p.sample.memory.update(at_boot or guest_memory(details, p.record.memory_mib * MIB))
             p.sample.memory.update(vmm_memory(manager, p.record))
         accel = pods[0].record.accel
         kernel = start_details[pods[0].record.id].kernel_release
@@ -164,6 +170,7 @@ def measure_node(
             "idle_window_seconds": round(wall, 2),
             "runtime_pss_before_bytes": runtime_before,
             "runtime_cpu_seconds_total": round(time.process_time() - runtime_cpu0, 3),
+            "with_network": network is not None,
             "memory_components": list(MEMORY_COMPONENTS),
             "cpu_components": list(CPU_COMPONENTS),
         }

@@ -11,7 +11,14 @@ from pathlib import Path
 from kvmsandbox.config import Config
 from kvmsandbox.errors import KvmSandboxError
 from kvmsandbox.overhead.model import MEMORY_COMPONENTS, Measurement, load_measurement
-from kvmsandbox.overhead.sizing import OverheadCheck, PodResources, VmSize, check_declared, size_vm
+from kvmsandbox.overhead.sizing import (
+    STRUCT_PAGE_FRACTION,
+    OverheadCheck,
+    PodResources,
+    VmSize,
+    check_declared,
+    size_vm,
+)
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -67,18 +74,29 @@ class NodeOverhead:
             guest_memory_bytes=self.guest_memory_bytes(),
         )
 
-    def measured(self, at_boot: dict[str, int]) -> Measured | None:
-        """The node's observed overhead, else the pod's own figures taken at its boot."""
+    def measured(self, at_boot: dict[str, int], vm_memory_mib: int = 0) -> Measured | None:
+        """The node's observed overhead, else the pod's own figures taken at its boot.
+
+        The node's figure was taken on VMs of the measurement's size: a bigger VM (sized from the
+        pod's limits) also has bigger guest page structs (1/64 of the extra memory), added here.
+        """
         m = self.measurement()
         if m is not None:
-            return Measured(m.observed_memory_bytes, m.observed_cpu_millicores, f"node measurement {self.path}")
+            measured_vm = int(m.conditions.get("vm_memory_mib", 0) or 0)
+            extra = max(0, vm_memory_mib - measured_vm) * MIB // STRUCT_PAGE_FRACTION if measured_vm else 0
+            source = f"node measurement {self.path}"
+            if extra:
+                source += f" + {extra / MIB:.0f} MiB of page structs for this pod's {vm_memory_mib} MiB VM"
+            return Measured(m.observed_memory_bytes + extra, m.observed_cpu_millicores, source)
         if at_boot:
             memory = sum(at_boot.get(k, 0) for k in MEMORY_COMPONENTS)
             return Measured(memory, 0.0, "this pod's own figures at boot (no node measurement yet)")
         return None
 
-    def check(self, declared: PodResources, at_boot: dict[str, int]) -> tuple[OverheadCheck, str] | None:
-        measured = self.measured(at_boot)
+    def check(
+        self, declared: PodResources, at_boot: dict[str, int], vm_memory_mib: int = 0
+    ) -> tuple[OverheadCheck, str] | None:
+        measured = self.measured(at_boot, vm_memory_mib)
         if measured is None:
             return None
         return check_declared(declared, measured.memory_bytes, measured.cpu_millicores), measured.source

@@ -20,6 +20,7 @@ import yaml
 from kvmsandbox.errors import InvalidArgument
 from kvmsandbox.overhead.model import Measurement
 from kvmsandbox.overhead.quantity import format_cpu, format_memory, parse_cpu, parse_memory
+from kvmsandbox.overhead.sizing import STRUCT_PAGE_FRACTION
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -240,6 +241,13 @@ def load_workload(path: Path) -> list[PodSpec]:
 # --- the packing ----------------------------------------------------------------------------------
 
 
+def real_overhead(pod: PodSpec, measured: int) -> int:
+    """What a VM pod really costs beside its containers: the measured overhead, plus, for a pod whose
+    VM is sized from its memory limit, the guest's page structs for that memory (1/64 of it), which
+    a measurement on a default-sized VM does not include."""
+    return measured + (pod.limits_memory // STRUCT_PAGE_FRACTION if pod.limits_memory else 0)
+
+
 def _pack(
     strategy: Strategy, workload: Sequence[PodSpec], node_memory: int, node_cpu: int, real_memory: int
 ) -> StrategyResult:
@@ -265,14 +273,15 @@ def _pack(
     needed = 0
     node_risk: list[str] = []
     for pod in admitted:
-        needed += pod.usage_memory + real_memory
+        needed += pod.usage_memory + real_overhead(pod, real_memory)
         if node_risk or needed > node_memory:
             node_risk.append(pod.name)
     # The kubelet bounds a memory-limited pod's cgroup at limit + podFixed; the VMM lives in there too.
     pod_risk = [
         pod.name
         for pod in admitted
-        if pod.limits_memory is not None and pod.limits_memory + strategy.memory_bytes < pod.limits_memory + real_memory
+        if pod.limits_memory is not None
+        and pod.limits_memory + strategy.memory_bytes < pod.limits_memory + real_overhead(pod, real_memory)
     ]
     risky = set(node_risk) | set(pod_risk)
     return StrategyResult(
