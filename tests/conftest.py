@@ -10,6 +10,7 @@ import os
 # own threads and gRPC's fork handlers crash those children. Set before anything imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,27 @@ from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 # repo, shared by every run on this machine.
 CACHE_DIR = Path(os.environ.get("KVMSANDBOX_TEST_CACHE", "/var/cache/kvmsandbox"))
 BACKENDS = ("libvirt", "qemu")
+
+
+def host_leftovers() -> list[str]:
+    """What sandboxes of any test could leave on the host: VMs, pod namespaces, taps, masquerade
+    and port-mapping rules of the test networks, VMM cgroups."""
+    found = [f"netns {p.name}" for p in Path("/run/netns").glob("kvmsandbox-*")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if ": kvt" in line]
+    nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=False).stdout
+    found += [f"iptables {line}" for line in nat.splitlines() if "kvmsandbox-test" in line]
+    found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup/memory").glob("kvmsandbox*/kvmsandbox-*")]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_on_the_host() -> Iterator[None]:
+    """Checked once every session fixture (servers, managers, shared sandboxes) has torn down."""
+    before = set(host_leftovers())
+    yield
+    left = [x for x in host_leftovers() if x not in before]
+    assert not left, f"the tests left these on the host: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -222,7 +222,8 @@ class PodNetworking:
     def teardown(self, sandbox_id: str, network: PodNetwork | None, *, remove_netns: bool) -> None:
         """CNI DEL (idempotent; also for a half-made network), the host-side tap if it never moved,
         and with ``remove_netns`` the namespace (which takes the tap and the pod's end of the veth
-        with it). Failures are logged and the rest still runs; the last one is raised."""
+        with it) once DEL succeeded. Failures are logged and the rest still runs; the last one is
+        raised."""
         ns_name, tap = self.names(sandbox_id)
         if network is not None:
             ns_name, tap = network.netns, network.tap
@@ -244,7 +245,9 @@ class PodNetworking:
                 _ip("link", "del", "dev", tap)
             except NetworkError as e:
                 problem = e
-        if remove_netns:
+        # The namespace stays while DEL has not succeeded: some plugins (bridge's ipMasq rules) can
+        # only clean up with it, so the retry needs it.
+        if remove_netns and problem is None:
             try:
                 netns.delete_netns(ns_name)
             except KvmSandboxError as e:

@@ -95,5 +95,8 @@ def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
     assert not [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip]
     m.destroy_sandbox(record.id)
     assert not Path("/run/netns", record.network["netns"]).exists()
+    # The failed attempts kept the namespace, so DEL could remove the bridge's masquerade rule too.
+    nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
+    assert record.id not in nat
     with pytest.raises(NotFound):
         m.get_sandbox(record.id)
