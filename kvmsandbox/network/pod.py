@@ -190,7 +190,7 @@ class PodNetworking:
         except BaseException:
             # The error that matters is the one that stopped the setup; a failing undo is logged.
             try:
-                self.teardown(sandbox_id, None, remove_netns=True)
+                self.teardown(sandbox_id, None, remove_netns=True, retry_later=False)
             except KvmSandboxError as e:
                 log.warning("sandbox %s: undoing its half-made network failed too: %s", sandbox_id, e)
                 self.forget(sandbox_id)
@@ -219,7 +219,9 @@ class PodNetworking:
         for path in self.config.cni_cache_dir.glob(f"*-{sandbox_id}.json"):
             path.unlink(missing_ok=True)
 
-    def teardown(self, sandbox_id: str, network: PodNetwork | None, *, remove_netns: bool) -> None:
+    def teardown(
+        self, sandbox_id: str, network: PodNetwork | None, *, remove_netns: bool, retry_later: bool = True
+    ) -> None:
         """CNI DEL (idempotent; also for a half-made network), the host-side tap if it never moved,
         and with ``remove_netns`` the namespace (which takes the tap and the pod's end of the veth
         with it) once DEL succeeded. Failures are logged and the rest still runs; the last one is
@@ -245,9 +247,9 @@ class PodNetworking:
                 _ip("link", "del", "dev", tap)
             except NetworkError as e:
                 problem = e
-        # The namespace stays while DEL has not succeeded: some plugins (bridge's ipMasq rules) can
-        # only clean up with it, so the retry needs it.
-        if remove_netns and problem is None:
+        # With a retry to come, the namespace stays while DEL has not succeeded: some plugins
+        # (bridge's ipMasq rules) can only clean up with it.
+        if remove_netns and (problem is None or not retry_later):
             try:
                 netns.delete_netns(ns_name)
             except KvmSandboxError as e:

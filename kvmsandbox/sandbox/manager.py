@@ -622,7 +622,13 @@ class SandboxManager:
         writer.reopen()
 
     def _release_vm(
-        self, sandbox_id: str, vm_name: str, record: SandboxRecord | None = None, *, remove_netns: bool = False
+        self,
+        sandbox_id: str,
+        vm_name: str,
+        record: SandboxRecord | None = None,
+        *,
+        remove_netns: bool = False,
+        retry_later: bool = True,
     ) -> list[str]:
         """Destroys the VM, releases its network (CNI DEL; the namespace too with ``remove_netns``),
         removes its host cgroup and drops the client, the output pumps and the log writers.
@@ -639,7 +645,7 @@ class SandboxManager:
         if record is not None and record.network and (remove_netns or not record.network.get("released")):
             pod_net = PodNetwork.from_json(record.network) if "netns" in record.network else None
             try:
-                self.networking.teardown(sandbox_id, pod_net, remove_netns=remove_netns)
+                self.networking.teardown(sandbox_id, pod_net, remove_netns=remove_netns, retry_later=retry_later)
                 record.network["released"] = True
             except KvmSandboxError as e:
                 log.warning("sandbox %s: its network was not fully released: %s", sandbox_id, e)
@@ -677,7 +683,11 @@ class SandboxManager:
         cached CNI state goes with the record, since nothing would retry it.
         """
         problems = self._release_vm(
-            sandbox_id, vm_name, record, remove_netns=record is not None and bool(record.network)
+            sandbox_id,
+            vm_name,
+            record,
+            remove_netns=record is not None and bool(record.network),
+            retry_later=must_release,
         )
         if problems and must_release and record is not None:
             if record.state != "stopped":
