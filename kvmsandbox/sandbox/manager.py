@@ -691,6 +691,9 @@ class SandboxManager:
         )
         if problems and must_release and record is not None:
             if record.state != "stopped":
+                for c in record.containers.values():
+                    if c.state != "exited":
+                        self._mark_exited(c, None, "sandbox removed")
                 record.state = "stopped"
                 record.stopped_at_ns = time.time_ns()
             self.store.save(record)

@@ -69,11 +69,13 @@ def test_a_pod_gets_its_cni_address_in_the_guest_and_leaves_nothing(
 
 
 def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
-    net_manager: SandboxManager, tmp_path: Path
+    net_manager: SandboxManager, busybox_layer: Path, tmp_path: Path
 ) -> None:
     m = net_manager
     record = m.create_sandbox(hostname="net-retry", network=NetworkRequest(port_mappings=[], args={}))
     ip = record.network["addresses"][0].split("/")[0]
+    c = m.create_container(record.id, lower_dirs=[busybox_layer], process=ProcessSpec(args=["sleep", "600"]))
+    m.start_container(record.id, c.id)
     working = m.networking
     # The plugins vanish (a node upgrade in progress): DEL cannot run.
     m.networking = PodNetworking(
@@ -81,12 +83,14 @@ def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
             m.config, network=dataclasses.replace(m.config.network, cni_bin_dirs=[tmp_path / "no-plugins"])
         )
     )
-    with pytest.raises(Unavailable, match="stopped, but network"):
-        m.stop_sandbox(record.id)
+    # Removed without a stop first: the VM goes, the pod stays listed, stopped, its container exited.
     with pytest.raises(Unavailable, match="not removed"):
         m.destroy_sandbox(record.id)
     kept = m.get_sandbox(record.id)
     assert kept.state == "stopped" and kept.network["released"] is False
+    assert kept.containers[c.id].state == "exited" and kept.containers[c.id].exit_code == 255
+    with pytest.raises(Unavailable, match="stopped, but network"):
+        m.stop_sandbox(record.id)
     assert [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip], "the lease is held until DEL runs"
     # The plugins are back: stopping again releases the network, removing finishes.
     m.networking = working
