@@ -58,6 +58,8 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     manager = open_manager(config)
     manager.recover()
     state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry))
+    # Images stay held only by containers that still exist.
+    state.images.release_all_but({c for record in manager.list_sandboxes() for c in record.containers})
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
         options=[

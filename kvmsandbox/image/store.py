@@ -437,6 +437,22 @@ class ImageStore:
                 d.rmdir()
         log.info("image %s: released by %s", image_id, holder_id)
 
+    def release_all_but(self, live: set[str]) -> list[str]:
+        """Drops the holds of holders not in ``live`` (containers removed while no server ran, or
+        by a tool that bypassed the CRI); returns the dropped holder ids."""
+        dropped: list[str] = []
+        with self._lock:
+            for d in list(self._holds.iterdir()):
+                for h in list(d.iterdir()):
+                    if h.name not in live:
+                        h.unlink(missing_ok=True)
+                        dropped.append(h.name)
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        if dropped:
+            log.info("image holds of gone containers released: %s", ", ".join(dropped))
+        return dropped
+
     def holders(self, image_id: str) -> list[str]:
         """The holders of an image (for reconciling after a restart); empty for an unknown image."""
         with self._lock:

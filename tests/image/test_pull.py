@@ -330,6 +330,9 @@ def test_a_held_image_cannot_be_removed_until_released(
     with pytest.raises(FailedPrecondition):
         again.remove(f"{registry.host}/busybox:1.0")
 
+    # At start the server keeps only the holds of containers that still exist.
+    assert again.release_all_but({"decaf", "other"}) == ["c0ffee"]
+    assert again.holders(record.id) == ["decaf"]
     again.release(record.id, "c0ffee")
     again.release(record.id, "decaf")
     again.release(record.id, "decaf")
