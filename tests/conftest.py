@@ -22,7 +22,7 @@ from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage, build_guest_image
 from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
 from kvmsandbox.hypervisor.spec import open_hypervisor
-from kvmsandbox.overhead.cgroups import HostCgroup
+from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.store import SandboxRecord
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.config import Config
 from kvmsandbox.errors import FailedPrecondition, KvmSandboxError
-from kvmsandbox.overhead import host
+from kvmsandbox.host import proc as host
 from kvmsandbox.overhead.model import CPU_COMPONENTS, MEMORY_COMPONENTS, Measurement, Sample
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.store import SandboxRecord
@@ -201,7 +201,7 @@ def vm_usage(manager: SandboxManager, record: SandboxRecord) -> VmUsage:
     Raises:
         FailedPrecondition: the VM does not run.
     """
-    from kvmsandbox.overhead.cgroups import HostCgroup
+    from kvmsandbox.host.cgroups import HostCgroup
 
     pid = vmm_pid(manager, record)
     cpu_ns = int(host.cpu_seconds(pid) * 1e9)

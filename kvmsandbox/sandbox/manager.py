@@ -36,7 +36,7 @@ from kvmsandbox.hypervisor.spec import AgentChannel, Hypervisor, VMSpec
 from kvmsandbox.network.cni import PortMapping
 from kvmsandbox.network.pod import PodNetwork, PodNetworking
 from kvmsandbox.overhead import measure
-from kvmsandbox.overhead.cgroups import HostCgroup, cgroups_available
+from kvmsandbox.host.cgroups import HostCgroup, cgroups_available
 from kvmsandbox.sandbox import oci_spec, rootfs
 from kvmsandbox.sandbox.logs import CriLogWriter
 from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord, SandboxStore, check_id

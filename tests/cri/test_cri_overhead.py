@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
-from kvmsandbox.overhead.cgroups import HostCgroup
+from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.overhead.model import Measurement, Sample
 from tests.cri.conftest import CriServer
 from tests.cri.test_cri_lifecycle import container_config, pod_config

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
-from kvmsandbox.overhead.cgroups import CgroupUsage, HostCgroup, cgroups_available
+from kvmsandbox.host.cgroups import CgroupUsage, HostCgroup, cgroups_available
 
 MIB = 1024 * 1024
 ROOT = Path("/sys/fs/cgroup")

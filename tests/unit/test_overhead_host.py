@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.errors import NotFound
-from kvmsandbox.overhead import host
+from kvmsandbox.host import proc as host
 from kvmsandbox.overhead.model import Measurement, Sample, load_measurement
 
 MIB = 1024 * 1024

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmsandbox.overhead import host, measure
-from kvmsandbox.overhead.cgroups import HostCgroup
+from kvmsandbox.host import proc as host
+from kvmsandbox.overhead import measure
+from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.overhead.model import CPU_COMPONENTS, MEMORY_COMPONENTS
 from kvmsandbox.overhead.report import render_measurement
 from kvmsandbox.sandbox.manager import SandboxManager
