@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -198,17 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def tool_version(argv: list[str]) -> str:
-    """First line a tool prints for its version, or why there is none."""
-    if shutil.which(argv[0]) is None:
-        return "not installed"
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unknown ({e})"
-    return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
 def plural(n: int, word: str) -> str:

@@ -33,6 +33,7 @@ class HypervisorConfig:
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     # Cap on TCG's translation cache; QEMU's default of 1 GiB inflates the VMM's memory.
     tb_cache_mib: int = 64
+    # The QEMU the qemu backend runs (a name looked up in PATH, or a path); libvirt finds its own.
     qemu_binary: str = "qemu-system-x86_64"
 
 

@@ -6,11 +6,13 @@ import os
 import pwd
 import shutil
 
-from kvmsandbox.cli import tool_version
 from kvmsandbox.config import Config
+from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.guest_image import find_guest_image
+from kvmsandbox.host.tools import tool_version
 from kvmsandbox.hypervisor.accel import detect_accel
-from kvmsandbox.sandbox.manager import choose_transport
+from kvmsandbox.hypervisor.capabilities import Capabilities, choose_transport
+from kvmsandbox.hypervisor.factory import backend_capabilities
 
 VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 
@@ -22,9 +24,15 @@ def run_doctor(config: Config) -> int:
     print(f"accel:            {accel} ({reason})")
     if accel == "tcg":
         print("                  guests run under software emulation: expect boots about ten times slower than KVM")
-    transport = choose_transport(config.agent.transport)
-    why = "/dev/vhost-vsock is usable" if transport == "vsock" else "no usable /dev/vhost-vsock"
-    print(f"agent transport:  {transport} ({why if config.agent.transport == 'auto' else 'set in config'})")
+    caps = backend_capabilities(config.hypervisor.backend)
+    try:
+        transport = choose_transport(config.agent.transport, caps)
+    except FailedPrecondition as e:
+        print(f"agent transport:  none ({e})")
+        problems.append(f"no agent transport: {e}")
+    else:
+        why = _transport_reason(config, caps, transport)
+        print(f"agent transport:  {transport} ({why})")
     virtiofsd = shutil.which("virtiofsd") or next((p for p in VIRTIOFSD_PATHS if os.path.exists(p)), None)
     print(f"shared fs:        virtio-9p{'' if virtiofsd is None else f' (virtiofsd at {virtiofsd} is not used yet)'}")
     qemu = tool_version([config.hypervisor.qemu_binary, "--version"])
@@ -76,3 +84,13 @@ def run_doctor(config: Config) -> int:
         print(f"PROBLEM: {p}")
     print("ok: this host can run kvmsandbox" if not problems else f"{len(problems)} problem(s) to fix")
     return 1 if problems else 0
+
+
+def _transport_reason(config: Config, caps: Capabilities, transport: str) -> str:
+    if config.agent.transport != "auto":
+        return "set in config"
+    if transport == "vsock":
+        return "/dev/vhost-vsock is usable"
+    if "vsock" not in caps.agent_transports:
+        return f"the {config.hypervisor.backend} backend offers no vsock"
+    return "no usable /dev/vhost-vsock"

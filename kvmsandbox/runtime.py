@@ -5,7 +5,8 @@ from __future__ import annotations
 from kvmsandbox.config import Config
 from kvmsandbox.errors import GuestImageError
 from kvmsandbox.guest_image import GuestImage, find_guest_image
-from kvmsandbox.hypervisor.spec import Hypervisor, open_hypervisor
+from kvmsandbox.hypervisor.factory import open_hypervisor
+from kvmsandbox.hypervisor.spec import Hypervisor
 from kvmsandbox.sandbox.manager import SandboxManager
 
 
@@ -28,6 +29,7 @@ def open_hypervisor_for(config: Config, backend: str | None = None) -> Hyperviso
         chosen,
         state_dir=config.state_dir,
         libvirt_uri=config.libvirt_uri if chosen == "libvirt" else None,
+        qemu_binary=config.hypervisor.qemu_binary,
     )
 
 

@@ -4,6 +4,8 @@ Importing this package does not import libvirt; open_hypervisor() loads the back
 """
 
 from kvmsandbox.hypervisor.accel import Accel, detect_accel
+from kvmsandbox.hypervisor.capabilities import Capabilities, choose_shared_filesystem, choose_transport
+from kvmsandbox.hypervisor.factory import backend_capabilities, open_hypervisor
 from kvmsandbox.hypervisor.spec import (
     AGENT_PORT_NAME,
     AGENT_VSOCK_PORT,
@@ -12,7 +14,6 @@ from kvmsandbox.hypervisor.spec import (
     Hypervisor,
     VMInfo,
     VMSpec,
-    open_hypervisor,
 )
 
 __all__ = [
@@ -21,9 +22,13 @@ __all__ = [
     "SHARED_DIR_TAG",
     "Accel",
     "AgentChannel",
+    "Capabilities",
     "Hypervisor",
     "VMInfo",
     "VMSpec",
+    "backend_capabilities",
+    "choose_shared_filesystem",
+    "choose_transport",
     "detect_accel",
     "open_hypervisor",
 ]

@@ -35,6 +35,7 @@ import libvirt  # noqa: E402
 
 from kvmsandbox.errors import HypervisorError  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
+from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
 from kvmsandbox.hypervisor.process import read_pidfile, wait_gone  # noqa: E402
 from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec  # noqa: E402
 
@@ -225,6 +226,7 @@ class LibvirtHypervisor:
     """Runs each VM as a transient libvirt domain named after the VMSpec."""
 
     name = "libvirt"
+    capabilities = LIBVIRT_CAPABILITIES
 
     def __init__(self, uri: str) -> None:
         """Connect to libvirt at `uri`; for an embed URI, prepare its root first.

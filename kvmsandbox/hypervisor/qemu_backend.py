@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,6 +24,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
+from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.process import is_qemu_of, read_pidfile, wait_gone
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
 
@@ -56,25 +58,27 @@ def in_cgroups(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
 
 
 class QemuHypervisor:
-    """Runs each VM as a daemonized `qemu-system-x86_64` with a QMP socket in its run dir."""
+    """Runs each VM as a daemonized QEMU (`qemu_binary`) with a QMP socket in its run dir."""
 
     name = "qemu"
+    capabilities = QEMU_CAPABILITIES
 
     def __init__(
         self,
         state_dir: Path,
         *,
-        binary: str = QEMU_BINARY,
+        qemu_binary: str = QEMU_BINARY,
         boot_timeout: float = 30.0,
         stop_grace: float = 3.0,
     ) -> None:
-        """Keep VM state under `state_dir` (created if missing).
+        """Keep VM state under `state_dir` (created if missing); boot VMs with `qemu_binary`, a name
+        looked up in PATH or a path.
 
         `stop_grace` is how long destroy() waits after each of QMP quit and SIGTERM before escalating.
         Raises HypervisorError when `state_dir` cannot be created.
         """
         self._dir = state_dir
-        self._binary = binary
+        self._qemu_binary = qemu_binary
         self._boot_timeout = boot_timeout
         self._stop_grace = stop_grace
         try:
@@ -85,8 +89,14 @@ class QemuHypervisor:
     def boot(self, spec: VMSpec) -> VMInfo:
         """Start QEMU for `spec`; returns once QEMU has daemonized (its devices and sockets exist).
 
-        Raises HypervisorError with QEMU's stderr when it does not start, or when a VM of that name runs.
+        Raises HypervisorError with QEMU's stderr when it does not start, when a VM of that name runs,
+        or when the QEMU binary cannot be found.
         """
+        if shutil.which(self._qemu_binary) is None:
+            raise HypervisorError(
+                f"cannot boot VM {spec.name!r}: QEMU binary {self._qemu_binary!r} not found "
+                "(install the qemu-system-x86 package or set hypervisor.qemu_binary to its path)"
+            )
         current = self.info(spec.name)
         if current is not None and current.running:
             raise HypervisorError(f"VM {spec.name!r} is running already (qemu pid {current.pid})")
@@ -101,7 +111,7 @@ class QemuHypervisor:
         )
         # Recorded before QEMU starts, so a crash of ours right after the start still leaves a trace.
         self._write_files_record(files)
-        argv = qemu_argv(spec, pidfile=self._pidfile(spec.name), binary=self._binary)
+        argv = qemu_argv(spec, pidfile=self._pidfile(spec.name), binary=self._qemu_binary)
         if spec.cgroup_procs:
             argv = in_cgroups(spec.cgroup_procs, argv)
         stderr_path = spec.run_dir / STDERR_LOG_NAME

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from kvmsandbox.errors import InvalidArgument
 from kvmsandbox.hypervisor.accel import Accel
+from kvmsandbox.hypervisor.capabilities import Capabilities
 
 AGENT_PORT_NAME = "org.kvmsandbox.agent.0"
 """Name of the guest's virtio-serial port for the agent (guest: /sys/class/virtio-ports/*/name)."""
@@ -156,6 +157,12 @@ class Hypervisor(Protocol):
 
     name: str
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this backend can give a VM (shared filesystems, agent transports, hotplug, snapshots);
+        the same for every instance of a backend. Raises nothing."""
+        ...
+
     def boot(self, spec: VMSpec) -> VMInfo:
         """Start QEMU for `spec` and return once it runs (not when the guest is ready).
 
@@ -189,23 +196,6 @@ class Hypervisor(Protocol):
     def close(self) -> None:
         """Release the backend's connections; running VMs keep running."""
         ...
-
-
-def open_hypervisor(backend: str, *, state_dir: Path, libvirt_uri: str | None = None) -> Hypervisor:
-    """Open the named backend ("libvirt" or "qemu") with its state under `state_dir`.
-
-    libvirt: `libvirt_uri` defaults to the embedded driver rooted at `state_dir/libvirt`.
-    Raises InvalidArgument for an unknown backend name and HypervisorError when the backend cannot start.
-    """
-    if backend == "libvirt":
-        from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor, embed_uri
-
-        return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"))
-    if backend == "qemu":
-        from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
-
-        return QemuHypervisor(state_dir / "qemu")
-    raise InvalidArgument(f"unknown hypervisor backend {backend!r} (choose 'libvirt' or 'qemu')")
 
 
 def _check_socket_path(path: Path, what: str) -> None:

@@ -1,0 +1,54 @@
+"""Opening a hypervisor backend by name, and its capabilities by name.
+
+Backends are imported only when opened, so naming one does not load the other's libraries
+(the libvirt bindings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmsandbox.errors import InvalidArgument
+from kvmsandbox.hypervisor.builder import QEMU_BINARY
+from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES, QEMU_CAPABILITIES, Capabilities
+from kvmsandbox.hypervisor.spec import Hypervisor
+
+
+def open_hypervisor(
+    backend: str,
+    *,
+    state_dir: Path,
+    libvirt_uri: str | None = None,
+    qemu_binary: str = QEMU_BINARY,
+) -> Hypervisor:
+    """Open the named backend ("libvirt" or "qemu") with its state under `state_dir`.
+
+    libvirt: `libvirt_uri` defaults to the embedded driver rooted at `state_dir/libvirt`; libvirt
+    finds its QEMU itself. qemu: runs `qemu_binary` (a name looked up in PATH, or a path).
+    Raises InvalidArgument for an unknown backend name and HypervisorError when the backend cannot start.
+    """
+    if backend == "libvirt":
+        from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor, embed_uri
+
+        return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"))
+    if backend == "qemu":
+        from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
+
+        return QemuHypervisor(state_dir / "qemu", qemu_binary=qemu_binary)
+    raise _unknown(backend)
+
+
+def backend_capabilities(backend: str) -> Capabilities:
+    """What the named backend can give a VM, without opening or importing it.
+
+    Raises InvalidArgument for an unknown backend name.
+    """
+    if backend == "libvirt":
+        return LIBVIRT_CAPABILITIES
+    if backend == "qemu":
+        return QEMU_CAPABILITIES
+    raise _unknown(backend)
+
+
+def _unknown(backend: str) -> InvalidArgument:
+    return InvalidArgument(f"unknown hypervisor backend {backend!r} (choose 'libvirt' or 'qemu')")
