@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import functools
 import gzip
 import hashlib
 import io
@@ -23,11 +24,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
+
+from tests.waiting import WaitTimeout, wait_until
 
 DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -203,9 +207,19 @@ class Registry:
             }
         return {}
 
-    def count_requests(self, method: str, path_part: str, settle: float = 0.3) -> int:
-        """How many ``method`` requests whose path contains ``path_part`` the access log shows."""
-        time.sleep(settle)  # the registry writes an access line once the response is sent
+    def count_requests(self, method: str, path_part: str, timeout: float = 10) -> int:
+        """How many ``method`` requests whose path contains ``path_part`` the access log shows.
+
+        The registry writes an access line only once it has answered, so the log may lag the requests
+        the caller made: a request of our own, made now and awaited in the log, brings it up to date.
+        """
+        marker = f"/v2/?caught-up={uuid.uuid4().hex}"
+        with contextlib.suppress(urllib.error.HTTPError):  # a 401 under auth is logged all the same
+            urllib.request.urlopen(self.url + marker, timeout=timeout).close()
+        line = f'"GET {marker} HTTP/1.1"'
+        wait_until(
+            lambda: line in self.log.read_text(errors="replace"), timeout, f"{line} in {self.log}", interval=0.02
+        )
         pattern = re.compile(rf'"{method} (\S+) HTTP/1\.1" \d+')
         return sum(1 for m in pattern.finditer(self.log.read_text(errors="replace")) if path_part in m.group(1))
 
@@ -268,22 +282,29 @@ def start_registry(
         )
         log.close()
         registry = Registry(workdir, port, auth, username, password, process, issuer, token_server)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{registry.url}/v2/", timeout=2):
-                    return registry
-            except urllib.error.HTTPError as e:
-                if e.code == 401:
-                    return registry
-            except OSError:
-                time.sleep(0.05)
+        up = functools.partial(answers_or_exited, registry)
+        with contextlib.suppress(WaitTimeout):  # one that never answers is stopped and reported below
+            if wait_until(up, timeout, f"docker-registry on {registry.url}", interval=0.05) == "answers":
+                return registry
         registry.stop()
         if "address already in use" not in registry.log.read_text(errors="replace"):
             break
     if token_server is not None:
         token_server.stop()
     raise RuntimeError(f"docker-registry did not start; its log:\n{(workdir / 'registry.log').read_text()[-2000:]}")
+
+
+def answers_or_exited(registry: Registry) -> Literal["answers", "exited"] | None:
+    """Whether the registry answers on ``/v2/`` (401 counts: it is up and wants credentials) or has exited."""
+    if registry.process.poll() is not None:
+        return "exited"
+    try:
+        with urllib.request.urlopen(f"{registry.url}/v2/", timeout=2):
+            return "answers"
+    except urllib.error.HTTPError as e:
+        return "answers" if e.code == 401 else None
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

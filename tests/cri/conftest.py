@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, seed_capabilities
 from tests.conftest import CACHE_DIR
 from tests.registry import Registry, image_config, make_layer, push_image, running_registry
+from tests.waiting import WaitTimeout, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,13 +57,19 @@ class CriServer:
             stdin=subprocess.DEVNULL,
         )
         out.close()
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.process.poll() is not None:
+        process = self.process
+
+        def listening() -> bool:
+            if self.socket.exists():
+                return True
+            if process.poll() is not None:
                 raise AssertionError(f"kvmsandbox serve exited: {self.log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"kvmsandbox serve did not listen: {self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+            return False
+
+        try:
+            wait_until(listening, timeout, f"kvmsandbox serve to listen on {self.socket}")
+        except WaitTimeout as e:
+            raise AssertionError(f"{e}: {self.log.read_text()[-3000:]}") from None
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         self.runtime.Version(cri.VersionRequest(), timeout=30)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.sandbox.logs import parse_cri_log
 from tests.cri.conftest import CriServer
 from tests.vm.leaks import processes_mentioning
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -41,12 +41,11 @@ def container_config(name: str, image: str, script: str) -> cri.ContainerConfig:
 
 
 def wait_for_log_line(path: Path, wanted: str, timeout: float = 60) -> list[tuple[str, str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def entries_with_wanted() -> list[tuple[str, str, str]] | None:
         entries = parse_cri_log(path.read_text()) if path.exists() else []
-        if any(content == wanted for _, _, content in entries) or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.2)
+        return entries if any(content == wanted for _, _, content in entries) else None
+
+    return wait_until(entries_with_wanted, timeout, f"{wanted!r} in {path}", interval=0.2)
 
 
 def test_kubelet_sequence_with_a_server_restart_in_the_middle(
@@ -109,10 +108,12 @@ def test_kubelet_sequence_with_a_server_restart_in_the_middle(
         cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container_config("job", busybox_image, "exit 0"))
     ).container_id
     rt.StartContainer(cri.StartContainerRequest(container_id=done))
-    deadline = time.monotonic() + 60
-    while rt.ContainerStatus(cri.ContainerStatusRequest(container_id=done)).status.state != cri.CONTAINER_EXITED:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_until(
+        lambda: rt.ContainerStatus(cri.ContainerStatusRequest(container_id=done)).status.state == cri.CONTAINER_EXITED,
+        60,
+        "the job container to exit",
+        interval=0.3,
+    )
     assert rt.ContainerStatus(cri.ContainerStatusRequest(container_id=done)).status.reason == "Completed"
 
     rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid))
@@ -227,12 +228,12 @@ def test_memory_limits_apply_and_an_oom_kill_is_reported(
             cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container, sandbox_config=config)
         ).container_id
         rt.StartContainer(cri.StartContainerRequest(container_id=cid))
-        deadline = time.monotonic() + 120
-        status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
-        while status.state != cri.CONTAINER_EXITED:
-            assert time.monotonic() < deadline, "the memory hog neither finished nor was killed"
-            time.sleep(0.5)
+
+        def exited() -> cri.ContainerStatus | None:
             status = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+            return status if status.state == cri.CONTAINER_EXITED else None
+
+        status = wait_until(exited, 120, "the memory hog to finish or be killed", interval=0.5)
         assert (status.reason, status.exit_code) == ("OOMKilled", 137)
     finally:
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))

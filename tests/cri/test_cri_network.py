@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from tests.cri.conftest import TEST_BRIDGE, TEST_SUBNET, CriServer
 from tests.cri.test_cri_lifecycle import container_config, pod_config
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -62,14 +62,7 @@ def http_get(url: str, timeout: float = 5.0) -> str:
 
 
 def wait_http(url: str, deadline_seconds: float = 60) -> str:
-    deadline = time.monotonic() + deadline_seconds
-    while True:
-        try:
-            return http_get(url)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    return wait_until(lambda: http_get(url), deadline_seconds, f"{url} to answer", interval=0.5, ignore=(OSError,))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvmsandbox.host.cgroups import CgroupUsage, HostCgroup, cgroups_available
+from tests.waiting import WaitTimeout, wait_until
 
 MIB = 1024 * 1024
 ROOT = Path("/sys/fs/cgroup")
@@ -101,15 +103,18 @@ class Env:
                 for pid in (d / "cgroup.procs").read_text().split():
                     with contextlib.suppress(OSError):
                         (home / "cgroup.procs").write_text(pid)
-                deadline = time.monotonic() + 2
-                while True:
-                    try:
-                        d.rmdir()
-                        break
-                    except OSError as e:
-                        if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                            break
-                        time.sleep(0.01)
+                # Best effort: the cleanup goes on past a cgroup that stays busy for 2 s.
+                with contextlib.suppress(WaitTimeout):
+                    wait_until(functools.partial(rmdir_unless_busy, d), 2, f"{d} to be removable", interval=0.01)
+
+
+def rmdir_unless_busy(d: Path) -> bool:
+    """Removes ``d``; False only while the kernel still reports it busy (worth another try)."""
+    try:
+        d.rmdir()
+    except OSError as e:
+        return e.errno != errno.EBUSY
+    return True
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import pytest
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage
+from kvmsandbox.hypervisor.factory import open_hypervisor
 from kvmsandbox.hypervisor.libvirt_backend import (
     CAPABILITIES_DIR,
     embed_uri,
@@ -43,8 +44,8 @@ from kvmsandbox.hypervisor.spec import (
     AgentChannel,
     Hypervisor,
     VMSpec,
-    open_hypervisor,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -252,9 +253,13 @@ def test_a_guest_that_powers_off_is_no_longer_running_and_destroy_cleans_up(
     spec = make_spec(echo_guest, vm_dir)
     boot(spec)
     assert ask(spec, "poweroff") == "bye"
-    deadline = time.monotonic() + 30
-    while (info := hypervisor.info(spec.name)) is not None and info.running and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    def stopped() -> bool:
+        info = hypervisor.info(spec.name)
+        return info is None or not info.running
+
+    wait_until(stopped, 30, f"{spec.name} to stop running after poweroff")
+    info = hypervisor.info(spec.name)
     # libvirt forgets a transient domain that stopped; the qemu backend keeps its record until destroy.
     assert info is None or (not info.running and info.pid is None)
     assert qemu_pids(spec.name) == []
@@ -290,7 +295,7 @@ def test_boot_failure_carries_the_vmm_message_and_leaves_nothing_behind(
 CHILD = """
 import base64, json, pickle, sys
 from pathlib import Path
-from kvmsandbox.hypervisor.spec import open_hypervisor
+from kvmsandbox.hypervisor.factory import open_hypervisor
 backend, state_dir, uri, action, arg = sys.argv[1:]
 hv = open_hypervisor(backend, state_dir=Path(state_dir), libvirt_uri=uri or None)
 before = [vars(i) for i in hv.list()]
