@@ -78,3 +78,8 @@ class AgentError(KvmSandboxError):
     def __init__(self, message: str, grpc_code: str = "INTERNAL") -> None:
         super().__init__(message)
         self.grpc_code = grpc_code
+
+
+class IllegalTransition(KvmSandboxError):
+    """A sandbox or container was asked to move to a state its current one cannot lead to: a bug in
+    the runtime, not in the request."""

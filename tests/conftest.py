@@ -20,11 +20,11 @@ import pytest
 from kvmsandbox.config import AgentConfig, Config, HypervisorConfig
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage, build_guest_image
-from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
-from kvmsandbox.hypervisor.spec import open_hypervisor
 from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.hypervisor.factory import open_hypervisor
+from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
 from kvmsandbox.sandbox.manager import SandboxManager
-from kvmsandbox.sandbox.store import SandboxRecord
+from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 
 # The guest image and libvirt's capability cache are expensive to make: keep them outside the
@@ -105,7 +105,10 @@ def manager(
     backend: str = request.param
     config = make_config(tmp_path_factory.mktemp(f"state-{backend}"), short_tmp / backend, backend, libvirt_root)
     hv = open_hypervisor(
-        backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri if backend == "libvirt" else None
+        backend,
+        state_dir=config.state_dir,
+        libvirt_uri=config.libvirt_uri if backend == "libvirt" else None,
+        qemu_binary=config.hypervisor.qemu_binary,
     )
     mgr = SandboxManager(config, hv, guest_image)
     yield mgr

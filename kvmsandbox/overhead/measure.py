@@ -15,63 +15,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.config import Config
 from kvmsandbox.errors import FailedPrecondition, KvmSandboxError
 from kvmsandbox.host import proc as host
 from kvmsandbox.overhead.model import CPU_COMPONENTS, MEMORY_COMPONENTS, Measurement, Sample
+from kvmsandbox.sandbox import probes
+from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
-from kvmsandbox.sandbox.store import SandboxRecord
-
-if TYPE_CHECKING:
-    from kvmsandbox.sandbox.manager import SandboxManager
+from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.types import NetworkRequest
 
 MIB = 1024 * 1024
 IDLE_COMMAND = ["sleep", "2147483647"]
 
 
-def guest_memory(details: pb.GuestDetailsResponse, vm_memory_bytes: int) -> dict[str, int]:
-    """The guest side of a sample from the agent's GuestDetails."""
-    return {
-        "guest_kernel_reserved": max(0, vm_memory_bytes - details.mem_total_bytes),
-        "guest_idle_used": max(0, details.mem_total_bytes - details.mem_available_bytes),
-        "agent_rss": details.agent_rss_bytes,
-    }
-
-
 def vmm_pid(manager: SandboxManager, record: SandboxRecord) -> int:
     """Raises FailedPrecondition when the sandbox's VM does not run."""
-    info = manager.hypervisor.info(record.vm_name)
-    if info is None or not info.running or not info.pid:
-        raise FailedPrecondition(f"sandbox {record.id}: its VM {record.vm_name} is not running")
-    return info.pid
+    return probes.vmm_pid(manager.ctx, record)
 
 
-def vmm_memory(manager: SandboxManager, record: SandboxRecord) -> dict[str, int]:
-    """The host side of a sample: the VMM's memory beyond the guest's RAM, with its parts."""
-    tcg_cache = manager.config.hypervisor.tb_cache_mib * MIB if record.accel == "tcg" else 0
-    mem = host.vmm_memory(vmm_pid(manager, record), record.memory_mib * MIB, tcg_cache)
-    return {
-        "vmm_beyond_guest_ram": mem.beyond_guest_ram,
-        "vmm_tcg_cache": mem.tcg_cache_pss,
-        "vmm_guest_ram_touched": mem.guest_ram_rss,
-        "vmm_pss": mem.pss,
-    }
-
-
-def snapshot(manager: SandboxManager, record: SandboxRecord, details: pb.GuestDetailsResponse | None = None) -> Sample:
-    """The memory one running sandbox costs now (no CPU: that needs a time window); ``details``
-    saves asking the agent again.
+def snapshot(manager: SandboxManager, record: SandboxRecord) -> Sample:
+    """The memory one running sandbox costs now (no CPU: that needs a time window).
 
     Raises:
         FailedPrecondition: the VM does not run. KvmSandboxError: the agent does not answer.
     """
-    details = details or manager.client(record.id).guest_details()
-    memory = guest_memory(details, record.memory_mib * MIB)
-    memory.update(vmm_memory(manager, record))
-    return Sample(memory=memory)
+    return Sample(memory=manager.memory_snapshot(record.id))
 
 
 @dataclass
@@ -110,8 +81,6 @@ def measure_node(
     config: Config = manager.config
     pods: list[_Pod] = []
     # Measured pods get a network as real ones do, when the node has one.
-    from kvmsandbox.sandbox.manager import NetworkRequest
-
     network = NetworkRequest(port_mappings=[], args={}) if manager.networking.status().ready else None
     try:
         runtime_before = host.process_pss()
@@ -153,8 +122,8 @@ def measure_node(
             )
             # The guest's own need is taken before any workload: at boot, before the idle container.
             at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
-            p.sample.memory.update(at_boot or guest_memory(details, p.record.memory_mib * MIB))
-            p.sample.memory.update(vmm_memory(manager, p.record))
+            p.sample.memory.update(at_boot or probes.guest_memory(details, p.record.memory_mib * MIB))
+            p.sample.memory.update(probes.vmm_memory(manager.ctx, p.record))
         accel = pods[0].record.accel
         kernel = start_details[pods[0].record.id].kernel_release
         conditions = {
@@ -180,37 +149,3 @@ def measure_node(
             progress(f"removing sandbox {i + 1}/{len(pods)}")
             with contextlib.suppress(KvmSandboxError):
                 manager.destroy_sandbox(p.record.id)
-
-
-@dataclass(frozen=True)
-class VmUsage:
-    """A running pod's host-side figures: everything its VM uses, containers included."""
-
-    timestamp_ns: int
-    cpu_usage_ns: int
-    memory_usage_bytes: int
-    memory_working_set_bytes: int
-    # "cgroup <path>" or "process <pid>".
-    source: str
-
-
-def vm_usage(manager: SandboxManager, record: SandboxRecord) -> VmUsage:
-    """CPU from the VMM process (every thread, since it started); memory from the sandbox's host
-    cgroup when it has one, else the VMM's resident set.
-
-    Raises:
-        FailedPrecondition: the VM does not run.
-    """
-    from kvmsandbox.host.cgroups import HostCgroup
-
-    pid = vmm_pid(manager, record)
-    cpu_ns = int(host.cpu_seconds(pid) * 1e9)
-    if record.cgroup:
-        cg = HostCgroup(record.cgroup)
-        if cg.exists():
-            u = cg.usage()
-            return VmUsage(
-                time.time_ns(), cpu_ns, u.memory_usage_bytes, u.memory_working_set_bytes, f"cgroup {record.cgroup}"
-            )
-    mem = host.vmm_memory(pid, record.memory_mib * MIB)
-    return VmUsage(time.time_ns(), cpu_ns, mem.rss, mem.rss, f"process {pid}")

@@ -1,98 +1,57 @@
-"""The on-disk record of every sandbox and its containers: one JSON file per sandbox, written
-atomically, so a restarted runtime finds what it was running."""
+"""The record of every sandbox and its containers: in memory, indexed by sandbox and container id,
+and on disk as one JSON file per sandbox, written atomically, so a restarted runtime finds what it
+was running."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
+import logging
 import os
-import re
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
-from typing import Any
 
-from kvmsandbox.errors import InvalidArgument, NotFound
+from kvmsandbox.errors import NotFound
+from kvmsandbox.sandbox.records import SandboxRecord, check_id
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def check_id(kind: str, value: str) -> str:
-    """Returns ``value`` if it is usable as a sandbox or container id (it becomes a path part).
-
-    Raises:
-        InvalidArgument: empty, too long, or with characters outside [A-Za-z0-9_.-].
-    """
-    if not ID_PATTERN.match(value):
-        raise InvalidArgument(f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', '-'")
-    return value
-
-
-@dataclass
-class ContainerRecord:
-    id: str
-    sandbox_id: str
-    name: str
-    state: str  # "created", "running", "exited"
-    args: list[str]
-    lower_dirs: list[str]
-    log_path: str = ""
-    pid: int = 0
-    exit_code: int | None = None
-    created_at_ns: int = 0
-    started_at_ns: int = 0
-    finished_at_ns: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    # Kept for the CRI layer, opaque here: metadata, annotations, image, mounts, reason...
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SandboxRecord:
-    id: str
-    vm_name: str
-    backend: str
-    accel: str
-    transport: str  # "virtio-serial" or "vsock"
-    vcpus: int
-    memory_mib: int
-    hostname: str
-    state: str  # "booting", "ready", "stopped"
-    agent_socket: str = ""
-    guest_cid: int = 0
-    created_at_ns: int = 0
-    guest_files: dict[str, str] = field(default_factory=dict)
-    containers: dict[str, ContainerRecord] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    stopped_at_ns: int = 0
-    # The host cgroup the VMM was placed in ("" when none) and the cgroup dirs the runtime created
-    # for it (removed with the VM).
-    cgroup: str = ""
-    cgroup_created: list[str] = field(default_factory=list)
-    # The pod network (kvmsandbox.network.pod.PodNetwork.to_json()); {} for a sandbox without one.
-    network: dict[str, Any] = field(default_factory=dict)
-    # What the sandbox cost right after boot (kvmsandbox.overhead.measure.snapshot), bytes.
-    overhead_at_boot: dict[str, int] = field(default_factory=dict)
-    # Kept for the CRI layer, opaque here: metadata, annotations, log directory, handler...
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SandboxRecord:
-        containers = {k: ContainerRecord(**v) for k, v in data.pop("containers", {}).items()}
-        return cls(**data, containers=containers)
+log = logging.getLogger(__name__)
 
 
 class SandboxStore:
-    """Sandbox records below ``root/sandboxes/<id>/``; the sandbox dir holds all its host files."""
+    """Sandbox records below ``root/sandboxes/<id>/``; the sandbox dir holds all its host files.
+
+    Readers get copies: a record changes only through ``save``, as it did when each read came from
+    disk, so a change abandoned half-way (an error) is never seen by anyone else.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root / "sandboxes"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._records: dict[str, SandboxRecord] = {}
+        self._container_index: dict[str, str] = {}
+        # Records on disk that could not be read: sandbox id -> why. Reported, never fatal.
+        self.unreadable: dict[str, str] = {}
+        for path in sorted(self.root.glob("*/state.json")):
+            try:
+                record = SandboxRecord.from_json(json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                self.unreadable[path.parent.name] = f"{type(e).__name__}: {e}"
+                log.error("sandbox record %s cannot be read, skipping it: %s", path, e)
+                continue
+            self._index(record)
 
     def dir(self, sandbox_id: str) -> Path:
         return self.root / check_id("sandbox id", sandbox_id)
+
+    def _index(self, record: SandboxRecord) -> None:
+        old = self._records.get(record.id)
+        if old is not None:
+            for cid in old.containers:
+                self._container_index.pop(cid, None)
+        self._records[record.id] = record
+        for cid in record.containers:
+            self._container_index[cid] = record.id
 
     def save(self, record: SandboxRecord) -> None:
         """Writes the record atomically (a crash leaves the old or the new file, never half)."""
@@ -104,14 +63,41 @@ class SandboxStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        with self._lock:
+            self._index(copy.deepcopy(record))
 
-    def load(self, sandbox_id: str) -> SandboxRecord:
+    def forget(self, sandbox_id: str) -> None:
+        """Drops the record from the index (its files go with the sandbox dir)."""
+        with self._lock:
+            record = self._records.pop(sandbox_id, None)
+            for cid in record.containers if record else ():
+                self._container_index.pop(cid, None)
+            self.unreadable.pop(sandbox_id, None)
+
+    def exists(self, sandbox_id: str) -> bool:
+        with self._lock:
+            return sandbox_id in self._records
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
         """Raises NotFound for an unknown sandbox."""
-        path = self.dir(sandbox_id) / "state.json"
-        try:
-            return SandboxRecord.from_json(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise NotFound(f"sandbox {sandbox_id} not found") from None
+        with self._lock:
+            record = self._records.get(sandbox_id)
+            if record is None:
+                raise NotFound(f"sandbox {sandbox_id} not found")
+            return copy.deepcopy(record)
 
-    def ids(self) -> list[str]:
-        return sorted(p.parent.name for p in self.root.glob("*/state.json"))
+    def all(self) -> list[SandboxRecord]:
+        with self._lock:
+            return [copy.deepcopy(self._records[k]) for k in sorted(self._records)]
+
+    def sandbox_of(self, container_id: str) -> str:
+        """The id of the sandbox that holds the container.
+
+        Raises:
+            NotFound: no sandbox has such a container.
+        """
+        with self._lock:
+            sandbox_id = self._container_index.get(container_id)
+        if sandbox_id is None:
+            raise NotFound(f"container {container_id} not found")
+        return sandbox_id

@@ -13,8 +13,10 @@ import pytest
 from kvmsandbox.config import NetworkConfig
 from kvmsandbox.errors import NotFound, Unavailable
 from kvmsandbox.network.pod import PodNetworking
-from kvmsandbox.sandbox.manager import NetworkRequest, SandboxManager
+from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from kvmsandbox.sandbox.states import ContainerState, SandboxState
+from kvmsandbox.sandbox.types import NetworkRequest
 from tests.cri.conftest import write_cni_config
 
 pytestmark = pytest.mark.vm
@@ -43,7 +45,8 @@ def test_a_pod_gets_its_cni_address_in_the_guest_and_leaves_nothing(
 ) -> None:
     m = net_manager
     record = m.create_sandbox(hostname="net-vm", network=NetworkRequest(port_mappings=[], args={}))
-    address = record.network["addresses"][0]
+    assert record.network is not None
+    address = record.network.addresses[0]
     ip = address.split("/")[0]
     c = m.create_container(record.id, lower_dirs=[busybox_layer], process=ProcessSpec(args=["sleep", "600"]))
     m.start_container(record.id, c.id)
@@ -56,7 +59,7 @@ def test_a_pod_gets_its_cni_address_in_the_guest_and_leaves_nothing(
     hosts = m.exec_sync(record.id, c.id, ["cat", "/etc/hosts"]).stdout.decode()
     assert f"{ip}\tnet-vm" in hosts
 
-    netns, tap = record.network["netns"], record.network["tap"]
+    netns, tap = record.network.netns, record.network.tap
     # The node's config changes under a running pod: its DEL still runs with the config it was
     # added with.
     for f in (tmp_path / "net.d").iterdir():
@@ -73,12 +76,13 @@ def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
 ) -> None:
     m = net_manager
     record = m.create_sandbox(hostname="net-retry", network=NetworkRequest(port_mappings=[], args={}))
-    ip = record.network["addresses"][0].split("/")[0]
+    assert record.network is not None
+    ip = record.network.addresses[0].split("/")[0]
     c = m.create_container(record.id, lower_dirs=[busybox_layer], process=ProcessSpec(args=["sleep", "600"]))
     m.start_container(record.id, c.id)
     working = m.networking
     # The plugins vanish (a node upgrade in progress): DEL cannot run.
-    m.networking = PodNetworking(
+    m.ctx.networking = PodNetworking(
         dataclasses.replace(
             m.config, network=dataclasses.replace(m.config.network, cni_bin_dirs=[tmp_path / "no-plugins"])
         )
@@ -87,18 +91,18 @@ def test_a_network_that_cannot_be_released_keeps_the_pod_until_a_retry_succeeds(
     with pytest.raises(Unavailable, match="not removed"):
         m.destroy_sandbox(record.id)
     kept = m.get_sandbox(record.id)
-    assert kept.state == "stopped" and kept.network["released"] is False
-    assert kept.containers[c.id].state == "exited" and kept.containers[c.id].exit_code == 255
+    assert kept.state is SandboxState.STOPPED and kept.network_released is False
+    assert kept.containers[c.id].state is ContainerState.EXITED and kept.containers[c.id].exit_code == 255
     with pytest.raises(Unavailable, match="stopped, but network"):
         m.stop_sandbox(record.id)
     assert [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip], "the lease is held until DEL runs"
     # The plugins are back: stopping again releases the network, removing finishes.
-    m.networking = working
+    m.ctx.networking = working
     m.stop_sandbox(record.id)
-    assert m.get_sandbox(record.id).network["released"] is True
+    assert m.get_sandbox(record.id).network_released is True
     assert not [p for p in (tmp_path / "ipam").rglob("*") if p.name == ip]
     m.destroy_sandbox(record.id)
-    assert not Path("/run/netns", record.network["netns"]).exists()
+    assert not Path("/run/netns", record.network.netns).exists()
     # The failed attempts kept the namespace, so DEL could remove the bridge's masquerade rule too.
     nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
     assert record.id not in nat

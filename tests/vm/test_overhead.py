@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.host import proc as host
-from kvmsandbox.overhead import measure
 from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.overhead import measure
 from kvmsandbox.overhead.model import CPU_COMPONENTS, MEMORY_COMPONENTS
 from kvmsandbox.overhead.report import render_measurement
 from kvmsandbox.sandbox.manager import SandboxManager
-from kvmsandbox.sandbox.store import SandboxRecord
+from kvmsandbox.sandbox.records import SandboxRecord
 
 pytestmark = pytest.mark.vm
 MIB = 1024 * 1024
@@ -55,7 +55,7 @@ def test_the_vmm_runs_in_the_sandboxs_host_cgroup_and_boot_figures_are_kept(
     assert record.cgroup.endswith(f"/kvmsandbox-{sandbox.id[:16]}")
     pid = measure.vmm_pid(manager, record)
     assert pid in HostCgroup(record.cgroup).pids()
-    usage = measure.vm_usage(manager, record)
+    usage = manager.vm_usage(record.id)
     vmm = host.vmm_memory(pid, record.memory_mib * MIB)
     # The VMM joined its cgroup before it ran the guest: every guest page it touched is charged
     # there (only file pages it shares with other VMMs, like the kernel image, may be charged to

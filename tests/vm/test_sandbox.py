@@ -10,10 +10,13 @@ import pytest
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentError, DeadlineExceeded, InvalidArgument, KvmSandboxError, Unavailable
 from kvmsandbox.sandbox.logs import parse_cri_log
-from kvmsandbox.sandbox.manager import HostMount, SandboxManager
+from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
-from kvmsandbox.sandbox.store import SandboxRecord
+from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.states import ContainerState, SandboxState
+from kvmsandbox.sandbox.types import HostMount
 from tests.vm.leaks import mount_options, mounts_below, processes_mentioning
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -50,7 +53,7 @@ def test_container_output_reaches_the_host_log_and_exit_code_propagates(
     assert ("stdout", "hello out") in lines
     assert ("stderr", "hello err") in lines
     record = manager.get_sandbox(sandbox.id).containers[c.id]
-    assert record.state == "exited" and record.exit_code == 3
+    assert record.state is ContainerState.EXITED and record.exit_code == 3
     manager.remove_container(sandbox.id, c.id)
     assert not mounts_below(manager.sandbox_dir(sandbox.id) / "shared" / "containers")
 
@@ -65,16 +68,15 @@ def test_two_containers_in_one_sandbox_have_separate_writable_roots(
         manager.start_container(sandbox.id, b.id)
         states = {c.id: c.state for c in manager.client(sandbox.id).list_containers()}
         assert states[a.id] == pb.RUNNING and states[b.id] == pb.RUNNING
-        deadline = time.monotonic() + 30
-        seen: tuple[bytes, bytes] = (b"", b"")
-        while time.monotonic() < deadline:
+
+        def both_read_back() -> tuple[bytes, bytes] | None:
             seen = (
                 manager.exec_sync(sandbox.id, a.id, ["cat", "/mine"]).stdout,
                 manager.exec_sync(sandbox.id, b.id, ["cat", "/mine"]).stdout,
             )
-            if seen == (b"a\n", b"b\n"):
-                break
-            time.sleep(0.5)
+            return seen if all(seen) else None
+
+        seen = wait_until(both_read_back, 30, "both containers to have written /mine", interval=0.5)
         assert seen == (b"a\n", b"b\n")
         # The writable layer is on the host, below the sandbox dir, and the image layer is untouched.
         assert not (busybox_layer / "mine").exists()
@@ -110,9 +112,7 @@ def test_stop_sends_sigterm_first(manager: SandboxManager, sandbox: SandboxRecor
         process=sh("trap 'echo got TERM; exit 7' TERM; echo armed; while true; do sleep 0.2; done"),
     )
     manager.start_container(sandbox.id, c.id)
-    deadline = time.monotonic() + 30
-    while ("stdout", "armed") not in log_lines(c.log_path) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: ("stdout", "armed") in log_lines(c.log_path), 30, "the container to arm its trap", interval=0.2)
     status = manager.stop_container(sandbox.id, c.id, grace=20)
     assert status.exit_code == 7
     manager.wait_output(sandbox.id, c.id, 10)
@@ -275,16 +275,18 @@ def test_a_restarted_manager_recovers_sandboxes_and_stop_keeps_their_records(
         assert again.refresh(record.id).containers[done.id].exit_code == 4
         lines_before = len(log_lines(c.log_path))
         assert again.exec_sync(record.id, c.id, ["hostname"]).stdout == b"survivor\n"
-        deadline = time.monotonic() + 30
-        while len(log_lines(c.log_path)) <= lines_before + 2 and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert len(log_lines(c.log_path)) > lines_before + 2, "output stopped reaching the log after recovery"
+        wait_until(
+            lambda: len(log_lines(c.log_path)) > lines_before + 2,
+            30,
+            "output to keep reaching the log after recovery",
+            interval=0.3,
+        )
 
         again.stop_sandbox(record.id)
         again.stop_sandbox(record.id)
         stopped = again.get_sandbox(record.id)
-        assert stopped.state == "stopped"
-        assert stopped.containers[c.id].state == "exited" and stopped.containers[c.id].exit_code == 137
+        assert stopped.state is SandboxState.STOPPED
+        assert stopped.containers[c.id].state is ContainerState.EXITED and stopped.containers[c.id].exit_code == 137
         assert processes_mentioning(record.vm_name) == []
         with pytest.raises(KvmSandboxError) as e:
             again.create_container(record.id, lower_dirs=[busybox_layer], process=sh("true"))

@@ -1,0 +1,239 @@
+"""Containers in a sandbox: create (rootfs on the host, spec to the agent), start, wait, stop,
+remove, log reopening and resource updates. Callers hold no lock; each function takes the
+sandbox's."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmsandbox.agent.client import ExitStatus
+from kvmsandbox.errors import AgentError, DeadlineExceeded, FailedPrecondition, NotFound
+from kvmsandbox.sandbox import oci_spec, rootfs
+from kvmsandbox.sandbox.boot import GUEST_SHARE
+from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.lifecycle import mark_exited
+from kvmsandbox.sandbox.logs import CriLogWriter
+from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
+from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
+from kvmsandbox.sandbox.types import HostMount
+
+# Seconds a container gets to die after SIGKILL before StopContainer gives up.
+KILL_WAIT_SECONDS = 30.0
+# Seconds RemoveContainer waits for the last output to reach the log.
+OUTPUT_DRAIN_SECONDS = 10
+
+
+def guest_rootfs_path(container_id: str) -> str:
+    return f"{GUEST_SHARE}/containers/{container_id}/rootfs"
+
+
+def find(record: SandboxRecord, container_id: str) -> ContainerRecord:
+    """Raises NotFound naming the sandbox."""
+    c = record.containers.get(container_id)
+    if c is None:
+        raise NotFound(f"container {container_id} not found in sandbox {record.id}")
+    return c
+
+
+def _host_paths(ctx: SandboxContext, sandbox_id: str, container_id: str) -> dict[str, Path]:
+    sdir = ctx.sandbox_dir(sandbox_id)
+    return {
+        "layer": sdir / "layers" / container_id,
+        "container": sdir / "shared" / "containers" / container_id,
+        "mounts": sdir / "shared" / "mounts" / container_id,
+    }
+
+
+def _guest_mounts(
+    record: SandboxRecord, container_id: str, mounts: list[HostMount], mounts_dir: Path
+) -> list[oci_spec.Mount]:
+    """The pod's hostname, hosts and resolv.conf, then the host paths (bind-mounted below the
+    shared dir here, so the guest sees them)."""
+    out = [
+        oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
+        for name in ("hostname", "hosts", "resolv.conf")
+        if name in record.guest_files
+    ]
+    for i, m in enumerate(mounts):
+        rootfs.bind_host_path(m.host_path, mounts_dir / str(i), m.readonly)
+        out.append(oci_spec.Mount(f"{GUEST_SHARE}/mounts/{container_id}/{i}", m.container_path, m.readonly))
+    return out
+
+
+def create(
+    ctx: SandboxContext,
+    sandbox_id: str,
+    container_id: str | None,
+    *,
+    lower_dirs: list[Path],
+    process: oci_spec.ProcessSpec,
+    name: str = "",
+    log_path: Path | None = None,
+    readonly_rootfs: bool = False,
+    mounts: list[HostMount] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> ContainerRecord:
+    """Prepares the rootfs on the host and creates the container in the guest (not started).
+
+    Output goes to ``log_path`` in the CRI log format (default: the container's dir). On failure
+    nothing of the container is left.
+    """
+    container_id = check_id("container id", container_id or secrets.token_hex(32))
+    with ctx.lock_for(sandbox_id):
+        record = ctx.store.get(sandbox_id)
+        if record.state is not SandboxState.READY:
+            raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state.value}: cannot create containers in it")
+        if container_id in record.containers:
+            raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
+        client = ctx.ready_client(record)
+        paths = _host_paths(ctx, sandbox_id, container_id)
+        log_file = log_path or ctx.sandbox_dir(sandbox_id) / "logs" / f"{container_id}.log"
+        try:
+            rootfs.mount_rootfs(lower_dirs, paths["layer"], paths["container"] / "rootfs")
+            spec = oci_spec.container_spec(
+                root_path=guest_rootfs_path(container_id),
+                process=process,
+                hostname=record.hostname,
+                readonly_rootfs=readonly_rootfs,
+                mounts=_guest_mounts(record, container_id, mounts or [], paths["mounts"]),
+                cgroups_path=f"/kvmsandbox/{container_id}",
+                resources=resources,
+            )
+            pid = client.create_container(container_id, spec)
+            writer = CriLogWriter(log_file)
+        except BaseException:
+            for path in (paths["container"], paths["mounts"], paths["layer"]):
+                rootfs.remove_tree(path)
+            raise
+        container = ContainerRecord(
+            id=container_id,
+            sandbox_id=sandbox_id,
+            name=name or container_id[:12],
+            state=ContainerState.CREATED,
+            args=list(process.args),
+            lower_dirs=[str(d) for d in lower_dirs],
+            log_path=str(log_file),
+            pid=pid,
+            created_at_ns=time.time_ns(),
+        )
+        record.containers[container_id] = container
+        ctx.store.save(record)
+        key = (sandbox_id, container_id)
+        ctx.stdio.add_writer(key, writer)
+        ctx.stdio.start_log_pump(key, log_file, client)
+        return container
+
+
+def start(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
+    """Raises NotFound, or FailedPrecondition unless the container is created and the sandbox ready."""
+    with ctx.lock_for(sandbox_id):
+        record = ctx.store.get(sandbox_id)
+        c = find(record, container_id)
+        if c.state is not ContainerState.CREATED:
+            raise FailedPrecondition(f"container {container_id} is {c.state.value}, not created")
+        ctx.ready_client(record).start_container(container_id)
+        move(c, ContainerState.RUNNING)
+        c.started_at_ns = time.time_ns()
+        ctx.store.save(record)
+
+
+def wait(ctx: SandboxContext, sandbox_id: str, container_id: str, timeout: float) -> ExitStatus | None:
+    """The container's exit, waiting up to ``timeout`` seconds; None while it runs."""
+    client = ctx.ready_client(ctx.store.get(sandbox_id))
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        status = client.wait_process(container_id, "", min(max(0.0, remaining), 30.0))
+        if status is not None:
+            record_exit(ctx, sandbox_id, container_id, status)
+            return status
+        if remaining <= 0:
+            return None
+
+
+def record_exit(ctx: SandboxContext, sandbox_id: str, container_id: str, status: ExitStatus) -> None:
+    with ctx.lock_for(sandbox_id):
+        record = ctx.store.get(sandbox_id)
+        c = find(record, container_id)
+        if c.state is not ContainerState.EXITED:
+            mark_exited(c, status, "")
+            ctx.store.save(record)
+
+
+def stop(
+    ctx: SandboxContext, sandbox_id: str, container_id: str, grace: float, stop_signal: int = signal.SIGTERM
+) -> ExitStatus:
+    """``stop_signal``, then SIGKILL once ``grace`` seconds passed. Idempotent for a stopped
+    container.
+
+    Raises:
+        NotFound. FailedPrecondition: the sandbox is not ready. DeadlineExceeded: it survived SIGKILL.
+    """
+    record = ctx.store.get(sandbox_id)
+    c = find(record, container_id)
+    if c.state is ContainerState.EXITED and c.exit_code is not None:
+        return ExitStatus(c.exit_code, 0, c.finished_at_ns)
+    client = ctx.ready_client(record)
+    if grace > 0:
+        client.signal_process(container_id, stop_signal)
+        status = wait(ctx, sandbox_id, container_id, grace)
+        if status is not None:
+            return status
+    client.signal_process(container_id, signal.SIGKILL)
+    status = wait(ctx, sandbox_id, container_id, KILL_WAIT_SECONDS)
+    if status is None:
+        raise DeadlineExceeded(f"container {container_id} did not exit after SIGKILL")
+    return status
+
+
+def remove(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
+    """Removes the container in the guest (when the sandbox is ready) and its rootfs, layer and
+    log sink on the host."""
+    with ctx.lock_for(sandbox_id):
+        record = ctx.store.get(sandbox_id)
+        find(record, container_id)
+        if record.state is SandboxState.READY:
+            try:
+                ctx.client_for(record).remove_container(container_id, force=True)
+            except AgentError as e:
+                if e.grpc_code != "NOT_FOUND":
+                    raise
+        ctx.stdio.release((sandbox_id, container_id), OUTPUT_DRAIN_SECONDS)
+        for path in _host_paths(ctx, sandbox_id, container_id).values():
+            rootfs.remove_tree(path)
+        del record.containers[container_id]
+        ctx.store.save(record)
+
+
+def wait_output(ctx: SandboxContext, sandbox_id: str, container_id: str, timeout: float) -> bool:
+    """Waits until the container's stdout and stderr are closed and written to its log."""
+    pump = ctx.stdio.pump((sandbox_id, container_id))
+    return pump.join(timeout) if pump is not None else True
+
+
+def reopen_log(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
+    """Starts a new log file at the container's log path (after kubelet rotated the old one).
+
+    Raises:
+        NotFound. FailedPrecondition: the container is not running.
+    """
+    c = find(ctx.store.get(sandbox_id), container_id)
+    if c.state is not ContainerState.RUNNING:
+        raise FailedPrecondition(
+            f"container {container_id} is {c.state.value}: only a running container's log is reopened"
+        )
+    writer = ctx.stdio.writer((sandbox_id, container_id))
+    if writer is None:
+        raise FailedPrecondition(f"container {container_id} has no open log")
+    writer.reopen()
+
+
+def update_resources(ctx: SandboxContext, sandbox_id: str, container_id: str, resources: dict[str, Any]) -> None:
+    """Applies OCI ``linux.resources`` to the container's cgroup in the guest."""
+    record = ctx.store.get(sandbox_id)
+    find(record, container_id)
+    ctx.ready_client(record).update_container(container_id, resources)

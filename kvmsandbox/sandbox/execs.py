@@ -1,0 +1,42 @@
+"""ExecSync: a command in a running container, its output collected in memory."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+
+from kvmsandbox.errors import DeadlineExceeded
+from kvmsandbox.sandbox import oci_spec
+from kvmsandbox.sandbox.containers import find
+from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump
+from kvmsandbox.sandbox.types import ExecResult
+
+# Seconds a killed command gets to be reaped, and its output to arrive, after a timeout.
+KILL_WAIT_SECONDS = 10
+# Seconds the output of a finished command gets to arrive.
+OUTPUT_DRAIN_SECONDS = 30
+
+
+def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], timeout: float) -> ExecResult:
+    """Runs ``args`` in a running container and returns its exit code and output.
+
+    Raises:
+        NotFound. FailedPrecondition: the sandbox is not ready.
+        DeadlineExceeded: it ran longer than ``timeout`` seconds (it is killed).
+    """
+    record = ctx.store.get(sandbox_id)
+    find(record, container_id)
+    client = ctx.ready_client(record)
+    exec_id = secrets.token_hex(8)
+    client.exec_process(container_id, exec_id, oci_spec.process_object(oci_spec.ProcessSpec(args=args)))
+    collector = OutputCollector()
+    pump = OutputPump(client, container_id, exec_id, collector)
+    status = client.wait_process(container_id, exec_id, timeout)
+    if status is None:
+        client.signal_process(container_id, signal.SIGKILL, exec_id)
+        client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
+        pump.join(KILL_WAIT_SECONDS)
+        raise DeadlineExceeded(f"command {args[0]!r} in container {container_id} ran longer than {timeout}s")
+    pump.join(OUTPUT_DRAIN_SECONDS)
+    return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))

@@ -1,0 +1,119 @@
+"""What one sandbox costs and uses, read from its guest (the agent) and from the host (/proc, its
+VMM's cgroup, its writable layers). The node-wide measurement in ``kvmsandbox.overhead`` builds on
+these."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.host import proc
+from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.types import ContainerStats, FilesystemUsage, VmUsage
+
+MIB = 1024 * 1024
+
+
+def guest_memory(details: pb.GuestDetailsResponse, vm_memory_bytes: int) -> dict[str, int]:
+    """The guest side of a sample from the agent's GuestDetails."""
+    return {
+        "guest_kernel_reserved": max(0, vm_memory_bytes - details.mem_total_bytes),
+        "guest_idle_used": max(0, details.mem_total_bytes - details.mem_available_bytes),
+        "agent_rss": details.agent_rss_bytes,
+    }
+
+
+def vmm_pid(ctx: SandboxContext, record: SandboxRecord) -> int:
+    """Raises FailedPrecondition when the sandbox's VM does not run."""
+    info = ctx.hypervisor.info(record.vm_name)
+    if info is None or not info.running or not info.pid:
+        raise FailedPrecondition(f"sandbox {record.id}: its VM {record.vm_name} is not running")
+    return info.pid
+
+
+def vmm_memory(ctx: SandboxContext, record: SandboxRecord) -> dict[str, int]:
+    """The host side of a sample: the VMM's memory beyond the guest's RAM, with its parts."""
+    tcg_cache = ctx.config.hypervisor.tb_cache_mib * MIB if record.accel == "tcg" else 0
+    mem = proc.vmm_memory(vmm_pid(ctx, record), record.memory_mib * MIB, tcg_cache)
+    return {
+        "vmm_beyond_guest_ram": mem.beyond_guest_ram,
+        "vmm_tcg_cache": mem.tcg_cache_pss,
+        "vmm_guest_ram_touched": mem.guest_ram_rss,
+        "vmm_pss": mem.pss,
+    }
+
+
+def memory_snapshot(
+    ctx: SandboxContext, record: SandboxRecord, details: pb.GuestDetailsResponse | None = None
+) -> dict[str, int]:
+    """The memory one running sandbox costs now, by component, in bytes; ``details`` saves asking
+    the agent again.
+
+    Raises:
+        FailedPrecondition: the VM does not run or the sandbox is not ready. KvmSandboxError: the
+        agent does not answer.
+    """
+    details = details or ctx.ready_client(record).guest_details()
+    memory = guest_memory(details, record.memory_mib * MIB)
+    memory.update(vmm_memory(ctx, record))
+    return memory
+
+
+def vm_usage(ctx: SandboxContext, record: SandboxRecord) -> VmUsage:
+    """CPU from the VMM process (every thread, since it started); memory from the sandbox's host
+    cgroup when it has one, else the VMM's resident set.
+
+    Raises:
+        FailedPrecondition: the VM does not run.
+    """
+    pid = vmm_pid(ctx, record)
+    cpu_ns = int(proc.cpu_seconds(pid) * 1e9)
+    if record.cgroup:
+        cg = HostCgroup(record.cgroup)
+        if cg.exists():
+            u = cg.usage()
+            return VmUsage(
+                time.time_ns(), cpu_ns, u.memory_usage_bytes, u.memory_working_set_bytes, f"cgroup {record.cgroup}"
+            )
+    mem = proc.vmm_memory(pid, record.memory_mib * MIB)
+    return VmUsage(time.time_ns(), cpu_ns, mem.rss, mem.rss, f"process {pid}")
+
+
+def container_stats(ctx: SandboxContext, record: SandboxRecord, container_id: str) -> ContainerStats:
+    """The container's cgroup figures from its guest.
+
+    Raises:
+        FailedPrecondition: the sandbox is not ready. KvmSandboxError: the agent's error.
+    """
+    s = ctx.ready_client(record).container_stats(container_id)
+    return ContainerStats(
+        timestamp_ns=s.timestamp_ns,
+        cpu_usage_ns=s.cpu_usage_ns,
+        memory_working_set_bytes=s.memory_working_set_bytes,
+        memory_usage_bytes=s.memory_usage_bytes,
+        memory_rss_bytes=s.memory_rss_bytes,
+        memory_limit_bytes=s.memory_limit_bytes,
+        pids=s.pids,
+    )
+
+
+def writable_layer(ctx: SandboxContext, record: SandboxRecord, container_id: str) -> FilesystemUsage:
+    """(bytes, inodes) of the container's writable layer, counted on the host."""
+    used = inodes = 0
+    for root, dirs, files in os.walk(ctx.sandbox_dir(record.id) / "layers" / container_id / "upper"):
+        for name in dirs + files:
+            inodes += 1
+            try:
+                used += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return FilesystemUsage(mountpoint=str(ctx.sandbox_dir(record.id)), used_bytes=used, inodes_used=inodes)
+
+
+def writable_layer_dir(ctx: SandboxContext, sandbox_id: str, container_id: str) -> Path:
+    return ctx.sandbox_dir(sandbox_id) / "layers" / container_id

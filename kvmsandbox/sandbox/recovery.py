@@ -1,0 +1,82 @@
+"""After a restart of the runtime, and whenever a caller wants fresh states: container states
+brought up to date from the guests; sandboxes whose VM is gone become STOPPED, those whose agent
+cannot be reached BROKEN, half-created ones are removed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from kvmsandbox.agent.client import ExitStatus
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.errors import KvmSandboxError
+from kvmsandbox.sandbox import lifecycle
+from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
+
+log = logging.getLogger(__name__)
+
+
+def sync_containers(ctx: SandboxContext, record: SandboxRecord) -> set[str]:
+    """Updates ``record`` (and saves it) with the containers' states in the guest; returns the
+    ids the guest knows. Raises the agent's KvmSandboxError."""
+    infos = {i.id: i for i in ctx.client_for(record).list_containers()}
+    for c in record.containers.values():
+        info = infos.get(c.id)
+        if c.state is ContainerState.EXITED:
+            continue
+        if info is None:
+            lifecycle.mark_exited(c, None, "container lost by the guest")
+        elif info.state == pb.EXITED:
+            lifecycle.mark_exited(c, ExitStatus(info.exit_code, 0, info.finished_at_ns), "")
+            c.oom_killed = c.oom_killed or info.oom_killed
+        elif info.state == pb.RUNNING and c.state is ContainerState.CREATED:
+            move(c, ContainerState.RUNNING)
+    ctx.store.save(record)
+    return set(infos)
+
+
+def refresh(ctx: SandboxContext, sandbox_id: str) -> SandboxRecord:
+    """The sandbox record with its containers' states as the guest sees them now (the last known
+    ones when the sandbox is not ready or its agent does not answer)."""
+    with ctx.lock_for(sandbox_id):
+        record = ctx.store.get(sandbox_id)
+        live = (c.state is not ContainerState.EXITED for c in record.containers.values())
+        if record.state is SandboxState.READY and any(live):
+            with contextlib.suppress(KvmSandboxError):
+                sync_containers(ctx, record)
+        return record
+
+
+def recover(ctx: SandboxContext) -> None:
+    """Reconnects to the agents of running sandboxes, brings container states up to date and
+    resumes copying container output to the logs."""
+    running = {info.name for info in ctx.hypervisor.list() if info.running}
+    for record in ctx.store.all():
+        with ctx.lock_for(record.id):
+            if record.state is SandboxState.BOOTING:
+                log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
+                lifecycle.remove(ctx, record.id, record.vm_name, record, must_release=False)
+            elif record.state is SandboxState.READY and record.vm_name not in running:
+                log.warning("sandbox %s: its VM %s is gone: marking it stopped", record.id, record.vm_name)
+                lifecycle.mark_stopped(record, "sandbox VM exited")
+                lifecycle.release_vm(ctx, record.id, record.vm_name, record)
+                ctx.store.save(record)
+            elif record.state is SandboxState.READY:
+                _reattach(ctx, record)
+
+
+def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:
+    try:
+        in_guest = sync_containers(ctx, record)
+    except KvmSandboxError as e:
+        log.warning("sandbox %s: agent not reachable during recovery: %s", record.id, e)
+        lifecycle.mark_broken(ctx, record.id, f"agent not reachable after a runtime restart: {e}")
+        return
+    client = ctx.client_for(record)
+    for c in record.containers.values():
+        if c.id in in_guest:
+            ctx.stdio.start_log_pump((record.id, c.id), Path(c.log_path), client)
+    log.info("sandbox recovered id=%s containers=%d", record.id, len(record.containers))

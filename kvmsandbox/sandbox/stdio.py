@@ -1,0 +1,175 @@
+"""Containers' and processes' output streams from the agent: pumps that copy stdout and stderr to a
+sink until both end, the sinks (CRI log file, in-memory collector), and the registry of the pumps
+and log writers of every container."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kvmsandbox.agent.client import AgentClient
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
+from kvmsandbox.sandbox.logs import CriLogWriter
+
+STDIO_POLL_SECONDS = 5.0
+
+Sink = Callable[[str, bytes | None], None]
+"""Receives ("stdout" | "stderr", data); data None once that stream ended."""
+
+
+class OutputPump:
+    """Copies a process's stdout and stderr from the agent to a sink until both end."""
+
+    def __init__(self, client: AgentClient, container_id: str, exec_id: str, sink: Sink) -> None:
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._pump,
+                args=(client, container_id, exec_id, stream, name, sink, self._stop),
+                name=f"stdio-{container_id[:12]}-{name}",
+                daemon=True,
+            )
+            for stream, name in ((pb.STDOUT, "stdout"), (pb.STDERR, "stderr"))
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(
+        client: AgentClient,
+        container_id: str,
+        exec_id: str,
+        stream: pb.Stream.ValueType,
+        name: str,
+        sink: Sink,
+        stop: threading.Event,
+    ) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                data, eof = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS)
+            except (AgentError, Unavailable, DeadlineExceeded) as e:
+                # NotFound: the container is gone. Anything else: retry a few times, the agent
+                # may be reconnecting.
+                failures += 1
+                if (isinstance(e, AgentError) and e.grpc_code == "NOT_FOUND") or failures > 20:
+                    break
+                time.sleep(0.2)
+                continue
+            failures = 0
+            if data:
+                sink(name, data)
+            if eof:
+                break
+        sink(name, None)
+
+    def stop(self) -> None:
+        """Stops copying after the current read (the runtime shuts down; the guest keeps the rest)."""
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+
+class OutputCollector:
+    """Sink that keeps output in memory (ExecSync)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def __call__(self, stream: str, data: bytes | None) -> None:
+        if data:
+            self.data[stream] += data
+
+
+class LogSink:
+    """Sink that writes CRI-format log lines."""
+
+    def __init__(self, writer: CriLogWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, stream: str, data: bytes | None) -> None:
+        if data is None:
+            self.writer.close_stream(stream)
+        else:
+            self.writer.write(stream, data)
+
+
+Key = tuple[str, str]
+"""(sandbox id, container id)"""
+
+
+class StdioRegistry:
+    """The log writer and the output pump of every container whose output the runtime copies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pumps: dict[Key, OutputPump] = {}
+        self._writers: dict[Key, CriLogWriter] = {}
+
+    def add_writer(self, key: Key, writer: CriLogWriter) -> None:
+        with self._lock:
+            self._writers[key] = writer
+
+    def writer(self, key: Key) -> CriLogWriter | None:
+        with self._lock:
+            return self._writers.get(key)
+
+    def pump(self, key: Key) -> OutputPump | None:
+        with self._lock:
+            return self._pumps.get(key)
+
+    def start_log_pump(self, key: Key, log_path: Path, client: AgentClient) -> None:
+        """Copies the container's output to its log (opened here unless a writer exists); no-op
+        while a pump runs already."""
+        with self._lock:
+            if key in self._pumps:
+                return
+            writer = self._writers.get(key) or CriLogWriter(log_path)
+            self._writers[key] = writer
+            self._pumps[key] = OutputPump(client, key[1], "", LogSink(writer))
+
+    def release(self, key: Key, join_timeout: float) -> None:
+        """Waits up to ``join_timeout`` for the pump to end and closes the log."""
+        with self._lock:
+            pump = self._pumps.pop(key, None)
+            writer = self._writers.pop(key, None)
+        if pump is not None:
+            pump.join(join_timeout)
+        if writer is not None:
+            writer.close()
+
+    def release_sandbox(self, sandbox_id: str, join_timeout: float) -> None:
+        """``release`` for every container of the sandbox (its agent connection is gone by now)."""
+        with self._lock:
+            keys = {k for k in (*self._pumps, *self._writers) if k[0] == sandbox_id}
+        deadline = time.monotonic() + join_timeout
+        for key in keys:
+            self.release(key, max(0.0, deadline - time.monotonic()))
+
+    def stop_all(self) -> list[OutputPump]:
+        """Tells every pump to stop after its current read; returns them (for ``close_all``)."""
+        with self._lock:
+            pumps = list(self._pumps.values())
+        for pump in pumps:
+            pump.stop()
+        return pumps
+
+    def close_all(self, join_timeout: float) -> None:
+        """Waits for every pump to end and closes every log."""
+        with self._lock:
+            pumps = list(self._pumps.values())
+            writers = list(self._writers.values())
+            self._pumps.clear()
+            self._writers.clear()
+        deadline = time.monotonic() + join_timeout
+        for pump in pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+        for w in writers:
+            w.close()
