@@ -3,7 +3,7 @@ ListContainers, UpdateContainerResources, ReopenContainerLog, ExecSync."""
 
 from __future__ import annotations
 
-import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,8 +11,10 @@ from typing import Any
 from kvmsandbox.cri.process import process_spec
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
+from kvmsandbox.cri.store import CriContainer, MountInfo
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
-from kvmsandbox.sandbox.manager import HostMount
+from kvmsandbox.sandbox.states import ContainerState, SandboxState
+from kvmsandbox.sandbox.types import HostMount
 
 # ExecSync without a timeout still ends: a stuck command must not hold a kubelet worker forever.
 EXEC_SYNC_DEFAULT_TIMEOUT = 3600.0
@@ -31,40 +33,48 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
     if not config.image.image:
         raise InvalidArgument("the container config names no image")
     sandbox = state.manager.get_sandbox(req.pod_sandbox_id)
-    if sandbox.state != "ready":
-        raise FailedPrecondition(f"sandbox {sandbox.id} is not ready ({sandbox.state}): cannot create containers in it")
+    if sandbox.state is not SandboxState.READY:
+        raise FailedPrecondition(
+            f"sandbox {sandbox.id} is not ready ({sandbox.state.value}): cannot create containers in it"
+        )
     image = state.images.status(config.image.image)
     if image is None:
         raise NotFound(f"image {config.image.image!r} is not present on this node: pull it first")
     layers: list[Path] = state.images.layer_dirs(image.id)
     process = process_spec(config, image.config, layers)
     mounts = [HostMount(Path(m.host_path), m.container_path, m.readonly) for m in config.mounts if m.host_path]
-    log_dir = sandbox.extra.get("log_directory", "")
+    log_dir = state.pod(sandbox).log_directory
     log_path = Path(log_dir, config.log_path) if log_dir and config.log_path else None
-    extra: dict[str, Any] = {
-        "metadata": {"name": config.metadata.name, "attempt": config.metadata.attempt},
-        "image": config.image.image,
-        "image_id": image.id,
-        "image_ref": image.repo_digests[0] if image.repo_digests else image.id,
-        "annotations": dict(config.annotations),
-        "mounts": [
-            {"container_path": m.container_path, "host_path": m.host_path, "readonly": m.readonly}
-            for m in config.mounts
-        ],
-        "stop_signal": image.config.get("StopSignal", ""),
-    }
-    record = state.manager.create_container(
-        sandbox.id,
-        lower_dirs=layers,
-        process=process,
+    meta = CriContainer(
+        id=secrets.token_hex(32),
+        pod_id=sandbox.id,
         name=config.metadata.name,
-        log_path=log_path,
-        readonly_rootfs=config.linux.security_context.readonly_rootfs,
+        attempt=config.metadata.attempt,
+        image=config.image.image,
+        image_id=image.id,
+        image_ref=image.repo_digests[0] if image.repo_digests else image.id,
         labels=dict(config.labels),
-        mounts=mounts,
-        resources=oci_resources(config.linux.resources),
-        extra=extra,
+        annotations=dict(config.annotations),
+        mounts=tuple(MountInfo(m.container_path, m.host_path, m.readonly) for m in config.mounts),
+        stop_signal=str(image.config.get("StopSignal", "")),
     )
+    # The CRI facts are stored first: a restart during the create finds the container with them.
+    state.store.add_container(meta)
+    try:
+        record = state.manager.create_container(
+            sandbox.id,
+            meta.id,
+            lower_dirs=layers,
+            process=process,
+            name=config.metadata.name,
+            log_path=log_path,
+            readonly_rootfs=config.linux.security_context.readonly_rootfs,
+            mounts=mounts,
+            resources=oci_resources(config.linux.resources),
+        )
+    except BaseException:
+        state.store.remove_container(meta.id)
+        raise
     state.images.hold(image.id, record.id)
     return cri.CreateContainerResponse(container_id=record.id)
 
@@ -96,7 +106,7 @@ def stop(state: CriState, req: cri.StopContainerRequest) -> cri.StopContainerRes
     for a stopped container."""
     sandbox, c = state.find_container(req.container_id)
     state.manager.stop_container(
-        sandbox.id, req.container_id, grace=max(0, req.timeout), stop_signal=stop_signal(c.extra.get("stop_signal", ""))
+        sandbox.id, req.container_id, grace=max(0, req.timeout), stop_signal=stop_signal(state.container(c).stop_signal)
     )
     return cri.StopContainerResponse()
 
@@ -107,16 +117,19 @@ def remove(state: CriState, req: cri.RemoveContainerRequest) -> cri.RemoveContai
         sandbox, c = state.find_container(req.container_id)
     except NotFound:
         return cri.RemoveContainerResponse()
+    image_id = state.container(c).image_id
     state.manager.remove_container(sandbox.id, req.container_id)
-    if c.extra.get("image_id"):
-        state.images.release(c.extra["image_id"], c.id)
+    state.store.remove_container(c.id)
+    if image_id:
+        state.images.release(image_id, c.id)
     return cri.RemoveContainerResponse()
 
 
 def status(state: CriState, req: cri.ContainerStatusRequest) -> cri.ContainerStatusResponse:
     sandbox, _ = state.find_container(req.container_id)
     record = state.manager.refresh(sandbox.id)
-    return cri.ContainerStatusResponse(status=container_status(record.containers[req.container_id]))
+    c = record.containers[req.container_id]
+    return cri.ContainerStatusResponse(status=container_status(c, state.container(c)))
 
 
 def list_(state: CriState, req: cri.ListContainersRequest) -> cri.ListContainersResponse:
@@ -125,16 +138,17 @@ def list_(state: CriState, req: cri.ListContainersRequest) -> cri.ListContainers
     for sandbox in state.manager.list_sandboxes():
         if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
             continue
-        if any(c.state != "exited" for c in sandbox.containers.values()):
+        if any(c.state is not ContainerState.EXITED for c in sandbox.containers.values()):
             sandbox = state.manager.refresh(sandbox.id)
         for c in sandbox.containers.values():
             if f.id and not c.id.startswith(f.id):
                 continue
             if f.HasField("state") and CONTAINER_STATES[c.state] != f.state.state:
                 continue
-            if not labels_match(c.labels, f.label_selector):
+            meta = state.container(c)
+            if not labels_match(meta.labels, f.label_selector):
                 continue
-            out.append(container(c))
+            out.append(container(c, meta))
     return cri.ListContainersResponse(containers=out)
 
 
@@ -186,22 +200,9 @@ def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse
     if not req.cmd:
         raise InvalidArgument("ExecSync needs a command")
     sandbox, c = state.find_container(req.container_id)
-    if c.state != "running":
-        raise FailedPrecondition(f"container {c.id} is {c.state}, not running")
+    if c.state is not ContainerState.RUNNING:
+        raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
     result = state.manager.exec_sync(
         sandbox.id, c.id, list(req.cmd), timeout=float(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT
     )
     return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
-
-
-def writable_layer_usage(layer_dir: Path) -> tuple[int, int]:
-    """(bytes, inodes) of a container's writable layer."""
-    used = inodes = 0
-    for root, dirs, files in os.walk(layer_dir):
-        for name in dirs + files:
-            inodes += 1
-            try:
-                used += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                continue
-    return used, inodes

@@ -6,19 +6,16 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import asdict
 from typing import Any
 
-from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState, container_status, labels_match, pod_resources, pod_sandbox
+from kvmsandbox.cri.store import CriPod, PodMetadata
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
 from kvmsandbox.network.cni import PortMapping
-from kvmsandbox.network.pod import PodNetwork
-from kvmsandbox.overhead import measure
-from kvmsandbox.overhead.sizing import PodResources
-from kvmsandbox.sandbox.manager import NetworkRequest
-from kvmsandbox.sandbox.store import SandboxRecord
+from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.states import SandboxState
+from kvmsandbox.sandbox.types import DnsConfig, NetworkRequest
 
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 
@@ -64,26 +61,32 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
     dns = config.dns_config
     linux = config.linux
     size = state.overhead.size(pod_resources(linux.resources), os.cpu_count() or 1)
-    declared = pod_resources(linux.overhead)
-    record = state.manager.create_sandbox(
-        secrets.token_hex(32),
-        vcpus=size.vcpus,
-        memory_mib=size.memory_mib,
-        cgroup_parent=linux.cgroup_parent,
-        network=network,
-        hostname=config.hostname or md.name,
-        dns=pb.DNSConfig(servers=dns.servers, searches=dns.searches, options=dns.options),
+    pod = CriPod(
+        id=secrets.token_hex(32),
+        metadata=PodMetadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt),
         labels=dict(config.labels),
-        extra={
-            "metadata": {"name": md.name, "uid": md.uid, "namespace": md.namespace, "attempt": md.attempt},
-            "annotations": dict(config.annotations),
-            "log_directory": config.log_directory,
-            "runtime_handler": handler,
-            "sizing": size.reason,
-            "declared_overhead": asdict(declared),
-        },
+        annotations=dict(config.annotations),
+        log_directory=config.log_directory,
+        runtime_handler=handler,
+        sizing=size.reason,
+        declared_overhead=pod_resources(linux.overhead),
     )
-    checked = state.overhead.check(declared, record.overhead_at_boot, record.memory_mib)
+    # The CRI facts are stored first: a restart during the boot finds the pod with its metadata.
+    state.store.add_pod(pod)
+    try:
+        record = state.manager.create_sandbox(
+            pod.id,
+            vcpus=size.vcpus,
+            memory_mib=size.memory_mib,
+            cgroup_parent=linux.cgroup_parent,
+            network=network,
+            hostname=config.hostname or md.name,
+            dns=DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options)),
+        )
+    except BaseException:
+        state.store.remove_pod(pod.id)
+        raise
+    checked = state.overhead.check(pod.declared_overhead, record.overhead_at_boot, record.memory_mib)
     if checked is not None and checked[0].warning:
         log.warning("pod %s/%s (sandbox %s): %s", md.namespace, md.name, record.id, checked[0].warning)
     return cri.RunPodSandboxResponse(pod_sandbox_id=record.id)
@@ -91,20 +94,21 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
 
 def network_status(record: SandboxRecord) -> cri.PodSandboxNetworkStatus:
     """The pod IP (IPv4 first) and the others; empty once the network was released (stopped)."""
-    if "netns" not in record.network or record.state == "stopped":
+    if record.network is None or record.state is SandboxState.STOPPED:
         return cri.PodSandboxNetworkStatus(ip="")
-    ips = PodNetwork.from_json(record.network).ips
+    ips = record.network.ips
     return cri.PodSandboxNetworkStatus(ip=ips[0] if ips else "", additional_ips=[cri.PodIP(ip=ip) for ip in ips[1:]])
 
 
 def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
     """The pod's overhead: declared, measured (node or at boot), the warning, and the live figures."""
-    declared = PodResources(**record.extra.get("declared_overhead", {}))
+    pod = state.pod(record)
+    declared = pod.declared_overhead
     out: dict[str, Any] = {
         "declared": {"memory_bytes": declared.memory_limit_in_bytes, "cpu_millicores": declared.cpu_millicores},
         "at_boot_bytes": record.overhead_at_boot,
         "vmm_cgroup": record.cgroup,
-        "sizing": record.extra.get("sizing", ""),
+        "sizing": pod.sizing,
     }
     checked = state.overhead.check(declared, record.overhead_at_boot, record.memory_mib)
     if checked is not None:
@@ -116,10 +120,10 @@ def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
         }
         if check.warning:
             out["warning"] = check.warning
-    if record.state == "ready":
+    if record.state is SandboxState.READY:
         try:
-            out["now_bytes"] = measure.snapshot(state.manager, record).memory
-            usage = measure.vm_usage(state.manager, record)
+            out["now_bytes"] = state.manager.memory_snapshot(record.id)
+            usage = state.manager.vm_usage(record.id)
             out["vm"] = {
                 "memory_working_set_bytes": usage.memory_working_set_bytes,
                 "cpu_usage_ns": usage.cpu_usage_ns,
@@ -144,14 +148,16 @@ def remove(state: CriState, req: cri.RemovePodSandboxRequest) -> cri.RemovePodSa
         return cri.RemovePodSandboxResponse()
     state.manager.destroy_sandbox(req.pod_sandbox_id)
     for c in record.containers.values():
-        if c.extra.get("image_id"):
-            state.images.release(c.extra["image_id"], c.id)
+        image_id = state.container(c).image_id
+        if image_id:
+            state.images.release(image_id, c.id)
+    state.store.remove_pod(record.id)
     return cri.RemovePodSandboxResponse()
 
 
 def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
     record = state.manager.refresh(req.pod_sandbox_id)
-    item = pod_sandbox(record)
+    item = pod_sandbox(record, state.pod(record))
     status = cri.PodSandboxStatus(
         id=item.id,
         metadata=item.metadata,
@@ -174,13 +180,18 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
                 "memory_mib": record.memory_mib,
                 "console_log": str(state.manager.console_log(record.id)),
                 "overhead": overhead_info(state, record),
-                "network": record.network,
+                "network": {
+                    **(record.network.to_json() if record.network else {}),
+                    "requested": record.network_requested,
+                    "released": record.network_released,
+                },
+                "broken_reason": record.broken_reason,
             }
         )
     return cri.PodSandboxStatusResponse(
         status=status,
         info=info,
-        containers_statuses=[container_status(c) for c in record.containers.values()],
+        containers_statuses=[container_status(c, state.container(c)) for c in record.containers.values()],
     )
 
 
@@ -190,10 +201,10 @@ def list_(state: CriState, req: cri.ListPodSandboxRequest) -> cri.ListPodSandbox
     for record in state.manager.list_sandboxes():
         if f.id and not record.id.startswith(f.id):
             continue
-        item = pod_sandbox(record)
+        item = pod_sandbox(record, state.pod(record))
         if f.HasField("state") and item.state != f.state.state:
             continue
-        if not labels_match(record.labels, f.label_selector):
+        if not labels_match(item.labels, f.label_selector):
             continue
         items.append(item)
     return cri.ListPodSandboxResponse(items=items)

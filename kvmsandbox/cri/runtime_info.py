@@ -8,7 +8,7 @@ from typing import Any
 from kvmsandbox import __version__
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState
-from kvmsandbox.overhead.sizing import PodResources
+from kvmsandbox.sandbox.states import SandboxState
 
 RUNTIME_NAME = "kvmsandbox"
 API_VERSION = "v1"
@@ -71,9 +71,9 @@ def node_overhead_info(state: CriState) -> dict[str, Any]:
         out["conditions"] = m.conditions
     warnings = []
     for record in state.manager.list_sandboxes():
-        if record.state != "ready":
+        if record.state is not SandboxState.READY:
             continue
-        declared = PodResources(**record.extra.get("declared_overhead", {}))
+        declared = state.pod(record).declared_overhead
         checked = node.check(declared, record.overhead_at_boot, record.memory_mib)
         if checked is not None and checked[0].warning:
             warnings.append({"pod_sandbox_id": record.id, "warning": checked[0].warning})

@@ -20,9 +20,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 
 from kvmsandbox.config import Config
+from kvmsandbox.cri.migrate import migrate_schema_0
 from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
 from kvmsandbox.cri.service import ImageService, RuntimeService
 from kvmsandbox.cri.state import CriState
+from kvmsandbox.cri.store import CriStore
 from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.image import ImageStore
 from kvmsandbox.runtime import open_manager
@@ -55,11 +57,17 @@ def _lock_state_dir(state_dir: Path) -> IO[str]:
 def serve(config: Config, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Serves until SIGTERM/SIGINT (or ``stop``); returns the exit code."""
     lock = _lock_state_dir(config.state_dir)
+    store = CriStore(config.state_dir)
+    # Before the sandbox layer loads (and may rewrite) records the previous release wrote.
+    migrate_schema_0(config.state_dir, store)
     manager = open_manager(config)
     manager.recover()
-    state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry))
-    # Images stay held only by containers that still exist.
-    state.images.release_all_but({c for record in manager.list_sandboxes() for c in record.containers})
+    state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry), store=store)
+    records = manager.list_sandboxes()
+    # Images stay held, and CRI facts kept, only for pods and containers that still exist.
+    state.images.release_all_but({c for record in records for c in record.containers})
+    for pod_id in store.pod_ids() - {r.id for r in records}:
+        store.remove_pod(pod_id)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
         options=[

@@ -1,22 +1,32 @@
-"""What the CRI verbs share: the sandbox manager, the image store, the config, and the
-translation of the runtime's records into CRI messages."""
+"""What the CRI verbs share: the sandbox manager, the CRI store, the image store, the config, and
+the translation of the runtime's records into CRI messages."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
-from kvmsandbox.errors import NotFound
+from kvmsandbox.cri.store import CriContainer, CriPod, CriStore
 from kvmsandbox.image import ImageStore
 from kvmsandbox.overhead.node import NodeOverhead
 from kvmsandbox.overhead.sizing import PodResources
 from kvmsandbox.sandbox.manager import SandboxManager
-from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord
+from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord
+from kvmsandbox.sandbox.states import ContainerState, SandboxState
 
-SANDBOX_STATES = {"ready": cri.SANDBOX_READY, "booting": cri.SANDBOX_NOTREADY, "stopped": cri.SANDBOX_NOTREADY}
-CONTAINER_STATES = {"created": cri.CONTAINER_CREATED, "running": cri.CONTAINER_RUNNING, "exited": cri.CONTAINER_EXITED}
+SANDBOX_STATES = {
+    SandboxState.READY: cri.SANDBOX_READY,
+    SandboxState.BOOTING: cri.SANDBOX_NOTREADY,
+    SandboxState.BROKEN: cri.SANDBOX_NOTREADY,
+    SandboxState.STOPPED: cri.SANDBOX_NOTREADY,
+}
+CONTAINER_STATES = {
+    ContainerState.CREATED: cri.CONTAINER_CREATED,
+    ContainerState.RUNNING: cri.CONTAINER_RUNNING,
+    ContainerState.EXITED: cri.CONTAINER_EXITED,
+}
 
 
 @dataclass
@@ -24,6 +34,7 @@ class CriState:
     config: Config
     manager: SandboxManager
     images: ImageStore
+    store: CriStore
     pod_cidr: str = ""
     overhead: NodeOverhead = field(init=False)
 
@@ -36,11 +47,15 @@ class CriState:
         Raises:
             NotFound: no sandbox has such a container.
         """
-        for record in self.manager.list_sandboxes():
-            c = record.containers.get(container_id)
-            if c is not None:
-                return record, c
-        raise NotFound(f"container {container_id} not found")
+        return self.manager.find_container(container_id)
+
+    def pod(self, record: SandboxRecord) -> CriPod:
+        """The pod's CRI facts; empty ones for a sandbox made below the CRI."""
+        return self.store.pod(record.id) or CriPod(id=record.id)
+
+    def container(self, c: ContainerRecord) -> CriContainer:
+        """The container's CRI facts; empty ones (but its name) for one made below the CRI."""
+        return self.store.container(c.id) or CriContainer(id=c.id, pod_id=c.sandbox_id, name=c.name)
 
 
 def pod_resources(r: cri.LinuxContainerResources) -> PodResources:
@@ -52,79 +67,73 @@ def pod_resources(r: cri.LinuxContainerResources) -> PodResources:
     )
 
 
-def labels_match(labels: dict[str, str], selector: Any) -> bool:
+def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
     """True when every key=value of a CRI label selector is in ``labels``."""
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def sandbox_metadata(record: SandboxRecord) -> cri.PodSandboxMetadata:
-    md = record.extra.get("metadata", {})
-    return cri.PodSandboxMetadata(
-        name=md.get("name", ""), uid=md.get("uid", ""), namespace=md.get("namespace", ""), attempt=md.get("attempt", 0)
-    )
+def sandbox_metadata(pod: CriPod) -> cri.PodSandboxMetadata:
+    md = pod.metadata
+    return cri.PodSandboxMetadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt)
 
 
-def container_metadata(c: ContainerRecord) -> cri.ContainerMetadata:
-    md = c.extra.get("metadata", {})
-    return cri.ContainerMetadata(name=md.get("name", c.name), attempt=md.get("attempt", 0))
+def container_metadata(meta: CriContainer) -> cri.ContainerMetadata:
+    return cri.ContainerMetadata(name=meta.name, attempt=meta.attempt)
 
 
-def pod_sandbox(record: SandboxRecord) -> cri.PodSandbox:
+def pod_sandbox(record: SandboxRecord, pod: CriPod) -> cri.PodSandbox:
     return cri.PodSandbox(
         id=record.id,
-        metadata=sandbox_metadata(record),
+        metadata=sandbox_metadata(pod),
         state=SANDBOX_STATES[record.state],
         created_at=record.created_at_ns,
-        labels=record.labels,
-        annotations=record.extra.get("annotations", {}),
-        runtime_handler=record.extra.get("runtime_handler", ""),
+        labels=pod.labels,
+        annotations=pod.annotations,
+        runtime_handler=pod.runtime_handler,
     )
 
 
-def container(c: ContainerRecord) -> cri.Container:
+def container(c: ContainerRecord, meta: CriContainer) -> cri.Container:
     return cri.Container(
         id=c.id,
         pod_sandbox_id=c.sandbox_id,
-        metadata=container_metadata(c),
-        image=cri.ImageSpec(image=c.extra.get("image", "")),
-        image_ref=c.extra.get("image_ref", ""),
-        image_id=c.extra.get("image_id", ""),
+        metadata=container_metadata(meta),
+        image=cri.ImageSpec(image=meta.image),
+        image_ref=meta.image_ref,
+        image_id=meta.image_id,
         state=CONTAINER_STATES[c.state],
         created_at=c.created_at_ns,
-        labels=c.labels,
-        annotations=c.extra.get("annotations", {}),
+        labels=meta.labels,
+        annotations=meta.annotations,
     )
 
 
 def exit_reason(c: ContainerRecord) -> str:
     """Completed, Error or OOMKilled, as kubelet shows them; empty while the container runs."""
-    if c.state != "exited":
+    if c.state is not ContainerState.EXITED:
         return ""
-    if c.extra.get("oom_killed"):
+    if c.oom_killed:
         return "OOMKilled"
     return "Completed" if c.exit_code == 0 else "Error"
 
 
-def container_status(c: ContainerRecord) -> cri.ContainerStatus:
-    mounts = [
-        cri.Mount(container_path=m["container_path"], host_path=m["host_path"], readonly=m["readonly"])
-        for m in c.extra.get("mounts", [])
-    ]
+def container_status(c: ContainerRecord, meta: CriContainer) -> cri.ContainerStatus:
     return cri.ContainerStatus(
         id=c.id,
-        metadata=container_metadata(c),
+        metadata=container_metadata(meta),
         state=CONTAINER_STATES[c.state],
         created_at=c.created_at_ns,
         started_at=c.started_at_ns,
         finished_at=c.finished_at_ns,
         exit_code=c.exit_code or 0,
-        image=cri.ImageSpec(image=c.extra.get("image", "")),
-        image_ref=c.extra.get("image_ref", ""),
-        image_id=c.extra.get("image_id", ""),
-        reason=exit_reason(c) or c.extra.get("reason", ""),
-        message=c.extra.get("message", ""),
-        labels=c.labels,
-        annotations=c.extra.get("annotations", {}),
-        mounts=mounts,
+        image=cri.ImageSpec(image=meta.image),
+        image_ref=meta.image_ref,
+        image_id=meta.image_id,
+        reason=exit_reason(c) or c.reason,
+        labels=meta.labels,
+        annotations=meta.annotations,
+        mounts=[
+            cri.Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly) for m in meta.mounts
+        ],
         log_path=c.log_path,
     )

@@ -3,29 +3,28 @@ inside the guest, the writable layer from the host."""
 
 from __future__ import annotations
 
-from kvmsandbox.cri.containers import writable_layer_usage
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState, container_metadata, labels_match, sandbox_metadata
 from kvmsandbox.errors import KvmSandboxError
-from kvmsandbox.overhead import measure
-from kvmsandbox.sandbox.store import ContainerRecord, SandboxRecord
+from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord
+from kvmsandbox.sandbox.states import ContainerState, SandboxState
 
 
 def _container_stats(state: CriState, sandbox: SandboxRecord, c: ContainerRecord) -> cri.ContainerStats:
+    meta = state.container(c)
     attributes = cri.ContainerAttributes(
-        id=c.id, metadata=container_metadata(c), labels=c.labels, annotations=c.extra.get("annotations", {})
+        id=c.id, metadata=container_metadata(meta), labels=meta.labels, annotations=meta.annotations
     )
-    layer = state.manager.sandbox_dir(sandbox.id) / "layers" / c.id / "upper"
-    used, inodes = writable_layer_usage(layer)
+    layer = state.manager.writable_layer(sandbox.id, c.id)
     out = cri.ContainerStats(
         attributes=attributes,
         writable_layer=cri.FilesystemUsage(
-            fs_id=cri.FilesystemIdentifier(mountpoint=str(state.manager.sandbox_dir(sandbox.id))),
-            used_bytes=cri.UInt64Value(value=used),
-            inodes_used=cri.UInt64Value(value=inodes),
+            fs_id=cri.FilesystemIdentifier(mountpoint=layer.mountpoint),
+            used_bytes=cri.UInt64Value(value=layer.used_bytes),
+            inodes_used=cri.UInt64Value(value=layer.inodes_used),
         ),
     )
-    if sandbox.state != "ready" or c.state != "running":
+    if sandbox.state is not SandboxState.READY or c.state is not ContainerState.RUNNING:
         return out
     try:
         s = state.manager.container_stats(sandbox.id, c.id)
@@ -60,7 +59,7 @@ def list_container_stats(state: CriState, req: cri.ListContainerStatsRequest) ->
         if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
             continue
         for c in sandbox.containers.values():
-            if (f.id and not c.id.startswith(f.id)) or not labels_match(c.labels, f.label_selector):
+            if (f.id and not c.id.startswith(f.id)) or not labels_match(state.container(c).labels, f.label_selector):
                 continue
             out.append(_container_stats(state, sandbox, c))
     return cri.ListContainerStatsResponse(stats=out)
@@ -74,9 +73,9 @@ def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxSta
     cpu = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
     working_set = sum(c.memory.working_set_bytes.value for c in containers)
     usage = sum(c.memory.usage_bytes.value for c in containers)
-    if sandbox.state == "ready":
+    if sandbox.state is SandboxState.READY:
         try:
-            vm = measure.vm_usage(state.manager, sandbox)
+            vm = state.manager.vm_usage(sandbox.id)
         except KvmSandboxError:
             pass
         else:
@@ -84,12 +83,10 @@ def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxSta
             cpu = max(cpu, vm.cpu_usage_ns)
             working_set = max(working_set, vm.memory_working_set_bytes)
             usage = max(usage, vm.memory_usage_bytes)
+    pod = state.pod(sandbox)
     return cri.PodSandboxStats(
         attributes=cri.PodSandboxAttributes(
-            id=sandbox.id,
-            metadata=sandbox_metadata(sandbox),
-            labels=sandbox.labels,
-            annotations=sandbox.extra.get("annotations", {}),
+            id=sandbox.id, metadata=sandbox_metadata(pod), labels=pod.labels, annotations=pod.annotations
         ),
         linux=cri.LinuxPodSandboxStats(
             cpu=cri.CpuUsage(timestamp=timestamp, usage_core_nano_seconds=cri.UInt64Value(value=cpu)),
@@ -112,6 +109,6 @@ def list_pod_sandbox_stats(state: CriState, req: cri.ListPodSandboxStatsRequest)
     out = [
         _sandbox_stats(state, s)
         for s in state.manager.list_sandboxes()
-        if (not f.id or s.id.startswith(f.id)) and labels_match(s.labels, f.label_selector)
+        if (not f.id or s.id.startswith(f.id)) and labels_match(state.pod(s).labels, f.label_selector)
     ]
     return cri.ListPodSandboxStatsResponse(stats=out)

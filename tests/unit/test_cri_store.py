@@ -1,0 +1,93 @@
+"""The CRI store (typed, indexed, persisted atomically) and the migration of the previous release's
+records into it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from kvmsandbox.cri.migrate import migrate_schema_0
+from kvmsandbox.cri.store import CriContainer, CriPod, CriStore, MountInfo, PodMetadata
+from kvmsandbox.overhead.sizing import PodResources
+from kvmsandbox.sandbox.store import SandboxStore
+
+SCHEMA0 = Path(__file__).parent / "data" / "state-schema0.json"
+POD_ID = "5f" * 32
+
+
+def test_pods_and_containers_survive_a_restart(tmp_path: Path) -> None:
+    store = CriStore(tmp_path)
+    pod = CriPod(
+        id="p1",
+        metadata=PodMetadata(name="web", uid="u", namespace="ns", attempt=1),
+        labels={"app": "web"},
+        log_directory="/var/log/pods/x",
+        declared_overhead=PodResources(memory_limit_in_bytes=1 << 20),
+    )
+    store.add_pod(pod)
+    c = CriContainer(id="c1", pod_id="p1", name="nginx", mounts=(MountInfo("/data", "/srv", True),), stop_signal="QUIT")
+    store.add_container(c)
+    again = CriStore(tmp_path)
+    assert again.pod("p1") == pod and again.container("c1") == c
+    again.remove_container("c1")
+    assert CriStore(tmp_path).container("c1") is None and CriStore(tmp_path).pod("p1") == pod
+    again.remove_pod("p1")
+    assert CriStore(tmp_path).pod_ids() == set()
+    assert list((tmp_path / "cri").iterdir()) == []
+
+
+def test_removing_an_unknown_pod_touches_no_file(tmp_path: Path) -> None:
+    store = CriStore(tmp_path)
+    victim = tmp_path / "victim.json"
+    victim.write_text("{}")
+    store.remove_pod("../victim")
+    assert victim.exists()
+
+
+def test_a_corrupt_file_is_skipped(tmp_path: Path) -> None:
+    CriStore(tmp_path).add_pod(CriPod(id="p1"))
+    (tmp_path / "cri" / "p2.json").write_text("{broken")
+    assert CriStore(tmp_path).pod_ids() == {"p1"}
+
+
+def state_dir_with_schema0_record(tmp_path: Path) -> Path:
+    d = tmp_path / "sandboxes" / POD_ID
+    d.mkdir(parents=True)
+    shutil.copy(SCHEMA0, d / "state.json")
+    return tmp_path
+
+
+def test_the_previous_release_s_cri_facts_move_into_the_store(tmp_path: Path) -> None:
+    state_dir = state_dir_with_schema0_record(tmp_path)
+    store = CriStore(state_dir)
+    assert migrate_schema_0(state_dir, store) == [POD_ID]
+    pod = store.pod(POD_ID)
+    assert pod is not None
+    assert pod.metadata == PodMetadata(name="web", uid="u1", namespace="default", attempt=2)
+    assert pod.labels == {"app": "web"} and pod.annotations == {"a": "b"}
+    assert pod.log_directory == "/var/log/pods/default_web_u1" and pod.runtime_handler == "kvmsandbox"
+    assert pod.declared_overhead.memory_limit_in_bytes == 230686720
+    web = store.container("a1" * 32)
+    assert web is not None and web.pod_id == POD_ID and web.name == "web" and web.labels == {"container": "web"}
+    assert web.image == "127.0.0.1:5000/busybox:latest" and web.stop_signal == "SIGQUIT"
+    assert web.mounts == (MountInfo("/data", "/srv/data", True),)
+    hog = store.container("b2" * 32)
+    assert hog is not None and hog.attempt == 1 and hog.image == "busybox"
+    # Once: a second run (a second restart) changes nothing, and the sandbox layer loads the record.
+    assert migrate_schema_0(state_dir, CriStore(state_dir)) == []
+    record = SandboxStore(state_dir).get(POD_ID)
+    assert record.hostname == "web" and len(record.containers) == 2
+
+
+def test_records_of_this_release_and_unreadable_files_are_left_alone(tmp_path: Path) -> None:
+    state_dir = state_dir_with_schema0_record(tmp_path)
+    data = json.loads(SCHEMA0.read_text())
+    data["schema"] = 1
+    (state_dir / "sandboxes" / POD_ID / "state.json").write_text(json.dumps(data))
+    broken = state_dir / "sandboxes" / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("[1, 2")
+    store = CriStore(state_dir)
+    assert migrate_schema_0(state_dir, store) == []
+    assert store.pod_ids() == set()
