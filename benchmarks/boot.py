@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from kvmsandbox.config import AgentConfig, Config, HypervisorConfig
-from kvmsandbox.guest_image import GuestImage, build_guest_image
-from kvmsandbox.hypervisor.spec import Hypervisor, VMSpec, open_hypervisor
+from common import bench_manager
+
+from kvmsandbox.guest_image import GuestImage
+from kvmsandbox.hypervisor.spec import Hypervisor, VMSpec
 from kvmsandbox.sandbox.manager import SandboxManager
 
 INIT_MARKER = re.compile(rb"kvmsandbox-init: reached init")
@@ -92,35 +92,16 @@ def summary(values: list[float]) -> str:
     return f"min {min(values):6.2f}  median {statistics.median(values):6.2f}  max {max(values):6.2f}"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boots", type=int, default=3)
-    parser.add_argument("--backend", choices=["libvirt", "qemu"], default="qemu")
-    parser.add_argument("--memory-mib", type=int, default=256)
-    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
-    args = parser.parse_args()
-
-    image = build_guest_image(args.cache_dir / "guest-image").image
-    work = Path(tempfile.mkdtemp(prefix="ksb-", dir="/tmp"))
-    config = Config(
-        state_dir=work / "state",
-        run_dir=work / "run",
-        cache_dir=args.cache_dir,
-        hypervisor=HypervisorConfig(backend=args.backend),  # type: ignore[arg-type]
-        agent=AgentConfig(ready_timeout_seconds=300),
-    )
-    hv = open_hypervisor(args.backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri)
-    manager = SandboxManager(config, hv, image)
-    print(
-        f"backend {args.backend}, accel {manager.accel} ({manager.accel_reason}), transport {manager.transport}, "
-        f"{args.memory_mib} MiB, 1 vCPU, kernel {image.kernel_version}"
-    )
-
+def boot_both(
+    manager: SandboxManager, boots: int, memory_mib: int
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Boots the bare floor and a sandbox ``boots`` times each; their marks, floor first."""
+    image, hv = manager.image, manager.hypervisor
     bare: list[dict[str, float]] = []
     ready: list[dict[str, float]] = []
-    for i in range(args.boots):
+    for i in range(boots):
         # Interleave floor and sandbox boots so machine noise hits both alike.
-        bare.append(bare_boot(hv, image, config.run_dir, args.memory_mib, manager.accel, i))
+        bare.append(bare_boot(hv, image, manager.config.run_dir, memory_mib, manager.accel, i))
         marks: dict[str, float] = {}
         stop = threading.Event()
         sandbox_id = f"bench-{i}"
@@ -128,7 +109,7 @@ def main() -> int:
         t0 = time.monotonic()
         watcher = threading.Thread(target=watch_console, args=(console, INIT_MARKER, t0, marks, stop))
         watcher.start()
-        record = manager.create_sandbox(sandbox_id, memory_mib=args.memory_mib)
+        record = manager.create_sandbox(sandbox_id, memory_mib=memory_mib)
         stop.set()
         watcher.join()
         timings = manager.boot_timings[record.id]
@@ -145,6 +126,23 @@ def main() -> int:
         ready.append(marks)
         manager.destroy_sandbox(record.id)
         print(f"  boot {i + 1}: bare {bare[-1]['exit']:.2f}s, sandbox ready {marks['ready']:.2f}s", flush=True)
+    return bare, ready
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boots", type=int, default=3)
+    parser.add_argument("--backend", choices=["libvirt", "qemu"], default="qemu")
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
+    args = parser.parse_args()
+
+    with bench_manager(args.backend, args.cache_dir) as (manager, _):
+        print(
+            f"backend {args.backend}, accel {manager.accel} ({manager.accel_reason}), "
+            f"transport {manager.transport}, {args.memory_mib} MiB, 1 vCPU, kernel {manager.image.kernel_version}"
+        )
+        bare, ready = boot_both(manager, args.boots, args.memory_mib)
 
     print("\nsandbox boot, seconds since the request:")
     print(f"  VMM started        {summary([m['vmm'] for m in ready])}")
@@ -161,7 +159,6 @@ def main() -> int:
     print(f"  QEMU RSS                           {summary([m['qemu_rss_mib'] for m in ready])}")
     ratio = statistics.median(m["ready"] for m in ready) / statistics.median(m["exit"] for m in bare)
     print(f"\nsandbox-ready / bare-boot (medians): {ratio:.2f}  (target <= 1.2)")
-    hv.close()
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -24,13 +23,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from kvmsandbox.config import AgentConfig, Config, HypervisorConfig, NetworkConfig
-from kvmsandbox.guest_image import build_guest_image
-from kvmsandbox.hypervisor.spec import open_hypervisor
+from common import bench_manager
+
+from kvmsandbox.config import NetworkConfig
 from kvmsandbox.network import netns
 from kvmsandbox.network.cni import CniRunner, load_network_config
-from kvmsandbox.sandbox.manager import NetworkRequest, SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from kvmsandbox.sandbox.types import NetworkRequest
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 
 BRIDGE = "kvsbbench0"
@@ -77,130 +76,127 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
     args = parser.parse_args()
 
-    image = build_guest_image(args.cache_dir / "guest-image").image
     work = Path(tempfile.mkdtemp(prefix="ksn-", dir="/tmp"))
     conf_dir = work / "net.d"
     conf_dir.mkdir()
     (conf_dir / "10-bench.conflist").write_text(json.dumps(conflist(work / "ipam")))
-    config = Config(
-        state_dir=work / "state",
-        run_dir=work / "run",
-        cache_dir=args.cache_dir,
-        hypervisor=HypervisorConfig(backend=args.backend),  # type: ignore[arg-type]
-        agent=AgentConfig(ready_timeout_seconds=300),
-        network=NetworkConfig(cni_conf_dirs=[conf_dir]),
-    )
-    hv = open_hypervisor(args.backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri)
-    manager = SandboxManager(config, hv, image)
-    layer = make_busybox_rootfs(work / "busybox")
-    runner = CniRunner(load_network_config([conf_dir]), list(config.network.cni_bin_dirs), work / "cni-cache")
-    serve = (
-        f"mkdir -p /dev/shm/www && dd if=/dev/zero of=/dev/shm/www/big bs=1M count={args.mib} 2>/dev/null && "
-        "exec httpd -f -p 80 -h /dev/shm/www"
-    )
-    pods: list[str] = []
-    plain: list[str] = []
-    servers: list[subprocess.Popen[bytes]] = []
-    results: dict[str, tuple[float, float]] = {}
-    try:
-        # Two VM pods: a server in A, a client in B.
-        ips: list[str] = []
-        containers: list[str] = []
-        for name in ("bench-a", "bench-b"):
-            record = manager.create_sandbox(hostname=name, network=NetworkRequest(port_mappings=[], args={}))
-            pods.append(record.id)
-            ips.append(record.network["addresses"][0].split("/")[0])
-            script = serve if name == "bench-a" else "sleep 100000"
-            c = manager.create_container(record.id, lower_dirs=[layer], process=ProcessSpec(args=["sh", "-c", script]))
-            manager.start_container(record.id, c.id)
-            containers.append(c.id)
-        # Two plain namespaces on the same bridge: the same server and client, without a VM.
-        plain_ips: list[str] = []
-        www = work / "www"
-        www.mkdir()
-        with open(www / "big", "wb") as f:
-            f.truncate(args.mib << 20)
-        for i in range(2):
-            ns = f"kvsbench-{i}"
-            netns.delete_netns(ns)
-            path = netns.create_netns(ns)
-            plain.append(ns)
-            runner.run_loopback(path)
-            result = runner.add(f"bench-plain-{i}", path, "eth0")
-            plain_ips.append(result.pod_ips()[0].address.split("/")[0])
-        servers.append(
-            subprocess.Popen(["ip", "netns", "exec", plain[0], "busybox", "httpd", "-f", "-p", "80", "-h", str(www)])
+    network = NetworkConfig(cni_conf_dirs=[conf_dir])
+    with bench_manager(args.backend, args.cache_dir, work_dir=work, network=network) as (manager, _):
+        layer = make_busybox_rootfs(work / "busybox")
+        runner = CniRunner(
+            load_network_config([conf_dir]), list(manager.config.network.cni_bin_dirs), work / "cni-cache"
         )
-        time.sleep(2)
-
-        def pod_exec(cmd: str) -> str:
-            r = manager.exec_sync(pods[1], containers[1], ["sh", "-c", cmd], timeout=600)
-            if r.exit_code != 0:
-                raise RuntimeError(f"{cmd!r} failed: {r.stderr.decode()}")
-            return r.stdout.decode()
-
-        timed_wget = (
-            "read s _ < /proc/uptime; wget -q -O /dev/null http://{ip}/big; read e _ < /proc/uptime; echo $s $e"
+        serve = (
+            f"mkdir -p /dev/shm/www && dd if=/dev/zero of=/dev/shm/www/big bs=1M count={args.mib} 2>/dev/null && "
+            "exec httpd -f -p 80 -h /dev/shm/www"
         )
-
-        def host_download(ip: str) -> float:
-            t0 = time.monotonic()
-            with urllib.request.urlopen(f"http://{ip}/big", timeout=600) as r:
-                while r.read(1 << 20):
-                    pass
-            return time.monotonic() - t0
-
-        mib_bits = args.mib * 8 * 1.048576  # Mbit
-        # Warm up both servers (TCG translates httpd's code on first use).
-        host_download(ips[0])
-        host_download(plain_ips[0])
-
-        def median_of(f: Callable[[], float], n: int = 3) -> float:
-            return statistics.median(f() for _ in range(n))
-
-        def pod_download() -> float:
-            start, end = (float(v) for v in pod_exec(timed_wget.format(ip=ips[0])).split())
-            return end - start
-
-        def plain_download() -> float:
-            t0 = time.monotonic()
-            run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    plain[1],
-                    "busybox",
-                    "wget",
-                    "-q",
-                    "-O",
-                    "/dev/null",
-                    f"http://{plain_ips[0]}/big",
-                ]
+        pods: list[str] = []
+        plain: list[str] = []
+        servers: list[subprocess.Popen[bytes]] = []
+        results: dict[str, tuple[float, float]] = {}
+        try:
+            # Two VM pods: a server in A, a client in B.
+            ips: list[str] = []
+            containers: list[str] = []
+            for name in ("bench-a", "bench-b"):
+                record = manager.create_sandbox(hostname=name, network=NetworkRequest(port_mappings=[], args={}))
+                pods.append(record.id)
+                assert record.network is not None
+                ips.append(record.network.addresses[0].split("/")[0])
+                script = serve if name == "bench-a" else "sleep 100000"
+                c = manager.create_container(
+                    record.id, lower_dirs=[layer], process=ProcessSpec(args=["sh", "-c", script])
+                )
+                manager.start_container(record.id, c.id)
+                containers.append(c.id)
+            # Two plain namespaces on the same bridge: the same server and client, without a VM.
+            plain_ips: list[str] = []
+            www = work / "www"
+            www.mkdir()
+            with open(www / "big", "wb") as f:
+                f.truncate(args.mib << 20)
+            for i in range(2):
+                ns = f"kvsbench-{i}"
+                netns.delete_netns(ns)
+                path = netns.create_netns(ns)
+                plain.append(ns)
+                runner.run_loopback(path)
+                result = runner.add(f"bench-plain-{i}", path, "eth0")
+                plain_ips.append(result.pod_ips()[0].address.split("/")[0])
+            servers.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", plain[0], "busybox", "httpd", "-f", "-p", "80", "-h", str(www)]
+                )
             )
-            return time.monotonic() - t0
+            time.sleep(2)
 
-        rtt = rtt_ms(run(["busybox", "ping", "-c", "20", "-i", "0.2", ips[0]]))
-        results["host <- pod"] = (rtt, mib_bits / median_of(lambda: host_download(ips[0])))
-        rtt = rtt_ms(run(["busybox", "ping", "-c", "20", "-i", "0.2", plain_ips[0]]))
-        results["host <- plain netns"] = (rtt, mib_bits / median_of(lambda: host_download(plain_ips[0])))
-        rtt = rtt_ms(pod_exec(f"ping -c 20 -i 0.2 {ips[0]}"))
-        results["pod B <- pod A"] = (rtt, mib_bits / median_of(pod_download))
-        rtt = rtt_ms(run(["ip", "netns", "exec", plain[1], "busybox", "ping", "-c", "20", "-i", "0.2", plain_ips[0]]))
-        results["netns B <- netns A"] = (rtt, mib_bits / median_of(plain_download))
-    finally:
-        for p in servers:
-            p.kill()
-            p.wait()
-        for i, ns in enumerate(plain):
-            runner.delete(f"bench-plain-{i}", netns.netns_path(ns), "eth0")
-            netns.delete_netns(ns)
-        for pod_id in pods:
-            manager.destroy_sandbox(pod_id)
-        manager.close()
-        hv.close()
-        subprocess.run(["ip", "link", "del", "dev", BRIDGE], capture_output=True, check=False)
-        shutil.rmtree(work, ignore_errors=True)
+            def pod_exec(cmd: str) -> str:
+                r = manager.exec_sync(pods[1], containers[1], ["sh", "-c", cmd], timeout=600)
+                if r.exit_code != 0:
+                    raise RuntimeError(f"{cmd!r} failed: {r.stderr.decode()}")
+                return r.stdout.decode()
+
+            timed_wget = (
+                "read s _ < /proc/uptime; wget -q -O /dev/null http://{ip}/big; read e _ < /proc/uptime; echo $s $e"
+            )
+
+            def host_download(ip: str) -> float:
+                t0 = time.monotonic()
+                with urllib.request.urlopen(f"http://{ip}/big", timeout=600) as r:
+                    while r.read(1 << 20):
+                        pass
+                return time.monotonic() - t0
+
+            mib_bits = args.mib * 8 * 1.048576  # Mbit
+            # Warm up both servers (TCG translates httpd's code on first use).
+            host_download(ips[0])
+            host_download(plain_ips[0])
+
+            def median_of(f: Callable[[], float], n: int = 3) -> float:
+                return statistics.median(f() for _ in range(n))
+
+            def pod_download() -> float:
+                start, end = (float(v) for v in pod_exec(timed_wget.format(ip=ips[0])).split())
+                return end - start
+
+            def plain_download() -> float:
+                t0 = time.monotonic()
+                run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        plain[1],
+                        "busybox",
+                        "wget",
+                        "-q",
+                        "-O",
+                        "/dev/null",
+                        f"http://{plain_ips[0]}/big",
+                    ]
+                )
+                return time.monotonic() - t0
+
+            rtt = rtt_ms(run(["busybox", "ping", "-c", "20", "-i", "0.2", ips[0]]))
+            results["host <- pod"] = (rtt, mib_bits / median_of(lambda: host_download(ips[0])))
+            rtt = rtt_ms(run(["busybox", "ping", "-c", "20", "-i", "0.2", plain_ips[0]]))
+            results["host <- plain netns"] = (rtt, mib_bits / median_of(lambda: host_download(plain_ips[0])))
+            rtt = rtt_ms(pod_exec(f"ping -c 20 -i 0.2 {ips[0]}"))
+            results["pod B <- pod A"] = (rtt, mib_bits / median_of(pod_download))
+            rtt = rtt_ms(
+                run(["ip", "netns", "exec", plain[1], "busybox", "ping", "-c", "20", "-i", "0.2", plain_ips[0]])
+            )
+            results["netns B <- netns A"] = (rtt, mib_bits / median_of(plain_download))
+        finally:
+            for p in servers:
+                p.kill()
+                p.wait()
+            for i, ns in enumerate(plain):
+                runner.delete(f"bench-plain-{i}", netns.netns_path(ns), "eth0")
+                netns.delete_netns(ns)
+            for pod_id in pods:
+                manager.destroy_sandbox(pod_id)
+            subprocess.run(["ip", "link", "del", "dev", BRIDGE], capture_output=True, check=False)
 
     print(
         f"backend {args.backend}, accel {manager.accel}, {args.mib} MiB HTTP download (median of 3), "

@@ -11,19 +11,15 @@ next to what Kata ships. Run as root on a host set up by `make setup`.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from kvmsandbox.config import AgentConfig, Config, HypervisorConfig
-from kvmsandbox.guest_image import build_guest_image
-from kvmsandbox.hypervisor.spec import open_hypervisor
+from common import bench_manager
+
 from kvmsandbox.overhead.measure import measure_node
 from kvmsandbox.overhead.report import render_measurement
-from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 
 MIB = 1024 * 1024
@@ -45,20 +41,9 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
     args = parser.parse_args()
 
-    image = build_guest_image(args.cache_dir / "guest-image").image
-    work = Path(tempfile.mkdtemp(prefix="ksb-", dir="/tmp"))
-    config = Config(
-        state_dir=work / "state",
-        run_dir=work / "run",
-        cache_dir=args.cache_dir,
-        hypervisor=HypervisorConfig(backend=args.backend),  # type: ignore[arg-type]
-        agent=AgentConfig(ready_timeout_seconds=300),
-    )
-    hv = open_hypervisor(args.backend, state_dir=config.state_dir, libvirt_uri=config.libvirt_uri)
-    manager = SandboxManager(config, hv, image)
-    layer = make_busybox_rootfs(work / "busybox")
-    t0 = time.monotonic()
-    try:
+    with bench_manager(args.backend, args.cache_dir) as (manager, work):
+        layer = make_busybox_rootfs(work / "busybox")
+        t0 = time.monotonic()
         m = measure_node(
             manager,
             layer,
@@ -67,10 +52,6 @@ def main() -> int:
             idle_seconds=args.idle_seconds,
             progress=lambda s: print(f"  [{time.monotonic() - t0:6.1f}s] {s}", file=sys.stderr, flush=True),
         )
-    finally:
-        manager.close()
-        hv.close()
-        shutil.rmtree(work, ignore_errors=True)
 
     print(render_measurement(m))
     totals = [s.memory_total / MIB for s in m.samples]
