@@ -58,9 +58,9 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     """Serves until SIGTERM/SIGINT (or ``stop``); returns the exit code."""
     lock = _lock_state_dir(config.state_dir)
     store = CriStore(config.state_dir)
-    # Before the sandbox layer loads (and may rewrite) records the previous release wrote.
-    migrate_schema_0(config.state_dir, store)
     manager = open_manager(config)
+    # Before recovery may rewrite the records the previous release wrote.
+    migrate_schema_0(manager.schema0_cri_facts(), store)
     manager.recover()
     state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry), store=store)
     records = manager.list_sandboxes()

@@ -96,6 +96,10 @@ class SandboxManager:
     def run_dir(self, sandbox_id: str) -> Path:
         return self.ctx.run_dir(sandbox_id)
 
+    def schema0_cri_facts(self) -> dict[str, dict[str, Any]]:
+        """What records of the previous release kept for the CRI layer (``SandboxStore``)."""
+        return dict(self.ctx.store.schema0_cri_facts)
+
     def unreadable_records(self) -> dict[str, str]:
         """Sandbox records on disk that could not be read at start: id -> why."""
         return dict(self.ctx.store.unreadable)

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from kvmsandbox.errors import NotFound
 from kvmsandbox.sandbox.records import SandboxRecord, check_id
@@ -32,13 +33,21 @@ class SandboxStore:
         self._container_index: dict[str, str] = {}
         # Records on disk that could not be read: sandbox id -> why. Reported, never fatal.
         self.unreadable: dict[str, str] = {}
+        # What records of the previous release (schema 0) kept for the CRI layer, as they were on
+        # disk: sandbox id -> {"extra", "labels", "containers": {id: {"name", "extra", "labels"}}}.
+        # The sandbox layer drops these facts when it next saves the record; they wait here, in
+        # memory, for the CRI layer to take them over at start.
+        self.schema0_cri_facts: dict[str, dict[str, Any]] = {}
         for path in sorted(self.root.glob("*/state.json")):
             try:
-                record = SandboxRecord.from_json(json.loads(path.read_text()))
+                data = json.loads(path.read_text())
+                record = SandboxRecord.from_json(data)
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 self.unreadable[path.parent.name] = f"{type(e).__name__}: {e}"
                 log.error("sandbox record %s cannot be read, skipping it: %s", path, e)
                 continue
+            if data.get("schema", 0) == 0:
+                self.schema0_cri_facts[record.id] = _cri_facts(data)
             self._index(record)
 
     def dir(self, sandbox_id: str) -> Path:
@@ -101,3 +110,15 @@ class SandboxStore:
         if sandbox_id is None:
             raise NotFound(f"container {container_id} not found")
         return sandbox_id
+
+
+def _cri_facts(data: dict[str, Any]) -> dict[str, Any]:
+    containers = data.get("containers") or {}
+    return {
+        "extra": data.get("extra") or {},
+        "labels": data.get("labels") or {},
+        "containers": {
+            cid: {"name": c.get("name", ""), "extra": c.get("extra") or {}, "labels": c.get("labels") or {}}
+            for cid, c in containers.items()
+        },
+    }

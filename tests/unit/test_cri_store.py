@@ -3,7 +3,6 @@ records into it."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -60,8 +59,9 @@ def state_dir_with_schema0_record(tmp_path: Path) -> Path:
 
 def test_the_previous_release_s_cri_facts_move_into_the_store(tmp_path: Path) -> None:
     state_dir = state_dir_with_schema0_record(tmp_path)
+    sandboxes = SandboxStore(state_dir)
     store = CriStore(state_dir)
-    assert migrate_schema_0(state_dir, store) == [POD_ID]
+    assert migrate_schema_0(sandboxes.schema0_cri_facts, store) == [POD_ID]
     pod = store.pod(POD_ID)
     assert pod is not None
     assert pod.metadata == PodMetadata(name="web", uid="u1", namespace="default", attempt=2)
@@ -74,20 +74,26 @@ def test_the_previous_release_s_cri_facts_move_into_the_store(tmp_path: Path) ->
     assert web.mounts == (MountInfo("/data", "/srv/data", True),)
     hog = store.container("b2" * 32)
     assert hog is not None and hog.attempt == 1 and hog.image == "busybox"
-    # Once: a second run (a second restart) changes nothing, and the sandbox layer loads the record.
-    assert migrate_schema_0(state_dir, CriStore(state_dir)) == []
-    record = SandboxStore(state_dir).get(POD_ID)
-    assert record.hostname == "web" and len(record.containers) == 2
+    # The sandbox layer rewrites the record without them; a restart after that migrates nothing
+    # and loses nothing: the CRI store has them.
+    sandboxes.save(sandboxes.get(POD_ID))
+    again = SandboxStore(state_dir)
+    assert again.schema0_cri_facts == {}
+    assert migrate_schema_0(again.schema0_cri_facts, CriStore(state_dir)) == []
+    assert CriStore(state_dir).pod(POD_ID) == pod
+    assert again.get(POD_ID).hostname == "web" and len(again.get(POD_ID).containers) == 2
 
 
-def test_records_of_this_release_and_unreadable_files_are_left_alone(tmp_path: Path) -> None:
+def test_a_pod_the_store_has_already_is_left_alone(tmp_path: Path) -> None:
     state_dir = state_dir_with_schema0_record(tmp_path)
-    data = json.loads(SCHEMA0.read_text())
-    data["schema"] = 1
-    (state_dir / "sandboxes" / POD_ID / "state.json").write_text(json.dumps(data))
-    broken = state_dir / "sandboxes" / "broken"
-    broken.mkdir()
-    (broken / "state.json").write_text("[1, 2")
     store = CriStore(state_dir)
-    assert migrate_schema_0(state_dir, store) == []
-    assert store.pod_ids() == set()
+    store.add_pod(CriPod(id=POD_ID, runtime_handler="mine"))
+    assert migrate_schema_0(SandboxStore(state_dir).schema0_cri_facts, store) == []
+    assert store.pod(POD_ID) == CriPod(id=POD_ID, runtime_handler="mine")
+
+
+def test_facts_that_do_not_parse_are_skipped(tmp_path: Path) -> None:
+    broken = {"extra": {"metadata": {"name": "x", "colour": "red"}}, "labels": {}, "containers": {}}
+    store = CriStore(tmp_path)
+    assert migrate_schema_0({"p1": broken, "p2": {"extra": {}, "labels": {}, "containers": {}}}, store) == ["p2"]
+    assert store.pod_ids() == {"p2"}
