@@ -22,26 +22,32 @@ PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 log = logging.getLogger(__name__)
 
 
-def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
-    """Boots the pod's VM. An empty handler means the first configured one.
+def _handler(state: CriState, req: cri.RunPodSandboxRequest) -> str:
+    """The runtime handler asked for (an empty one means the first configured).
 
     Raises:
         InvalidArgument: unknown handler, missing metadata, host network asked for.
+        FailedPrecondition: the node's pod network is not ready.
     """
     handlers = state.config.runtime_handlers
     handler = req.runtime_handler or handlers[0]
     if handler not in handlers:
         raise InvalidArgument(f"unknown runtime handler {handler!r}: this node serves {', '.join(handlers)}")
-    config = req.config
-    md = config.metadata
+    md = req.config.metadata
     if not md.name or not md.namespace or not md.uid:
         raise InvalidArgument("the pod sandbox config needs metadata with name, namespace and uid")
-    if config.linux.security_context.namespace_options.network == cri.NODE:
+    if req.config.linux.security_context.namespace_options.network == cri.NODE:
         raise InvalidArgument("host network pods cannot run in kvmsandbox: a VM cannot share the host's network")
     net = state.manager.networking.status()
     if not net.ready:
         raise FailedPrecondition(f"the pod network is not ready: {net.message}")
-    network = NetworkRequest(
+    return handler
+
+
+def _network_request(config: cri.PodSandboxConfig) -> NetworkRequest:
+    """Port mappings with a host port (for portmap) and the CNI_ARGS kubelet-driven runtimes pass."""
+    md = config.metadata
+    return NetworkRequest(
         port_mappings=[
             PortMapping(
                 host_port=p.host_port,
@@ -52,12 +58,20 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             for p in config.port_mappings
             if p.host_port > 0
         ],
-        args={
-            "K8S_POD_NAMESPACE": md.namespace,
-            "K8S_POD_NAME": md.name,
-            "K8S_POD_UID": md.uid,
-        },
+        args={"K8S_POD_NAMESPACE": md.namespace, "K8S_POD_NAME": md.name, "K8S_POD_UID": md.uid},
     )
+
+
+def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResponse:
+    """Boots the pod's VM.
+
+    Raises:
+        InvalidArgument, FailedPrecondition: see ``_handler``; the manager's errors for the boot.
+    """
+    handler = _handler(state, req)
+    config = req.config
+    md = config.metadata
+    network = _network_request(config)
     dns = config.dns_config
     linux = config.linux
     size = state.overhead.size(pod_resources(linux.resources), os.cpu_count() or 1)

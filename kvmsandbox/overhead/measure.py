@@ -63,6 +63,57 @@ def _idle_container(manager: SandboxManager, pod: _Pod, layer: Path) -> None:
     pod.sample.cpu["vmm_container_start"] = 1000 * cpu / wall if wall > 0 else 0.0
 
 
+def _boot_pods(
+    manager: SandboxManager,
+    layer: Path,
+    samples: int,
+    network: NetworkRequest | None,
+    pods: list[_Pod],
+    progress: Callable[[str], None],
+) -> None:
+    """Boots the pods one after the other, each with an idle container; appends each to ``pods``
+    as soon as it exists, so the caller destroys it whatever happens next."""
+    for i in range(samples):
+        progress(f"booting sandbox {i + 1}/{samples}")
+        record = manager.create_sandbox(hostname=f"overhead-{i + 1}", network=network)
+        pod = _Pod(record=record, pid=vmm_pid(manager, record), sample=Sample())
+        pods.append(pod)
+        progress(f"starting an idle container in sandbox {i + 1}/{samples}")
+        _idle_container(manager, pod, layer)
+
+
+def _measure_idle(
+    manager: SandboxManager, pods: list[_Pod], idle_seconds: float
+) -> tuple[float, dict[str, pb.GuestDetailsResponse]]:
+    """Lets the pods idle for ``idle_seconds`` and fills in each one's CPU and memory; returns the
+    window's wall time and the guests' details at its start."""
+    start_details = {p.record.id: manager.client(p.record.id).guest_details() for p in pods}
+    for p in pods:
+        p.vmm_cpu = host.cpu_seconds(p.pid)
+    wall0, runtime_cpu1 = time.monotonic(), time.process_time()
+    time.sleep(idle_seconds)
+    wall = time.monotonic() - wall0
+    runtime_idle = 1000 * (time.process_time() - runtime_cpu1) / wall / len(pods)
+    for p in pods:
+        vmm_cpu = host.cpu_seconds(p.pid) - p.vmm_cpu
+        details = manager.client(p.record.id).guest_details()
+        before = start_details[p.record.id]
+        guest_wall = details.uptime_seconds - before.uptime_seconds or wall
+        p.sample.cpu.update(
+            {
+                "vmm_idle": 1000 * vmm_cpu / wall,
+                "runtime_idle": runtime_idle,
+                "agent_idle": 1000 * (details.agent_cpu_seconds - before.agent_cpu_seconds) / guest_wall,
+                "guest_idle": 1000 * (details.guest_cpu_busy_seconds - before.guest_cpu_busy_seconds) / guest_wall,
+            }
+        )
+        # The guest's own need is taken before any workload: at boot, before the idle container.
+        at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
+        p.sample.memory.update(at_boot or probes.guest_memory(details, p.record.memory_mib * MIB))
+        p.sample.memory.update(probes.vmm_memory(manager.ctx, p.record))
+    return wall, start_details
+
+
 def measure_node(
     manager: SandboxManager,
     layer: Path,
@@ -85,13 +136,7 @@ def measure_node(
     try:
         runtime_before = host.process_pss()
         runtime_cpu0 = time.process_time()
-        for i in range(samples):
-            progress(f"booting sandbox {i + 1}/{samples}")
-            record = manager.create_sandbox(hostname=f"overhead-{i + 1}", network=network)
-            pod = _Pod(record=record, pid=vmm_pid(manager, record), sample=Sample())
-            pods.append(pod)
-            progress(f"starting an idle container in sandbox {i + 1}/{samples}")
-            _idle_container(manager, pod, layer)
+        _boot_pods(manager, layer, samples, network, pods, progress)
         progress(f"letting {samples} sandboxes settle for {settle_seconds:.0f}s")
         time.sleep(settle_seconds)
         # The runtime's growth with N pods, shared out: per-pod increments are mostly allocator
@@ -100,32 +145,8 @@ def measure_node(
         for p in pods:
             p.sample.memory["runtime_share"] = runtime_share
         progress(f"measuring {samples} idle sandboxes for {idle_seconds:.0f}s")
-        start_details = {p.record.id: manager.client(p.record.id).guest_details() for p in pods}
-        for p in pods:
-            p.vmm_cpu = host.cpu_seconds(p.pid)
-        wall0, runtime_cpu1 = time.monotonic(), time.process_time()
-        time.sleep(idle_seconds)
-        wall = time.monotonic() - wall0
-        runtime_idle = 1000 * (time.process_time() - runtime_cpu1) / wall / samples
-        for p in pods:
-            vmm_cpu = host.cpu_seconds(p.pid) - p.vmm_cpu
-            details = manager.client(p.record.id).guest_details()
-            before = start_details[p.record.id]
-            guest_wall = details.uptime_seconds - before.uptime_seconds or wall
-            p.sample.cpu.update(
-                {
-                    "vmm_idle": 1000 * vmm_cpu / wall,
-                    "runtime_idle": runtime_idle,
-                    "agent_idle": 1000 * (details.agent_cpu_seconds - before.agent_cpu_seconds) / guest_wall,
-                    "guest_idle": 1000 * (details.guest_cpu_busy_seconds - before.guest_cpu_busy_seconds) / guest_wall,
-                }
-            )
-            # The guest's own need is taken before any workload: at boot, before the idle container.
-            at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
-            p.sample.memory.update(at_boot or probes.guest_memory(details, p.record.memory_mib * MIB))
-            p.sample.memory.update(probes.vmm_memory(manager.ctx, p.record))
+        wall, start_details = _measure_idle(manager, pods, idle_seconds)
         accel = pods[0].record.accel
-        kernel = start_details[pods[0].record.id].kernel_release
         conditions = {
             "measured_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "samples": samples,
@@ -133,7 +154,7 @@ def measure_node(
             "accel": accel,
             "vm_memory_mib": pods[0].record.memory_mib,
             "vcpus": pods[0].record.vcpus,
-            "guest_kernel": kernel,
+            "guest_kernel": start_details[pods[0].record.id].kernel_release,
             "guest_image": manager.image.key,
             "tb_cache_mib": config.hypervisor.tb_cache_mib if accel == "tcg" else 0,
             "idle_window_seconds": round(wall, 2),

@@ -41,10 +41,11 @@ def find(record: SandboxRecord, container_id: str) -> ContainerRecord:
 
 def _host_paths(ctx: SandboxContext, sandbox_id: str, container_id: str) -> dict[str, Path]:
     sdir = ctx.sandbox_dir(sandbox_id)
+    # In teardown order: the rootfs overlay (whose upper dir is in the layer) goes first.
     return {
-        "layer": sdir / "layers" / container_id,
         "container": sdir / "shared" / "containers" / container_id,
         "mounts": sdir / "shared" / "mounts" / container_id,
+        "layer": sdir / "layers" / container_id,
     }
 
 
@@ -62,6 +63,16 @@ def _guest_mounts(
         rootfs.bind_host_path(m.host_path, mounts_dir / str(i), m.readonly)
         out.append(oci_spec.Mount(f"{GUEST_SHARE}/mounts/{container_id}/{i}", m.container_path, m.readonly))
     return out
+
+
+def _record_to_create_in(ctx: SandboxContext, sandbox_id: str, container_id: str) -> SandboxRecord:
+    """Raises NotFound, or FailedPrecondition: the sandbox is not ready or has the container."""
+    record = ctx.store.get(sandbox_id)
+    if record.state is not SandboxState.READY:
+        raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state.value}: cannot create containers in it")
+    if container_id in record.containers:
+        raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
+    return record
 
 
 def create(
@@ -84,11 +95,7 @@ def create(
     """
     container_id = check_id("container id", container_id or secrets.token_hex(32))
     with ctx.lock_for(sandbox_id):
-        record = ctx.store.get(sandbox_id)
-        if record.state is not SandboxState.READY:
-            raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state.value}: cannot create containers in it")
-        if container_id in record.containers:
-            raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
+        record = _record_to_create_in(ctx, sandbox_id, container_id)
         client = ctx.ready_client(record)
         paths = _host_paths(ctx, sandbox_id, container_id)
         log_file = log_path or ctx.sandbox_dir(sandbox_id) / "logs" / f"{container_id}.log"
@@ -106,7 +113,7 @@ def create(
             pid = client.create_container(container_id, spec)
             writer = CriLogWriter(log_file)
         except BaseException:
-            for path in (paths["container"], paths["mounts"], paths["layer"]):
+            for path in paths.values():
                 rootfs.remove_tree(path)
             raise
         container = ContainerRecord(
