@@ -238,3 +238,40 @@ def test_memory_limits_apply_and_an_oom_kill_is_reported(
     finally:
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def test_a_pod_whose_agent_is_gone_after_a_restart_is_not_ready_and_still_stops_and_goes(
+    cri_server: CriServer, busybox_image: str, tmp_path: Path
+) -> None:
+    rt, img = cri_server.runtime, cri_server.images
+    img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
+    config = pod_config("cutoff", tmp_path)
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    cid = rt.CreateContainer(
+        cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=container_config("app", busybox_image, "sleep 600"))
+    ).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=cid))
+    record = json.loads((cri_server.state_dir / "sandboxes" / pod_id / "state.json").read_text())
+
+    cri_server.stop()
+    Path(record["agent_socket"]).unlink()  # QEMU keeps running; its agent can no longer be reached
+    cri_server.start()
+    rt = cri_server.runtime
+
+    status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    assert status.status.state == cri.SANDBOX_NOTREADY and status.status.metadata.name == "cutoff"
+    assert "agent not reachable" in json.loads(status.info["info"])["broken_reason"]
+    listed = rt.ListContainers(cri.ListContainersRequest(filter=cri.ContainerFilter(pod_sandbox_id=pod_id)))
+    assert [(c.id, c.state) for c in listed.containers] == [(cid, cri.CONTAINER_RUNNING)]
+    with pytest.raises(grpc.RpcError) as e:
+        rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=10))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+
+    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert processes_mentioning(record["vm_name"]) == []
+    exited = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status
+    assert exited.state == cri.CONTAINER_EXITED and exited.exit_code == 255
+    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert pod_id not in [p.id for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items]
+    assert not (cri_server.state_dir / "sandboxes" / pod_id).exists()
+    assert not (cri_server.state_dir / "cri" / f"{pod_id}.json").exists()
