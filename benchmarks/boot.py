@@ -116,6 +116,8 @@ def boot_both(
         details = manager.client(record.id).guest_details()
         info = hv.info(record.vm_name)
         marks.update(
+            host=timings.host_prepared,
+            cgroup=timings.vmm_placed,
             vmm=timings.vmm_started,
             agent=timings.agent_ready,
             ready=timings.sandbox_ready,
@@ -144,11 +146,13 @@ def main() -> int:
         )
         bare, ready = boot_both(manager, args.boots, args.memory_mib)
 
-    print("\nsandbox boot, seconds since the request:")
+    print("\nsandbox boot, seconds since the request (phases: host, cgroup, VM, agent, guest):")
+    print(f"  host prepared      {summary([m['host'] for m in ready])}")
+    print(f"  VMM cgroup placed  {summary([m['cgroup'] for m in ready])}")
     print(f"  VMM started        {summary([m['vmm'] for m in ready])}")
     print(f"  kernel reached init {summary([m.get('init', float('nan')) for m in ready])}")
     print(f"  agent answered     {summary([m['agent'] for m in ready])}")
-    print(f"  sandbox ready      {summary([m['ready'] for m in ready])}")
+    print(f"  sandbox ready      {summary([m['ready'] for m in ready])}  (guest configured)")
     print("bare boot (same kernel + initramfs, init powers off at once):")
     print(f"  VMM started        {summary([m['vmm'] for m in bare])}")
     print(f"  kernel reached init {summary([m.get('init', float('nan')) for m in bare])}")
