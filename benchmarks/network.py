@@ -27,7 +27,8 @@ from common import bench_manager
 
 from kvmsandbox.config import NetworkConfig
 from kvmsandbox.network import netns
-from kvmsandbox.network.cni import CniRunner, load_network_config
+from kvmsandbox.network.cni import CniRunner
+from kvmsandbox.network.cni_config import load_network_config
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.types import NetworkRequest
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs

@@ -126,7 +126,8 @@ def cmd_overhead_runtimeclass(args: argparse.Namespace) -> int:
 
 
 def cmd_overhead_simulate(args: argparse.Namespace) -> int:
-    from kvmsandbox.overhead.simulate import render_text, run_simulation
+    from kvmsandbox.overhead.simulate import run_simulation
+    from kvmsandbox.overhead.simulation_report import render_text
 
     config = _config(args)
     m = _measurement_from(args, config)

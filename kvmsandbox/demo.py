@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from kvmsandbox.config import Config
 from kvmsandbox.runtime import open_manager
@@ -12,6 +13,9 @@ from kvmsandbox.sandbox.logs import parse_cri_log
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 from kvmsandbox.tools.local_registry import LocalRegistry
+
+if TYPE_CHECKING:
+    from kvmsandbox.cri.runtime.v1.api_pb2_grpc import ImageServiceStub, RuntimeServiceStub
 
 DEMO_SCRIPT = (
     'echo "hello from container $(hostname) in a kvmsandbox VM"; '
@@ -106,24 +110,8 @@ def _cri_demo(config: Config) -> None:
     channel = grpc.insecure_channel(f"unix://{config.socket}")
     rt = api_pb2_grpc.RuntimeServiceStub(channel)
     img = api_pb2_grpc.ImageServiceStub(channel)
-    for old in rt.ListPodSandbox(
-        cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(label_selector=DEMO_LABEL))
-    ).items:
-        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=old.id))
-        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=old.id))
-    for old_image in img.ListImages(cri.ListImagesRequest()).images:
-        if any("/kvmsandbox-demo/busybox:" in tag for tag in old_image.repo_tags):
-            img.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=old_image.id)))
-
-    registry = LocalRegistry()
-    try:
-        layer = make_busybox_rootfs(config.cache_dir / "demo-busybox-rootfs")
-        ref = registry.push_tree("kvmsandbox-demo/busybox", "latest", layer, {"Cmd": ["sh"], "Env": ["PATH=/bin"]})
-        t0 = time.monotonic()
-        image_id = img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref))).image_ref
-        print(f"demo: pulled {ref} ({image_id[:19]}) in {time.monotonic() - t0:.2f}s", flush=True)
-    finally:
-        registry.stop()
+    _remove_previous_demo(rt, img)
+    ref = _push_and_pull_demo_image(config, img)
     log_dir = config.state_dir / "demo-logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # the previous demo pod's, removed above
     pod_config = cri.PodSandboxConfig(
@@ -159,3 +147,33 @@ def _cri_demo(config: Config) -> None:
         "Ctrl-C stops the server (pods keep running; the next server recovers them).",
         flush=True,
     )
+
+
+def _remove_previous_demo(rt: RuntimeServiceStub, img: ImageServiceStub) -> None:
+    """Removes the pods and images an earlier demo left (its pod keeps running after the server stops)."""
+    from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+
+    for old in rt.ListPodSandbox(
+        cri.ListPodSandboxRequest(filter=cri.PodSandboxFilter(label_selector=DEMO_LABEL))
+    ).items:
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=old.id))
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=old.id))
+    for old_image in img.ListImages(cri.ListImagesRequest()).images:
+        if any("/kvmsandbox-demo/busybox:" in tag for tag in old_image.repo_tags):
+            img.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=old_image.id)))
+
+
+def _push_and_pull_demo_image(config: Config, img: ImageServiceStub) -> str:
+    """Pushes a busybox image to a registry on loopback and pulls it through the CRI; returns its reference."""
+    from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+
+    registry = LocalRegistry()
+    try:
+        layer = make_busybox_rootfs(config.cache_dir / "demo-busybox-rootfs")
+        ref = registry.push_tree("kvmsandbox-demo/busybox", "latest", layer, {"Cmd": ["sh"], "Env": ["PATH=/bin"]})
+        t0 = time.monotonic()
+        image_id = img.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref))).image_ref
+        print(f"demo: pulled {ref} ({image_id[:19]}) in {time.monotonic() - t0:.2f}s", flush=True)
+    finally:
+        registry.stop()
+    return ref

@@ -20,25 +20,62 @@ VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 def run_doctor(config: Config) -> int:
     """Prints one line per check; returns 1 with a sentence per problem when something required is missing."""
     problems: list[str] = []
+    for check in (
+        _check_accel,
+        _check_transport,
+        _check_shared_fs,
+        _check_qemu,
+        _check_hypervisor,
+        _check_guest_image,
+        _check_pod_network,
+        _check_host_tools,
+    ):
+        problems += check(config)
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    print("ok: this host can run kvmsandbox" if not problems else f"{len(problems)} problem(s) to fix")
+    return 1 if problems else 0
+
+
+# Each check prints its lines and returns the problems it found, in words a person can act on.
+
+
+def _check_accel(config: Config) -> list[str]:
     accel, reason = detect_accel() if config.hypervisor.accel == "auto" else (config.hypervisor.accel, "set in config")
     print(f"accel:            {accel} ({reason})")
     if accel == "tcg":
         print("                  guests run under software emulation: expect boots about ten times slower than KVM")
+    return []
+
+
+def _check_transport(config: Config) -> list[str]:
     caps = backend_capabilities(config.hypervisor.backend)
     try:
         transport = choose_transport(config.agent.transport, caps)
     except FailedPrecondition as e:
         print(f"agent transport:  none ({e})")
-        problems.append(f"no agent transport: {e}")
-    else:
-        why = _transport_reason(config, caps, transport)
-        print(f"agent transport:  {transport} ({why})")
+        return [f"no agent transport: {e}"]
+    why = _transport_reason(config, caps, transport)
+    print(f"agent transport:  {transport} ({why})")
+    return []
+
+
+def _check_shared_fs(config: Config) -> list[str]:
     virtiofsd = shutil.which("virtiofsd") or next((p for p in VIRTIOFSD_PATHS if os.path.exists(p)), None)
     print(f"shared fs:        virtio-9p{'' if virtiofsd is None else f' (virtiofsd at {virtiofsd} is not used yet)'}")
+    return []
+
+
+def _check_qemu(config: Config) -> list[str]:
     qemu = tool_version([config.hypervisor.qemu_binary, "--version"])
     print(f"qemu:             {qemu}")
     if qemu == "not installed":
-        problems.append(f"{config.hypervisor.qemu_binary} is missing: install the qemu-system-x86 package")
+        return [f"{config.hypervisor.qemu_binary} is missing: install the qemu-system-x86 package"]
+    return []
+
+
+def _check_hypervisor(config: Config) -> list[str]:
+    problems: list[str] = []
     print(
         f"hypervisor:       {config.hypervisor.backend}"
         + (f" ({config.libvirt_uri})" if config.hypervisor.backend == "libvirt" else "")
@@ -60,30 +97,38 @@ def run_doctor(config: Config) -> int:
                 "the embedded libvirt driver needs a libvirt-qemu user: run `make setup` or "
                 "`useradd --system --user-group --no-create-home libvirt-qemu`"
             )
+    return problems
+
+
+def _check_guest_image(config: Config) -> list[str]:
     image = find_guest_image(config.guest_image_dir)
     if image is None:
         print(f"guest image:      not built in {config.guest_image_dir}")
-        problems.append("the guest image is not built: run `kvmsandbox guest-image build`")
-    else:
-        print(f"guest image:      {image.key[:16]} kernel {image.kernel_version} in {image.rootfs.parent}")
+        return ["the guest image is not built: run `kvmsandbox guest-image build`"]
+    print(f"guest image:      {image.key[:16]} kernel {image.kernel_version} in {image.rootfs.parent}")
+    return []
+
+
+def _check_pod_network(config: Config) -> list[str]:
     from kvmsandbox.network.pod import PodNetworking
 
     net = PodNetworking(config).status()
     print(f"pod network:      {net.message}")
     if not net.ready:
-        problems.append(
+        return [
             "pods cannot get a network (NetworkReady false): put a CNI config in "
             f"{config.network.cni_conf_dirs[0]} (`make setup` installs a single-node bridge)"
-        )
-    for tool in ("ip", "tc"):
-        if not shutil.which(tool):
-            problems.append(f"{tool}(8) is missing: install the iproute2 package")
+        ]
+    return []
+
+
+def _check_host_tools(config: Config) -> list[str]:
+    problems = [
+        f"{tool}(8) is missing: install the iproute2 package" for tool in ("ip", "tc") if not shutil.which(tool)
+    ]
     if not shutil.which("mount"):
         problems.append("mount(8) is missing")
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    print("ok: this host can run kvmsandbox" if not problems else f"{len(problems)} problem(s) to fix")
-    return 1 if problems else 0
+    return problems
 
 
 def _transport_reason(config: Config, caps: Capabilities, transport: str) -> str:

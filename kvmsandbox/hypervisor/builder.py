@@ -48,7 +48,12 @@ def domain_xml(spec: VMSpec) -> str:
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(domain, event).text = "destroy"
 
-    devices = ET.SubElement(domain, "devices")
+    _add_devices(ET.SubElement(domain, "devices"), spec)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
+    """The domain's <devices>: root disk, shared dir, console, agent channel, NIC, RNG; no USB, no balloon."""
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="raw")
     ET.SubElement(disk, "source", file=str(spec.root_disk))
@@ -88,7 +93,6 @@ def domain_xml(spec: VMSpec) -> str:
 
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
-    return ET.tostring(domain, encoding="unicode")
 
 
 def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list[str]:

@@ -2,9 +2,10 @@
 on-disk store of unpacked layers that container root filesystems stack as overlay lowerdirs."""
 
 from kvmsandbox.errors import ContentError, RegistryAuthError
+from kvmsandbox.image.records import ImageRecord
 from kvmsandbox.image.reference import Reference, parse_reference
 from kvmsandbox.image.registry import Auth
-from kvmsandbox.image.store import FsUsage, ImageRecord, ImageStore
+from kvmsandbox.image.store import FsUsage, ImageStore
 
 __all__ = [
     "Auth",

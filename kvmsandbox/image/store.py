@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -29,54 +27,21 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvmsandbox.config import RegistryConfig
-from kvmsandbox.errors import ContentError, FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
-from kvmsandbox.image.manifest import (
-    ACCEPT,
-    DOCKER_CONFIG,
-    OCI_CONFIG,
-    Descriptor,
-    Index,
-    Manifest,
-    choose_platform,
-    parse_manifest,
-)
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
+from kvmsandbox.image.fetch import fetch_config, fetch_layer, fetch_manifest
+from kvmsandbox.image.manifest import Descriptor
+from kvmsandbox.image.records import ImageRecord, digest_hex, find_record, id_hex, load_records, save_record
 from kvmsandbox.image.reference import Reference, parse_reference
 from kvmsandbox.image.registry import Auth, Endpoint, RegistryClient, endpoints_for
-from kvmsandbox.image.unpack import LayerUsage, tree_usage, unpack_layer
+from kvmsandbox.image.unpack import LayerUsage, tree_usage
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
-_ID_PREFIX = re.compile(r"(?:sha256:)?([0-9a-f]{1,63})")
-_DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _HOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-@dataclass
-class ImageRecord:
-    """A pulled image. ``config`` is the image config's ``config`` object (Entrypoint, Cmd, Env,
-    WorkingDir, User, StopSignal, Labels, ExposedPorts, ...); ``layers`` its diff_ids, bottom first;
-    ``size`` the bytes its unpacked layers take on disk."""
-
-    id: str
-    repo_tags: list[str] = field(default_factory=list)
-    repo_digests: list[str] = field(default_factory=list)
-    size: int = 0
-    config: dict[str, Any] = field(default_factory=dict)
-    layers: list[str] = field(default_factory=list)
-    created: str = ""
-    platform: str = ""
-    pulled_at: float = 0.0
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ImageRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -86,10 +51,6 @@ class FsUsage:
     used_bytes: int
     inodes_used: int
     mountpoint: Path
-
-
-def _hex(digest: str) -> str:
-    return digest.partition(":")[2]
 
 
 class ImageStore:
@@ -128,7 +89,7 @@ class ImageStore:
             d.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir()
-        self._records = self._load()
+        self._records = load_records(self._images)
         with self._lock:
             doomed = self._collect_unused_layers()
         self._delete(doomed)
@@ -201,37 +162,19 @@ class ImageStore:
 
     def _pull_from(self, endpoint: Endpoint, ref: Reference, auth: Auth | None) -> ImageRecord:
         client = RegistryClient(endpoint, ref, self.registry, auth, self.timeout)
-        data, media_type = client.get_manifest(ref.object, ACCEPT)
-        manifest_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if ref.digest and manifest_digest != ref.digest:
-            raise ContentError(
-                f"{ref}: digest mismatch for the manifest: the registry sent content whose digest is {manifest_digest}"
-            )
-        doc = parse_manifest(data, media_type, str(ref))
-        if isinstance(doc, Index):
-            chosen = choose_platform(doc, self.os, self.architecture, str(ref))
-            data, media_type = client.get_manifest(chosen.digest, ACCEPT)
-            got = "sha256:" + hashlib.sha256(data).hexdigest()
-            if got != chosen.digest:
-                raise ContentError(
-                    f"{ref}: digest mismatch for manifest {chosen.digest}: the registry sent content whose digest is "
-                    + got
-                )
-            doc = parse_manifest(data, media_type, str(ref))
-            if not isinstance(doc, Manifest):
-                raise ContentError(f"{ref}: the index entry for {chosen.platform_name} is itself an index")
+        doc, manifest_digest = fetch_manifest(client, ref, self.os, self.architecture)
         with self._lock:
             existing = copy.deepcopy(self._records.get(doc.config.digest))
         if existing is not None:
             with self._pinned(existing.layers):
-                if all((self._layers / _hex(d)).is_dir() for d in existing.layers):
+                if all((self._layers / digest_hex(d)).is_dir() for d in existing.layers):
                     return self._commit(ref, manifest_digest, existing)
-        image_config, diff_ids = self._fetch_config(client, ref, doc)
+        image_config, diff_ids = fetch_config(client, ref, doc)
         with self._pinned(diff_ids):
             self._ensure_layers(client, ref, doc.layers, diff_ids)
             record = ImageRecord(
                 id=doc.config.digest,
-                size=sum(self._layer_usage(_hex(d)).bytes for d in diff_ids),
+                size=sum(self._layer_usage(digest_hex(d)).bytes for d in diff_ids),
                 config=image_config.get("config") or {},
                 layers=diff_ids,
                 created=str(image_config.get("created", "")),
@@ -239,33 +182,12 @@ class ImageStore:
             )
             return self._commit(ref, manifest_digest, record)
 
-    def _fetch_config(
-        self, client: RegistryClient, ref: Reference, manifest: Manifest
-    ) -> tuple[dict[str, Any], list[str]]:
-        if manifest.config.media_type not in ("", OCI_CONFIG, DOCKER_CONFIG):
-            raise ContentError(f"{ref} is not a container image (its config is {manifest.config.media_type})")
-        for layer in manifest.layers:
-            if layer.media_type and "tar" not in layer.media_type:
-                raise ContentError(f"{ref}: layer {layer.digest} is not a filesystem layer ({layer.media_type})")
-        try:
-            image_config = json.loads(client.get_blob_bytes(manifest.config.digest, manifest.config.size))
-            diff_ids = image_config["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError):
-            raise ContentError(f"{ref}: the image config {manifest.config.digest} has no rootfs.diff_ids") from None
-        if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIFF_ID.fullmatch(d) for d in diff_ids):
-            raise ContentError(f"{ref}: the image config's diff_ids are not all sha256 digests")
-        if len(diff_ids) != len(manifest.layers):
-            raise ContentError(
-                f"{ref}: the manifest has {len(manifest.layers)} layers but the config {len(diff_ids)} diff_ids"
-            )
-        if not isinstance(image_config.get("config") or {}, dict):
-            raise ContentError(f"{ref}: the image config's config is not an object")
-        return image_config, diff_ids
-
     def _ensure_layers(
         self, client: RegistryClient, ref: Reference, layers: list[Descriptor], diff_ids: list[str]
     ) -> None:
-        todo = {d: layer for layer, d in zip(layers, diff_ids, strict=True) if not (self._layers / _hex(d)).is_dir()}
+        todo = {
+            d: layer for layer, d in zip(layers, diff_ids, strict=True) if not (self._layers / digest_hex(d)).is_dir()
+        }
         if not todo:
             return
         with ThreadPoolExecutor(max_workers=max(1, min(self.parallel_downloads, len(todo)))) as pool:
@@ -279,31 +201,16 @@ class ImageStore:
                 raise
 
     def _ensure_layer(self, client: RegistryClient, ref: Reference, layer: Descriptor, diff_id: str) -> None:
-        name = _hex(diff_id)
+        name = digest_hex(diff_id)
         final = self._layers / name
         with self._layer_lock(name):
             if final.is_dir():
                 return
             work = Path(tempfile.mkdtemp(prefix=f"layer-{name[:12]}-", dir=self._tmp))
             try:
-                started = time.monotonic()
-                client.download_blob(layer.digest, layer.size, work / "blob")
-                downloaded = time.monotonic()
-                try:
-                    usage = unpack_layer(work / "blob", work / "tree", diff_id)
-                except ContentError as e:
-                    raise ContentError(f"{ref}: layer {layer.digest}: {e}") from None
-                os.rename(work / "tree", final)
+                usage = fetch_layer(client, ref, layer, diff_id, work, final)
                 with self._lock:
                     self._usage[name] = usage
-                log.info(
-                    "image %s: layer %s unpacked bytes=%d download_seconds=%.2f unpack_seconds=%.2f",
-                    ref,
-                    diff_id,
-                    usage.bytes,
-                    downloaded - started,
-                    time.monotonic() - downloaded,
-                )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 
@@ -315,7 +222,7 @@ class ImageStore:
                 for other in self._records.values():
                     if other.id != record.id and tag in other.repo_tags:
                         other.repo_tags.remove(tag)
-                        self._save(other)
+                        save_record(self._images, other)
                         log.info("image %s: tag moved away from id=%s", ref, other.id)
                 if tag not in record.repo_tags:
                     record.repo_tags.append(tag)
@@ -323,7 +230,7 @@ class ImageStore:
             if digest_ref not in record.repo_digests:
                 record.repo_digests.append(digest_ref)
             record.pulled_at = time.time()
-            self._save(record)
+            save_record(self._images, record)
             self._records[record.id] = record
             return copy.deepcopy(record)
 
@@ -336,7 +243,7 @@ class ImageStore:
             InvalidArgument: neither a valid reference nor an id prefix, or an ambiguous prefix.
         """
         with self._lock:
-            return copy.deepcopy(self._find(ref_or_id))
+            return copy.deepcopy(find_record(self._records, ref_or_id))
 
     def layer_dirs(self, image_id: str) -> list[Path]:
         """The image's unpacked layers, top first: the lowerdirs of an overlay.
@@ -345,12 +252,12 @@ class ImageStore:
             NotFound: no such image, or a layer is missing on disk.
         """
         with self._lock:
-            record = self._find(image_id)
+            record = find_record(self._records, image_id)
             if record is None:
                 raise NotFound(f"image {image_id} is not present on this node")
             dirs: list[Path] = []
             for diff_id in reversed(record.layers):
-                path = self._layers / _hex(diff_id)
+                path = self._layers / digest_hex(diff_id)
                 # A layer listed twice needs only its top occurrence: the lower one is hidden by it.
                 if path in dirs:
                     continue
@@ -384,7 +291,7 @@ class ImageStore:
             InvalidArgument: as status.
         """
         with self._lock:
-            record = self._find(ref_or_id)
+            record = find_record(self._records, ref_or_id)
             if record is None:
                 log.info("image %s: not present, nothing to remove", ref_or_id)
                 return
@@ -393,8 +300,8 @@ class ImageStore:
                 raise FailedPrecondition(
                     f"image {ref_or_id} ({record.id}) is in use by container(s) {', '.join(holders)}: remove them first"
                 )
-            (self._images / f"{_hex(record.id)}.json").unlink(missing_ok=True)
-            shutil.rmtree(self._holds / _hex(record.id), ignore_errors=True)
+            (self._images / f"{digest_hex(record.id)}.json").unlink(missing_ok=True)
+            shutil.rmtree(self._holds / digest_hex(record.id), ignore_errors=True)
             del self._records[record.id]
             doomed = self._collect_unused_layers()
         self._delete(doomed)
@@ -411,10 +318,10 @@ class ImageStore:
         if not _HOLDER.fullmatch(holder_id):
             raise InvalidArgument(f"invalid image holder id {holder_id!r}")
         with self._lock:
-            record = self._find(image_id)
+            record = find_record(self._records, image_id)
             if record is None:
                 raise NotFound(f"image {image_id} is not present on this node")
-            d = self._holds / _hex(record.id)
+            d = self._holds / digest_hex(record.id)
             d.mkdir(exist_ok=True)
             (d / holder_id).touch()
         log.info("image %s: held by %s", record.id, holder_id)
@@ -426,9 +333,8 @@ class ImageStore:
         with self._lock:
             record = None
             with contextlib.suppress(InvalidArgument):
-                record = self._find(image_id)
-            m = _ID.fullmatch(image_id)
-            name = _hex(record.id) if record else m.group(1) if m else None
+                record = find_record(self._records, image_id)
+            name = digest_hex(record.id) if record else id_hex(image_id)
             if name is None:
                 return
             d = self._holds / name
@@ -456,61 +362,14 @@ class ImageStore:
     def holders(self, image_id: str) -> list[str]:
         """The holders of an image (for reconciling after a restart); empty for an unknown image."""
         with self._lock:
-            record = self._find(image_id)
+            record = find_record(self._records, image_id)
             return self._holders(record.id) if record else []
 
     # -- internals --
 
-    def _find(self, text: str) -> ImageRecord | None:
-        m = _ID.fullmatch(text)
-        if m:
-            return self._records.get(f"sha256:{m.group(1)}")
-        ref: Reference | None = None
-        error: InvalidArgument | None = None
-        try:
-            ref = parse_reference(text)
-        except InvalidArgument as e:
-            error = e
-        if ref is not None:
-            for r in self._records.values():
-                if (ref.tag and f"{ref.name}:{ref.tag}" in r.repo_tags) or (
-                    ref.digest and f"{ref.name}@{ref.digest}" in r.repo_digests
-                ):
-                    return r
-        m = _ID_PREFIX.fullmatch(text)
-        if m:
-            matches = [r for r in self._records.values() if _hex(r.id).startswith(m.group(1))]
-            if len(matches) > 1:
-                raise InvalidArgument(f"image id prefix {text!r} is ambiguous: {len(matches)} images match it")
-            if matches:
-                return matches[0]
-        if error is not None:
-            raise error
-        return None
-
     def _holders(self, image_id: str) -> list[str]:
-        d = self._holds / _hex(image_id)
+        d = self._holds / digest_hex(image_id)
         return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-
-    def _save(self, record: ImageRecord) -> None:
-        path = self._images / f"{_hex(record.id)}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as f:
-            json.dump(dataclasses.asdict(record), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def _load(self) -> dict[str, ImageRecord]:
-        records = {}
-        for path in sorted(self._images.glob("*.json")):
-            try:
-                record = ImageRecord.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError) as e:
-                log.warning("image store: ignoring the unreadable record %s: %s", path, e)
-                continue
-            records[record.id] = record
-        return records
 
     def _layer_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -518,7 +377,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _pinned(self, diff_ids: list[str]) -> Iterator[None]:
-        names = [_hex(d) for d in diff_ids]
+        names = [digest_hex(d) for d in diff_ids]
         with self._lock:
             self._pins.update(names)
         try:
@@ -533,7 +392,7 @@ class ImageStore:
 
     def _collect_unused_layers(self) -> list[Path]:
         """Moves the layers no image uses and no pull relies on into tmp/; call with the lock held."""
-        used = {_hex(d) for r in self._records.values() for d in r.layers} | set(self._pins)
+        used = {digest_hex(d) for r in self._records.values() for d in r.layers} | set(self._pins)
         doomed = []
         for path in self._layers.iterdir():
             if path.name not in used:
@@ -567,6 +426,6 @@ class ImageStore:
         """
         with self._lock:
             if filter_ref:
-                found = self._find(filter_ref)
+                found = find_record(self._records, filter_ref)
                 return [copy.deepcopy(found)] if found else []
             return [copy.deepcopy(r) for r in sorted(self._records.values(), key=lambda r: (r.repo_tags, r.id))]

@@ -195,16 +195,7 @@ def _extract(
         # Other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs) has no meaning for overlay.
         return
     if base.startswith(WHITEOUT_PREFIX):
-        name = base[len(WHITEOUT_PREFIX) :]
-        if name in ("", ".", ".."):
-            raise ContentError(f"layer entry {member.name!r} is not a valid whiteout")
-        hidden = path.with_name(name)
-        _clear(hidden, keep_dir=False)
-        try:
-            os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0))
-        except OSError as e:
-            raise ContentError(f"cannot make the whiteout for {member.name!r} (needs root): {e.strerror}") from None
-        _set_owner(hidden, member)
+        _make_whiteout(path, member)
         return
     _clear(path, keep_dir=member.isdir())
     if member.isdir():
@@ -212,6 +203,36 @@ def _extract(
         dirs.append((path, member))
         _set_xattrs(path, member)
         return
+    if _make_entry(tar, member, dest, path):
+        _set_attributes(path, member)
+        _set_xattrs(path, member)
+
+
+def _make_whiteout(path: Path, member: tarfile.TarInfo) -> None:
+    """Makes the overlay whiteout (a 0/0 character device) for the OCI whiteout ``.wh.NAME`` at ``path``.
+
+    Raises:
+        ContentError: NAME is empty, "." or "..", or the device cannot be made.
+    """
+    name = path.name[len(WHITEOUT_PREFIX) :]
+    if name in ("", ".", ".."):
+        raise ContentError(f"layer entry {member.name!r} is not a valid whiteout")
+    hidden = path.with_name(name)
+    _clear(hidden, keep_dir=False)
+    try:
+        os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    except OSError as e:
+        raise ContentError(f"cannot make the whiteout for {member.name!r} (needs root): {e.strerror}") from None
+    _set_owner(hidden, member)
+
+
+def _make_entry(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, path: Path) -> bool:
+    """Makes the file, symlink, hard link or device node ``member`` at ``path``; returns whether it
+    still needs its attributes (a hard link shares them, a skipped entry has none).
+
+    Raises:
+        ContentError: a hard link to something that is not a file of the layer.
+    """
     if member.isfile():
         src = tar.extractfile(member)
         assert src is not None
@@ -227,19 +248,18 @@ def _extract(
                 f"layer entry {member.name!r} is a hard link to {member.linkname!r}, which is not a file here"
             )
         os.link(source, path, follow_symlinks=False)
-        return  # a hard link shares its inode's attributes, already set
+        return False  # a hard link shares its inode's attributes, already set
     elif member.ischr() or member.isblk() or member.isfifo():
         kind = stat.S_IFIFO if member.isfifo() else stat.S_IFCHR if member.ischr() else stat.S_IFBLK
         try:
             os.mknod(path, kind | 0o600, os.makedev(member.devmajor, member.devminor))
         except PermissionError:
             log.warning("layer entry %s: cannot make device nodes here, skipping it", member.name)
-            return
+            return False
     else:
         log.warning("layer entry %s: unsupported tar entry type %r, skipping it", member.name, member.type)
-        return
-    _set_attributes(path, member)
-    _set_xattrs(path, member)
+        return False
+    return True
 
 
 def _set_owner(path: Path, member: tarfile.TarInfo) -> None:

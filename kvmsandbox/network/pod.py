@@ -23,7 +23,8 @@ from kvmsandbox.config import Config
 from kvmsandbox.errors import KvmSandboxError, NetworkError
 from kvmsandbox.hypervisor.spec import Nic
 from kvmsandbox.network import netns
-from kvmsandbox.network.cni import CniRunner, NetworkConfigList, PortMapping, load_network_config
+from kvmsandbox.network.cni import CniRunner, PortMapping
+from kvmsandbox.network.cni_config import NetworkConfigList, load_network_config
 
 log = logging.getLogger(__name__)
 

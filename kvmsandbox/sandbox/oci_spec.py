@@ -98,7 +98,39 @@ def container_spec(
     resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest."""
-    spec_mounts: list[dict[str, Any]] = [
+    linux: dict[str, Any] = {
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "maskedPaths": MASKED_PATHS,
+        "readonlyPaths": READONLY_PATHS,
+    }
+    if cgroups_path:
+        linux["cgroupsPath"] = cgroups_path
+    if resources:
+        linux["resources"] = resources
+    spec: dict[str, Any] = {
+        "ociVersion": OCI_VERSION,
+        "process": process_object(process),
+        "root": {"path": root_path, "readonly": readonly_rootfs},
+        "mounts": _pseudo_filesystems() + [_bind_mount(m) for m in mounts or []],
+        "linux": linux,
+    }
+    if hostname:
+        spec["hostname"] = hostname
+    return spec
+
+
+def _bind_mount(mount: Mount) -> dict[str, Any]:
+    return {
+        "destination": mount.destination,
+        "type": "bind",
+        "source": mount.source,
+        "options": ["rbind", "rprivate", "ro" if mount.readonly else "rw"],
+    }
+
+
+def _pseudo_filesystems() -> list[dict[str, Any]]:
+    """The mounts every container gets, as runc's and containerd's default spec has them."""
+    return [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
             "destination": "/dev",
@@ -137,31 +169,3 @@ def container_spec(
             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
         },
     ]
-    for m in mounts or []:
-        spec_mounts.append(
-            {
-                "destination": m.destination,
-                "type": "bind",
-                "source": m.source,
-                "options": ["rbind", "rprivate", "ro" if m.readonly else "rw"],
-            }
-        )
-    linux: dict[str, Any] = {
-        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
-        "maskedPaths": MASKED_PATHS,
-        "readonlyPaths": READONLY_PATHS,
-    }
-    if cgroups_path:
-        linux["cgroupsPath"] = cgroups_path
-    if resources:
-        linux["resources"] = resources
-    spec: dict[str, Any] = {
-        "ociVersion": OCI_VERSION,
-        "process": process_object(process),
-        "root": {"path": root_path, "readonly": readonly_rootfs},
-        "mounts": spec_mounts,
-        "linux": linux,
-    }
-    if hostname:
-        spec["hostname"] = hostname
-    return spec

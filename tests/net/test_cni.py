@@ -30,7 +30,9 @@ import pytest
 
 from kvmsandbox.errors import AlreadyExists, InvalidArgument, NetworkError
 from kvmsandbox.network import netns
-from kvmsandbox.network.cni import CniResult, CniRunner, PortMapping, load_network_config
+from kvmsandbox.network.cni import CniRunner, PortMapping
+from kvmsandbox.network.cni_config import load_network_config
+from kvmsandbox.network.cni_result import CniResult
 
 PLUGINS = Path("/usr/lib/cni")
 PING = ["ping"] if shutil.which("ping") else ["busybox", "ping"]

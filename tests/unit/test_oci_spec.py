@@ -1,4 +1,4 @@
-from kvmsandbox.agent.guest.runner import validate_process
+from kvmsandbox.agent.guest.oci_check import validate_process
 from kvmsandbox.sandbox.oci_spec import Mount, ProcessSpec, container_spec, process_object
 
 

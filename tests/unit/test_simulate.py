@@ -9,18 +9,10 @@ import pytest
 
 from kvmsandbox.errors import InvalidArgument
 from kvmsandbox.overhead.model import Measurement, Sample
-from kvmsandbox.overhead.simulate import (
-    KATA_QEMU_CPU_MILLICORES,
-    KATA_QEMU_MEMORY_BYTES,
-    PodSpec,
-    SimulationResult,
-    StrategyResult,
-    load_workload,
-    render_markdown,
-    render_text,
-    run_simulation,
-    simulate,
-)
+from kvmsandbox.overhead.packing import SimulationResult, StrategyResult
+from kvmsandbox.overhead.simulate import KATA_QEMU_CPU_MILLICORES, KATA_QEMU_MEMORY_BYTES, run_simulation, simulate
+from kvmsandbox.overhead.simulation_report import render_markdown, render_text
+from kvmsandbox.overhead.workload import PodSpec, load_workload
 
 MI = 1024**2
 GI = 1024**3

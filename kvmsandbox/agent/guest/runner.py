@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, cast
 
+from kvmsandbox.agent.guest.cgroup_stats import container_stats, oom_kills
 from kvmsandbox.agent.guest.errors import (
     AgentFault,
     AlreadyExists,
@@ -18,11 +17,11 @@ from kvmsandbox.agent.guest.errors import (
     InvalidArgument,
     NotFound,
 )
+from kvmsandbox.agent.guest.oci_check import check_id, validate_process, validate_spec
 from kvmsandbox.agent.guest.process import Exit, ExitInfo, OutputBuffer, run_command, spawn
 from kvmsandbox.agent.guest.reaper import Reaper
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CRUN_TIMEOUT = 120.0
 
 
@@ -32,77 +31,6 @@ def remove_dir(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def check_id(kind: str, value: str) -> str:
-    """Returns ``value`` if it is a usable container or exec id.
-
-    Raises:
-        InvalidArgument: it is empty or has characters crun or a path would not accept.
-    """
-    if not ID_PATTERN.match(value):
-        raise InvalidArgument(f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', '-'")
-    return value
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise InvalidArgument(f"invalid OCI runtime spec: {message}")
-
-
-def validate_process(process: Any, where: str) -> dict[str, Any]:
-    """Checks the parts of an OCI ``process`` object that would otherwise fail deep inside crun.
-
-    Raises:
-        InvalidArgument: a required field is missing or has the wrong type.
-    """
-    _require(isinstance(process, dict), f"{where} must be an object")
-    args = process.get("args")
-    _require(
-        isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
-        f"{where}.args must be a non-empty list of strings",
-    )
-    cwd = process.get("cwd", "/")
-    _require(isinstance(cwd, str) and cwd.startswith("/"), f"{where}.cwd must be an absolute path")
-    env = process.get("env", [])
-    _require(
-        isinstance(env, list) and all(isinstance(e, str) and "=" in e for e in env),
-        f"{where}.env must be a list of NAME=value strings",
-    )
-    _require(not process.get("terminal", False), f"{where}.terminal is not supported")
-    user = process.get("user", {})
-    _require(isinstance(user, dict), f"{where}.user must be an object")
-    for key in ("uid", "gid"):
-        value = user.get(key, 0)
-        _require(isinstance(value, int) and value >= 0, f"{where}.user.{key} must be a non-negative integer")
-    return cast(dict[str, Any], process)
-
-
-def validate_spec(spec_json: str) -> dict[str, Any]:
-    """Parses and checks an OCI runtime spec sent by the host.
-
-    Raises:
-        InvalidArgument: not JSON, or a required field is missing or malformed.
-    """
-    try:
-        spec = json.loads(spec_json)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"invalid OCI runtime spec: not JSON ({e})") from None
-    _require(isinstance(spec, dict), "the spec must be a JSON object")
-    _require(isinstance(spec.get("ociVersion"), str), "ociVersion (a string) is required")
-    validate_process(spec.get("process"), "process")
-    root = spec.get("root")
-    _require(isinstance(root, dict) and isinstance(root.get("path"), str), "root.path (a string) is required")
-    _require(root["path"].startswith("/"), "root.path must be an absolute guest path")
-    _require(os.path.isdir(root["path"]), f"root.path {root['path']} is not a directory in the guest")
-    mounts = spec.get("mounts", [])
-    _require(isinstance(mounts, list), "mounts must be a list")
-    for i, m in enumerate(mounts):
-        _require(
-            isinstance(m, dict) and str(m.get("destination", "")).startswith("/"),
-            f"mounts[{i}].destination must be an absolute path",
-        )
-    return cast(dict[str, Any], spec)
 
 
 class Process:
@@ -209,48 +137,51 @@ class ContainerRunner:
             bundle.mkdir(parents=True)
         try:
             (bundle / "config.json").write_text(json.dumps(spec))
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            pid_file = bundle / "init.pid"
-            try:
-                _, crun_exit = spawn(
-                    self._reaper,
-                    self._crun_cmd(
-                        bundle, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id
-                    ),
-                    stdout=out_w,
-                    stderr=err_w,
-                )
-            except OSError as e:
-                os.close(out_r)
-                os.close(err_r)
-                raise AgentFault(f"cannot run crun: {e}") from None
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            stdout = OutputBuffer(out_r, f"{container_id}-stdout")
-            stderr = OutputBuffer(err_r, f"{container_id}-stderr")
-            info = crun_exit.wait(CRUN_TIMEOUT)
-            if info is None or info.exit_code != 0 or not pid_file.exists():
-                stdout.close()
-                stderr.close()
-                raise self._crun_error(bundle, f"crun create {container_id} failed", "")
-            pid = int(pid_file.read_text().strip())
-            init_exit = Exit()
-            self._reaper.watch(pid, init_exit.set_status)
+            init = self._crun_create(container_id, bundle)
         except BaseException:
             run_command(self._reaper, self._crun_cmd(bundle, "delete", "--force", container_id))
             remove_dir(bundle)
             raise
-        container = Container(
-            container_id,
-            bundle,
-            self._cgroup_root / str(cgroups_path).lstrip("/"),
-            Process(pid, init_exit, stdout, stderr),
-        )
+        container = Container(container_id, bundle, self._cgroup_root / str(cgroups_path).lstrip("/"), init)
         with self._lock:
             self._containers[container_id] = container
-        return pid
+        return init.pid
+
+    def _crun_create(self, container_id: str, bundle: Path) -> Process:
+        """Runs ``crun create`` for the bundle and returns the container's init process, which waits
+        for ``start``; the pipes crun got as stdout and stderr stay the container's output.
+
+        Raises:
+            AgentFault: crun could not run, or failed; the message carries crun's words.
+        """
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid_file = bundle / "init.pid"
+        try:
+            _, crun_exit = spawn(
+                self._reaper,
+                self._crun_cmd(bundle, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id),
+                stdout=out_w,
+                stderr=err_w,
+            )
+        except OSError as e:
+            os.close(out_r)
+            os.close(err_r)
+            raise AgentFault(f"cannot run crun: {e}") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        stdout = OutputBuffer(out_r, f"{container_id}-stdout")
+        stderr = OutputBuffer(err_r, f"{container_id}-stderr")
+        info = crun_exit.wait(CRUN_TIMEOUT)
+        if info is None or info.exit_code != 0 or not pid_file.exists():
+            stdout.close()
+            stderr.close()
+            raise self._crun_error(bundle, f"crun create {container_id} failed", "")
+        pid = int(pid_file.read_text().strip())
+        init_exit = Exit()
+        self._reaper.watch(pid, init_exit.set_status)
+        return Process(pid, init_exit, stdout, stderr)
 
     def start(self, container_id: str) -> None:
         """Lets the created container's process run.
@@ -402,51 +333,12 @@ class ContainerRunner:
             self.remove(cid, force=True)
 
     def stats(self, container_id: str) -> pb.ContainerStatsResponse:
-        """cgroup v2 figures of the container."""
-        c = self.get(container_id)
-        cg = c.cgroup
+        """cgroup v2 figures of the container.
 
-        def read(name: str) -> str:
-            try:
-                return (cg / name).read_text()
-            except OSError:
-                return ""
-
-        def kv(name: str) -> dict[str, int]:
-            out: dict[str, int] = {}
-            for line in read(name).splitlines():
-                key, _, value = line.partition(" ")
-                if value.strip().isdigit():
-                    out[key] = int(value)
-            return out
-
-        def number(name: str) -> int:
-            value = read(name).strip()
-            return int(value) if value.isdigit() else 0
-
-        mem = kv("memory.stat")
-        usage = number("memory.current")
-        return pb.ContainerStatsResponse(
-            timestamp_ns=time.time_ns(),
-            cpu_usage_ns=kv("cpu.stat").get("usage_usec", 0) * 1000,
-            memory_usage_bytes=usage,
-            memory_working_set_bytes=max(0, usage - mem.get("inactive_file", 0)),
-            memory_rss_bytes=mem.get("anon", 0),
-            pids=number("pids.current"),
-            memory_limit_bytes=number("memory.max"),
-            oom_kills=kv("memory.events").get("oom_kill", 0),
-        )
-
-    def _oom_kills(self, c: Container) -> int:
-        """OOM kills in the container's cgroup (kept until crun delete removes the cgroup)."""
-        try:
-            for line in (c.cgroup / "memory.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        Raises:
+            NotFound: no such container.
+        """
+        return container_stats(self.get(container_id).cgroup)
 
     def list(self) -> list[pb.ContainerInfo]:
         with self._lock:
@@ -462,7 +354,7 @@ class ContainerRunner:
                     exit_code=info.exit_code if info else 0,
                     started_at_ns=c.started_at_ns,
                     finished_at_ns=info.finished_at_ns if info else 0,
-                    oom_killed=info is not None and self._oom_kills(c) > 0,
+                    oom_killed=info is not None and oom_kills(c.cgroup) > 0,
                 )
             )
         return out
