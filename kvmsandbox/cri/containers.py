@@ -59,6 +59,8 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         stop_signal=str(image.config.get("StopSignal", "")),
     )
     # The CRI facts are stored first: a restart during the create finds the container with them.
+    if state.store.pod(sandbox.id) is None:
+        state.store.add_pod(state.pod(sandbox))  # a sandbox made below the CRI, or whose file was lost
     state.store.add_container(meta)
     try:
         record = state.manager.create_container(

@@ -27,9 +27,7 @@ def migrate_schema_0(facts: dict[str, dict[str, Any]], store: CriStore) -> list[
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             log.warning("cannot migrate the CRI facts of sandbox %s: %s", pod_id, e)
             continue
-        store.add_pod(pod)
-        for c in containers:
-            store.add_container(c)
+        store.add_pod(pod, containers)
         migrated.append(pod.id)
         log.info("migrated the CRI facts of sandbox %s from its schema-0 record", pod.id)
     return migrated

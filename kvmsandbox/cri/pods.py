@@ -9,13 +9,19 @@ import secrets
 from typing import Any
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
-from kvmsandbox.cri.state import CriState, container_status, labels_match, pod_resources, pod_sandbox
+from kvmsandbox.cri.state import (
+    CriState,
+    container_status,
+    labels_match,
+    pod_resources,
+    pod_sandbox,
+    sandbox_metadata,
+)
 from kvmsandbox.cri.store import CriPod, PodMetadata
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
-from kvmsandbox.network.cni import PortMapping
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState
-from kvmsandbox.sandbox.types import DnsConfig, NetworkRequest
+from kvmsandbox.sandbox.types import DnsConfig, NetworkRequest, PortMapping
 
 PROTOCOLS = {cri.TCP: "tcp", cri.UDP: "udp", cri.SCTP: "sctp"}
 
@@ -155,10 +161,14 @@ def stop(state: CriState, req: cri.StopPodSandboxRequest) -> cri.StopPodSandboxR
 
 
 def remove(state: CriState, req: cri.RemovePodSandboxRequest) -> cri.RemovePodSandboxResponse:
-    """Idempotent: removing an unknown sandbox is not an error (the API asks this)."""
+    """Idempotent: removing an unknown sandbox is not an error (the API asks this). A sandbox
+    whose record cannot be read is destroyed by its name (its image holds stay)."""
     try:
         record = state.manager.get_sandbox(req.pod_sandbox_id)
     except NotFound:
+        if req.pod_sandbox_id in state.manager.unreadable_records():
+            state.manager.destroy_sandbox(req.pod_sandbox_id)
+        state.store.remove_pod(req.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
     state.manager.destroy_sandbox(req.pod_sandbox_id)
     for c in record.containers.values():
@@ -169,7 +179,34 @@ def remove(state: CriState, req: cri.RemovePodSandboxRequest) -> cri.RemovePodSa
     return cri.RemovePodSandboxResponse()
 
 
+def _unreadable_pod(state: CriState, pod_id: str) -> cri.PodSandbox:
+    """A sandbox whose record cannot be read: not ready, with whatever the CRI store knows."""
+    pod = state.store.pod(pod_id) or CriPod(id=pod_id)
+    return cri.PodSandbox(
+        id=pod_id,
+        metadata=sandbox_metadata(pod),
+        state=cri.SANDBOX_NOTREADY,
+        labels=pod.labels,
+        annotations=pod.annotations,
+        runtime_handler=pod.runtime_handler,
+    )
+
+
 def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxStatusResponse:
+    unreadable = state.manager.unreadable_records()
+    if req.pod_sandbox_id in unreadable:
+        item = _unreadable_pod(state, req.pod_sandbox_id)
+        return cri.PodSandboxStatusResponse(
+            status=cri.PodSandboxStatus(
+                id=item.id,
+                metadata=item.metadata,
+                state=item.state,
+                labels=item.labels,
+                annotations=item.annotations,
+                runtime_handler=item.runtime_handler,
+            ),
+            info={"info": json.dumps({"unreadable_record": unreadable[req.pod_sandbox_id]})} if req.verbose else {},
+        )
     record = state.manager.refresh(req.pod_sandbox_id)
     item = pod_sandbox(record, state.pod(record))
     status = cri.PodSandboxStatus(
@@ -211,11 +248,12 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
 
 def list_(state: CriState, req: cri.ListPodSandboxRequest) -> cri.ListPodSandboxResponse:
     f = req.filter
+    candidates = [pod_sandbox(record, state.pod(record)) for record in state.manager.list_sandboxes()]
+    candidates += [_unreadable_pod(state, pod_id) for pod_id in sorted(state.manager.unreadable_records())]
     items = []
-    for record in state.manager.list_sandboxes():
-        if f.id and not record.id.startswith(f.id):
+    for item in candidates:
+        if f.id and not item.id.startswith(f.id):
             continue
-        item = pod_sandbox(record, state.pod(record))
         if f.HasField("state") and item.state != f.state.state:
             continue
         if not labels_match(item.labels, f.label_selector):

@@ -64,10 +64,15 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     manager.recover()
     state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry), store=store)
     records = manager.list_sandboxes()
-    # Images stay held, and CRI facts kept, only for pods and containers that still exist.
-    state.images.release_all_but({c for record in records for c in record.containers})
-    for pod_id in store.pod_ids() - {r.id for r in records}:
-        store.remove_pod(pod_id)
+    unreadable = manager.unreadable_records()
+    containers = {c for record in records for c in record.containers}
+    # Images stay held, and CRI facts kept, only for pods and containers that still exist; while
+    # a sandbox record cannot be read, nobody knows its containers: every hold stays.
+    if unreadable:
+        log.error("sandbox records that cannot be read (listed not ready until removed): %s", unreadable)
+    else:
+        state.images.release_all_but(containers)
+    store.retain({r.id for r in records}, containers, unknown_pods=set(unreadable))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
         options=[

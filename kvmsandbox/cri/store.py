@@ -5,14 +5,17 @@ per pod below ``<state_dir>/cri``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmsandbox.errors import NotFound
 from kvmsandbox.overhead.sizing import PodResources
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,13 @@ class CriPod:
     def from_json(cls, data: dict[str, Any]) -> CriPod:
         return cls(
             id=data["id"],
-            metadata=PodMetadata(**data.get("metadata", {})),
+            metadata=PodMetadata(**_known(PodMetadata, data.get("metadata", {}))),
             labels=dict(data.get("labels", {})),
             annotations=dict(data.get("annotations", {})),
             log_directory=data.get("log_directory", ""),
             runtime_handler=data.get("runtime_handler", ""),
             sizing=data.get("sizing", ""),
-            declared_overhead=PodResources(**data.get("declared_overhead", {})),
+            declared_overhead=PodResources(**_known(PodResources, data.get("declared_overhead", {}))),
         )
 
 
@@ -78,11 +81,17 @@ class CriContainer:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CriContainer:
-        fields = dict(data)
+        fields = _known(cls, data)
         fields["labels"] = dict(fields.get("labels", {}))
         fields["annotations"] = dict(fields.get("annotations", {}))
-        fields["mounts"] = tuple(MountInfo(**m) for m in fields.get("mounts", ()))
+        fields["mounts"] = tuple(MountInfo(**_known(MountInfo, m)) for m in fields.get("mounts", ()))
         return cls(**fields)
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``cls`` has (a newer release may have written more)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 class CriStore:
@@ -99,7 +108,9 @@ class CriStore:
                 data = json.loads(path.read_text())
                 pod = CriPod.from_json(data["pod"])
                 containers = [CriContainer.from_json(c) for c in data.get("containers", [])]
-            except (OSError, ValueError, TypeError, KeyError) as e:
+                if pod.id != path.stem or any(c.pod_id != pod.id for c in containers):
+                    raise ValueError("it names another pod than its file name")
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 log.error("CRI record %s cannot be read, skipping it: %s", path, e)
                 continue
             self._pods[pod.id] = pod
@@ -117,9 +128,11 @@ class CriStore:
         with self._lock:
             return set(self._pods)
 
-    def add_pod(self, pod: CriPod) -> None:
+    def add_pod(self, pod: CriPod, containers: Iterable[CriContainer] = ()) -> None:
+        """Stores the pod (and ``containers`` of it) in one atomic write."""
         with self._lock:
             self._pods[pod.id] = pod
+            self._containers.update((c.id, c) for c in containers if c.pod_id == pod.id)
             self._write(pod.id)
 
     def remove_pod(self, pod_id: str) -> None:
@@ -132,7 +145,10 @@ class CriStore:
                 del self._containers[cid]
 
     def add_container(self, container: CriContainer) -> None:
+        """Raises NotFound when its pod is not (or no longer) stored."""
         with self._lock:
+            if container.pod_id not in self._pods:
+                raise NotFound(f"pod sandbox {container.pod_id} not found")
             self._containers[container.id] = container
             self._write(container.pod_id)
 
@@ -140,8 +156,22 @@ class CriStore:
         """Forgets the container (idempotent)."""
         with self._lock:
             c = self._containers.pop(container_id, None)
-            if c is not None:
+            if c is not None and c.pod_id in self._pods:
                 self._write(c.pod_id)
+
+    def retain(
+        self, pod_ids: set[str], container_ids: set[str], unknown_pods: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        """Forgets every pod and container not named (gone while the runtime was down); the
+        containers of ``unknown_pods`` (whose sandbox records cannot be read) all stay."""
+        for pod_id in self.pod_ids() - pod_ids - unknown_pods:
+            self.remove_pod(pod_id)
+        with self._lock:
+            stale = [c for c in self._containers.values() if c.id not in container_ids and c.pod_id not in unknown_pods]
+            for c in stale:
+                del self._containers[c.id]
+            for pod_id in {c.pod_id for c in stale} & set(self._pods):
+                self._write(pod_id)
 
     def _write(self, pod_id: str) -> None:
         """Writes the pod's file atomically (the caller holds the lock)."""

@@ -30,14 +30,9 @@ from functools import cached_property
 from pathlib import Path
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.host.cgroupfs import CGROUP_ROOT, V2_CONTROLLERS, v1_hierarchies, version
 
 log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-# The v1 hierarchies a VMM is placed in, in the order they are written.
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
-# The v2 controllers enabled for children along the path; only memory is required.
-V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 
 @dataclass(frozen=True)
@@ -47,24 +42,6 @@ class CgroupUsage:
     memory_usage_bytes: int
     memory_working_set_bytes: int
     cpu_usage_ns: int
-
-
-def _version(root: Path) -> int:
-    return 2 if (root / "cgroup.controllers").is_file() else 1
-
-
-def _v1_hierarchies(root: Path) -> dict[str, Path]:
-    """The mounted v1 hierarchies among :data:`V1_CONTROLLERS`, by controller.
-
-    A hierarchy is a directory holding ``cgroup.procs``. Controllers mounted together
-    (``cpu,cpuacct`` with ``cpu`` and ``cpuacct`` as symlinks to it) share one directory.
-    """
-    found: dict[str, Path] = {}
-    for name in V1_CONTROLLERS:
-        d = root / name
-        if (d / "cgroup.procs").is_file():
-            found[name] = d
-    return found
 
 
 def _read_text(path: Path) -> str:
@@ -112,7 +89,7 @@ class HostCgroup:
     @cached_property
     def version(self) -> int:
         """1 or 2, detected from the root: v2 only when the root itself is a cgroup2 mount."""
-        return _version(self.root)
+        return version(self.root)
 
     @cached_property
     def _hierarchies(self) -> list[Path]:
@@ -121,7 +98,7 @@ class HostCgroup:
             return [self.root]
         unique: list[Path] = []
         seen: set[Path] = set()
-        for d in _v1_hierarchies(self.root).values():
+        for d in v1_hierarchies(self.root).values():
             real = d.resolve()
             if real not in seen:
                 seen.add(real)
@@ -135,7 +112,7 @@ class HostCgroup:
         """The leaf in the hierarchy that accounts memory (v1 memory, or the unified tree)."""
         if self.version == 2:
             return self._in(self.root)
-        memory = _v1_hierarchies(self.root).get("memory")
+        memory = v1_hierarchies(self.root).get("memory")
         if memory is None:
             raise FailedPrecondition(f"no cgroup v1 memory hierarchy is mounted at {self.root / 'memory'}")
         return self._in(memory)
@@ -155,7 +132,7 @@ class HostCgroup:
                 controller not available), or the kernel refused a mkdir or a controller.
         """
         hierarchies = self._hierarchies
-        if self.version == 1 and "memory" not in _v1_hierarchies(self.root):
+        if self.version == 1 and "memory" not in v1_hierarchies(self.root):
             raise FailedPrecondition(
                 f"cannot create cgroup {self.path}: no cgroup v1 memory hierarchy is mounted at {self.root / 'memory'}"
             )
@@ -318,7 +295,7 @@ class HostCgroup:
         )
 
     def _v1_cpu_ns(self) -> int:
-        cpuacct = _v1_hierarchies(self.root).get("cpuacct")
+        cpuacct = v1_hierarchies(self.root).get("cpuacct")
         if cpuacct is None:
             return 0
         try:
@@ -413,32 +390,3 @@ class HostCgroup:
         if children:
             return f"cgroup {self.path} still has child cgroups {', '.join(sorted(children))} (in {where})"
         return f"cgroup {self.path} stayed busy for {timeout:g} s (in {where})"
-
-
-def cgroups_available(root: Path = CGROUP_ROOT) -> tuple[bool, str]:
-    """Whether VMMs can be accounted in host cgroups here, and what was found or why not.
-
-    True needs memory accounting (a v1 memory hierarchy or the v2 memory controller) in a tree
-    that is writable.
-    """
-    if not root.is_dir():
-        return False, f"{root} does not exist"
-    if _version(root) == 2:
-        try:
-            controllers = _read_text(root / "cgroup.controllers").split()
-        except OSError as e:
-            return False, f"cannot read {root / 'cgroup.controllers'}: {e.strerror}"
-        if "memory" not in controllers:
-            return False, f"the cgroup v2 tree at {root} has no memory controller"
-        found = [c for c in V2_CONTROLLERS if c in controllers]
-        writable_dir, label = root, f"cgroup v2 ({', '.join(found)})"
-    else:
-        hierarchies = _v1_hierarchies(root)
-        if "memory" not in hierarchies:
-            return False, f"neither a cgroup v1 memory hierarchy ({root / 'memory'}) nor a cgroup v2 tree is mounted"
-        writable_dir, label = hierarchies["memory"], f"cgroup v1 ({', '.join(hierarchies)})"
-    if os.statvfs(writable_dir).f_flag & os.ST_RDONLY:
-        return False, f"{writable_dir} is mounted read-only"
-    if not os.access(writable_dir, os.W_OK):
-        return False, f"{writable_dir} is not writable by this process"
-    return True, label

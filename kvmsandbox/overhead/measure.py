@@ -33,7 +33,7 @@ IDLE_COMMAND = ["sleep", "2147483647"]
 
 def vmm_pid(manager: SandboxManager, record: SandboxRecord) -> int:
     """Raises FailedPrecondition when the sandbox's VM does not run."""
-    return probes.vmm_pid(manager.ctx, record)
+    return manager.vmm_pid(record.id)
 
 
 def snapshot(manager: SandboxManager, record: SandboxRecord) -> Sample:
@@ -110,7 +110,7 @@ def _measure_idle(
         # The guest's own need is taken before any workload: at boot, before the idle container.
         at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
         p.sample.memory.update(at_boot or probes.guest_memory(details, p.record.memory_mib * MIB))
-        p.sample.memory.update(probes.vmm_memory(manager.ctx, p.record))
+        p.sample.memory.update(manager.vmm_memory(p.record.id))
     return wall, start_details
 
 

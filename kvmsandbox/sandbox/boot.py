@@ -244,6 +244,6 @@ class SandboxBoot:
             raise
 
     def _remove_files(self, sdir: Path, run_dir: Path) -> None:
+        self.ctx.store.forget(self.record.id)
         rootfs.remove_tree(sdir)
         shutil.rmtree(run_dir, ignore_errors=True)
-        self.ctx.store.forget(self.record.id)

@@ -70,8 +70,8 @@ def _record_to_create_in(ctx: SandboxContext, sandbox_id: str, container_id: str
     record = ctx.store.get(sandbox_id)
     if record.state is not SandboxState.READY:
         raise FailedPrecondition(f"sandbox {sandbox_id} is {record.state.value}: cannot create containers in it")
-    if container_id in record.containers:
-        raise FailedPrecondition(f"container {container_id} exists already in sandbox {sandbox_id}")
+    if container_id in record.containers or ctx.store.has_container(container_id):
+        raise FailedPrecondition(f"container {container_id} exists already")
     return record
 
 

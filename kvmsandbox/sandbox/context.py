@@ -13,7 +13,7 @@ from kvmsandbox.agent.client import AgentClient, serial_connector, vsock_connect
 from kvmsandbox.config import Config
 from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.guest_image import GuestImage
-from kvmsandbox.host.cgroups import cgroups_available
+from kvmsandbox.host.cgroupfs import cgroups_available
 from kvmsandbox.hypervisor.accel import Accel, detect_accel
 from kvmsandbox.hypervisor.capabilities import choose_shared_filesystem, choose_transport
 from kvmsandbox.hypervisor.spec import Hypervisor

@@ -12,6 +12,7 @@ import time
 
 from kvmsandbox.agent.client import ExitStatus
 from kvmsandbox.errors import KvmSandboxError, NotFound, Unavailable
+from kvmsandbox.host.cgroupfs import find_cgroups
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.sandbox import rootfs
 from kvmsandbox.sandbox.context import SandboxContext
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 KILL_WAIT_SECONDS = 10
 # Seconds the output pumps of a sandbox being released get to finish.
 PUMP_JOIN_SECONDS = 5
+
+
+def vm_name_of(sandbox_id: str) -> str:
+    return f"kvmsandbox-{sandbox_id[:16]}"
 
 
 def mark_exited(c: ContainerRecord, status: ExitStatus | None, reason: str) -> None:
@@ -134,6 +139,8 @@ def remove(
         raise Unavailable(
             f"sandbox {sandbox_id} is stopped but not removed: {'; '.join(problems)}. Remove it again to retry"
         )
+    if record is None and ctx.store.is_unreadable(sandbox_id):
+        problems += _release_by_name(ctx, sandbox_id)
     if problems:
         ctx.networking.forget(sandbox_id)
     rootfs.remove_tree(ctx.sandbox_dir(sandbox_id))
@@ -141,6 +148,24 @@ def remove(
     ctx.boot_timings.pop(sandbox_id, None)
     ctx.store.forget(sandbox_id)
     log.info("sandbox removed id=%s vm=%s", sandbox_id, vm_name)
+
+
+def _release_by_name(ctx: SandboxContext, sandbox_id: str) -> list[str]:
+    """For a sandbox whose record is lost: what its name alone finds (network namespace and CNI
+    state, the VMM's cgroup wherever it was placed)."""
+    problems = []
+    try:
+        ctx.networking.teardown(sandbox_id, None, remove_netns=True, retry_later=False)
+    except KvmSandboxError as e:
+        log.warning("sandbox %s (unreadable record): its network was not fully released: %s", sandbox_id, e)
+        problems.append(f"network: {e}")
+    for path in find_cgroups(f"kvmsandbox-{sandbox_id[:16]}"):
+        try:
+            HostCgroup(path).remove()
+        except KvmSandboxError as e:
+            log.warning("sandbox %s (unreadable record): its cgroup %s stays: %s", sandbox_id, path, e)
+            problems.append(f"cgroup {path}: {e}")
+    return problems
 
 
 def mark_stopped(record: SandboxRecord, reason: str) -> None:
@@ -163,7 +188,7 @@ def destroy(ctx: SandboxContext, sandbox_id: str) -> None:
             record: SandboxRecord | None = ctx.store.get(sandbox_id)
         except NotFound:
             record = None
-        vm_name = record.vm_name if record else f"kvmsandbox-{sandbox_id[:16]}"
+        vm_name = record.vm_name if record else vm_name_of(sandbox_id)
         if record is not None and record.state is SandboxState.READY:
             try:
                 ctx.client_for(record).destroy_sandbox(timeout=10)
@@ -182,6 +207,10 @@ def stop(ctx: SandboxContext, sandbox_id: str) -> None:
         (stopping again retries, as the kubelet does).
     """
     with ctx.lock_for(sandbox_id):
+        if ctx.store.is_unreadable(sandbox_id):
+            # Nothing is known of it but its name: its VM goes; the rest goes with the removal.
+            ctx.hypervisor.destroy(vm_name_of(sandbox_id))
+            return
         record = ctx.store.get(sandbox_id)
         if record.state is SandboxState.STOPPED:
             if release_pending(record):

@@ -136,7 +136,7 @@ class SandboxManager:
                 raise FailedPrecondition(f"sandbox {sandbox_id} exists already")
             record = SandboxRecord(
                 id=sandbox_id,
-                vm_name=f"kvmsandbox-{sandbox_id[:16]}",
+                vm_name=lifecycle.vm_name_of(sandbox_id),
                 backend=ctx.hypervisor.name,
                 accel=ctx.accel,
                 transport=ctx.transport,
@@ -269,11 +269,19 @@ class SandboxManager:
         return probes.container_stats(self.ctx, record, container_id)
 
     def writable_layer(self, sandbox_id: str, container_id: str) -> FilesystemUsage:
-        return probes.writable_layer(self.ctx, self.ctx.store.get(sandbox_id), container_id)
+        return probes.writable_layer(self.ctx, sandbox_id, container_id)
 
     def memory_snapshot(self, sandbox_id: str) -> dict[str, int]:
         """What the sandbox costs now, by component, in bytes (see ``probes.memory_snapshot``)."""
         return probes.memory_snapshot(self.ctx, self.ctx.store.get(sandbox_id))
+
+    def vmm_pid(self, sandbox_id: str) -> int:
+        """Raises NotFound, or FailedPrecondition when the sandbox's VM does not run."""
+        return probes.vmm_pid(self.ctx, self.ctx.store.get(sandbox_id))
+
+    def vmm_memory(self, sandbox_id: str) -> dict[str, int]:
+        """The VMM's memory beyond the guest's RAM, with its parts (see ``probes.vmm_memory``)."""
+        return probes.vmm_memory(self.ctx, self.ctx.store.get(sandbox_id))
 
     def vm_usage(self, sandbox_id: str) -> VmUsage:
         return probes.vm_usage(self.ctx, self.ctx.store.get(sandbox_id))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import FailedPrecondition
@@ -102,18 +101,14 @@ def container_stats(ctx: SandboxContext, record: SandboxRecord, container_id: st
     )
 
 
-def writable_layer(ctx: SandboxContext, record: SandboxRecord, container_id: str) -> FilesystemUsage:
-    """(bytes, inodes) of the container's writable layer, counted on the host."""
+def writable_layer(ctx: SandboxContext, sandbox_id: str, container_id: str) -> FilesystemUsage:
+    """(bytes, inodes) of the container's writable layer, counted on the host (0 once it is gone)."""
     used = inodes = 0
-    for root, dirs, files in os.walk(ctx.sandbox_dir(record.id) / "layers" / container_id / "upper"):
+    for root, dirs, files in os.walk(ctx.sandbox_dir(sandbox_id) / "layers" / container_id / "upper"):
         for name in dirs + files:
             inodes += 1
             try:
                 used += os.lstat(os.path.join(root, name)).st_blocks * 512
             except OSError:
                 continue
-    return FilesystemUsage(mountpoint=str(ctx.sandbox_dir(record.id)), used_bytes=used, inodes_used=inodes)
-
-
-def writable_layer_dir(ctx: SandboxContext, sandbox_id: str, container_id: str) -> Path:
-    return ctx.sandbox_dir(sandbox_id) / "layers" / container_id
+    return FilesystemUsage(mountpoint=str(ctx.sandbox_dir(sandbox_id)), used_bytes=used, inodes_used=inodes)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvmsandbox.agent.client import ExitStatus
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import KvmSandboxError
+from kvmsandbox.errors import KvmSandboxError, NotFound
 from kvmsandbox.sandbox import lifecycle
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
@@ -54,12 +54,16 @@ def recover(ctx: SandboxContext) -> None:
     """Reconnects to the agents of running sandboxes, brings container states up to date and
     resumes copying container output to the logs."""
     running = {info.name for info in ctx.hypervisor.list() if info.running}
-    for record in ctx.store.all():
-        with ctx.lock_for(record.id):
+    for sandbox_id in [r.id for r in ctx.store.all()]:
+        with ctx.lock_for(sandbox_id):
+            try:
+                record = ctx.store.get(sandbox_id)
+            except NotFound:
+                continue
             if record.state is SandboxState.BOOTING:
                 log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
                 lifecycle.remove(ctx, record.id, record.vm_name, record, must_release=False)
-            elif record.state is SandboxState.READY and record.vm_name not in running:
+            elif record.state in (SandboxState.READY, SandboxState.BROKEN) and record.vm_name not in running:
                 log.warning("sandbox %s: its VM %s is gone: marking it stopped", record.id, record.vm_name)
                 lifecycle.mark_stopped(record, "sandbox VM exited")
                 lifecycle.release_vm(ctx, record.id, record.vm_name, record)

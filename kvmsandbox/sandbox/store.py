@@ -42,6 +42,8 @@ class SandboxStore:
             try:
                 data = json.loads(path.read_text())
                 record = SandboxRecord.from_json(data)
+                if record.id != path.parent.name:
+                    raise ValueError(f"it names sandbox {record.id!r}, not the one of its directory")
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 self.unreadable[path.parent.name] = f"{type(e).__name__}: {e}"
                 log.error("sandbox record %s cannot be read, skipping it: %s", path, e)
@@ -84,8 +86,18 @@ class SandboxStore:
             self.unreadable.pop(sandbox_id, None)
 
     def exists(self, sandbox_id: str) -> bool:
+        """True for a known sandbox, and for one whose record on disk could not be read (its id
+        and directory are taken)."""
         with self._lock:
-            return sandbox_id in self._records
+            return sandbox_id in self._records or sandbox_id in self.unreadable
+
+    def is_unreadable(self, sandbox_id: str) -> bool:
+        with self._lock:
+            return sandbox_id in self.unreadable
+
+    def has_container(self, container_id: str) -> bool:
+        with self._lock:
+            return container_id in self._container_index
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         """Raises NotFound for an unknown sandbox."""

@@ -8,6 +8,18 @@ from pathlib import Path
 
 from kvmsandbox.network.cni import PortMapping
 
+__all__ = [
+    "BootTimings",
+    "ContainerStats",
+    "DnsConfig",
+    "ExecResult",
+    "FilesystemUsage",
+    "HostMount",
+    "NetworkRequest",
+    "PortMapping",
+    "VmUsage",
+]
+
 
 @dataclass(frozen=True)
 class DnsConfig:

@@ -275,3 +275,31 @@ def test_a_pod_whose_agent_is_gone_after_a_restart_is_not_ready_and_still_stops_
     assert pod_id not in [p.id for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items]
     assert not (cri_server.state_dir / "sandboxes" / pod_id).exists()
     assert not (cri_server.state_dir / "cri" / f"{pod_id}.json").exists()
+
+
+def test_a_pod_whose_record_cannot_be_read_after_a_restart_is_listed_and_removable(
+    cri_server: CriServer, busybox_image: str, tmp_path: Path
+) -> None:
+    rt = cri_server.runtime
+    pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=pod_config("garbled", tmp_path))).pod_sandbox_id
+    state_file = cri_server.state_dir / "sandboxes" / pod_id / "state.json"
+    vm_name = json.loads(state_file.read_text())["vm_name"]
+    netns = Path("/run/netns", json.loads(state_file.read_text())["network"]["netns"])
+    assert netns.exists()
+
+    cri_server.stop()
+    state_file.write_text('{"id": "' + pod_id + '", "state": "half-written')
+    cri_server.start()  # the server starts: a record it cannot read is reported, not fatal
+    rt = cri_server.runtime
+
+    listed = {p.id: p for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items}
+    assert listed[pod_id].state == cri.SANDBOX_NOTREADY and listed[pod_id].metadata.name == "garbled"
+    status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    assert status.status.state == cri.SANDBOX_NOTREADY and "unreadable_record" in status.info["info"]
+    assert processes_mentioning(vm_name)
+    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert processes_mentioning(vm_name) == []
+    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert pod_id not in [p.id for p in rt.ListPodSandbox(cri.ListPodSandboxRequest()).items]
+    assert not state_file.parent.exists() and not netns.exists()
+    assert not (cri_server.state_dir / "cri" / f"{pod_id}.json").exists()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
-from kvmsandbox.host.cgroups import CgroupUsage, HostCgroup, cgroups_available
+from kvmsandbox.host.cgroupfs import cgroups_available, find_cgroups
+from kvmsandbox.host.cgroups import CgroupUsage, HostCgroup
 from tests.waiting import WaitTimeout, wait_until
 
 MIB = 1024 * 1024
@@ -382,3 +383,15 @@ def test_no_memory_hierarchy_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition, match="memory hierarchy"):
         HostCgroup("/p", root=tmp_path).create()
     assert not (tmp_path / "cpu" / "p").exists()
+
+
+def test_a_vmm_cgroup_is_found_by_its_name_wherever_it_was_placed(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("memory pids\n")
+    for d in ("kubepods/burstable/pod1/kvmsandbox-0123456789abcdef", "kvmsandbox/kvmsandbox-fedcba9876543210"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "a/b/c/d/e/f/g/h/i/kvmsandbox-0123456789abcdef").mkdir(parents=True)
+    assert find_cgroups("kvmsandbox-0123456789abcdef", root=tmp_path) == [
+        "/kubepods/burstable/pod1/kvmsandbox-0123456789abcdef"
+    ]
+    assert find_cgroups("kvmsandbox-none", root=tmp_path) == []
+    assert find_cgroups("x", root=tmp_path / "missing") == []

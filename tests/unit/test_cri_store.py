@@ -3,11 +3,15 @@ records into it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from kvmsandbox.cri.migrate import migrate_schema_0
 from kvmsandbox.cri.store import CriContainer, CriPod, CriStore, MountInfo, PodMetadata
+from kvmsandbox.errors import NotFound
 from kvmsandbox.overhead.sizing import PodResources
 from kvmsandbox.sandbox.store import SandboxStore
 
@@ -97,3 +101,39 @@ def test_facts_that_do_not_parse_are_skipped(tmp_path: Path) -> None:
     store = CriStore(tmp_path)
     assert migrate_schema_0({"p1": broken, "p2": {"extra": {}, "labels": {}, "containers": {}}}, store) == ["p2"]
     assert store.pod_ids() == {"p2"}
+
+
+def test_a_container_of_an_unknown_pod_is_refused_and_a_gone_pod_gets_no_file_back(tmp_path: Path) -> None:
+    store = CriStore(tmp_path)
+    with pytest.raises(NotFound, match="pod sandbox p9 not found"):
+        store.add_container(CriContainer(id="c1", pod_id="p9"))
+    store.add_pod(CriPod(id="p1"), [CriContainer(id="c1", pod_id="p1")])
+    assert CriStore(tmp_path).container("c1") == CriContainer(id="c1", pod_id="p1")
+    store.remove_pod("p1")
+    store.remove_container("c1")
+    assert list((tmp_path / "cri").iterdir()) == []
+
+
+def test_retain_forgets_what_is_gone_but_keeps_pods_whose_records_cannot_be_read(tmp_path: Path) -> None:
+    store = CriStore(tmp_path)
+    store.add_pod(CriPod(id="live"), [CriContainer(id="c1", pod_id="live"), CriContainer(id="c2", pod_id="live")])
+    store.add_pod(CriPod(id="gone"), [CriContainer(id="c3", pod_id="gone")])
+    store.add_pod(CriPod(id="lost"), [CriContainer(id="c4", pod_id="lost")])
+    store.retain({"live"}, {"c1"}, unknown_pods={"lost"})
+    again = CriStore(tmp_path)
+    assert again.pod_ids() == {"live", "lost"}
+    assert [again.container(c) is not None for c in ("c1", "c2", "c3", "c4")] == [True, False, False, True]
+
+
+def test_files_naming_another_pod_are_skipped_and_unknown_fields_ignored(tmp_path: Path) -> None:
+    store = CriStore(tmp_path)
+    store.add_pod(CriPod(id="p1"), [CriContainer(id="c1", pod_id="p1")])
+    path = tmp_path / "cri" / "p1.json"
+    data = json.loads(path.read_text())
+    data["pod"]["colour"] = "red"
+    data["containers"][0]["future_field"] = 1
+    path.write_text(json.dumps(data))
+    assert CriStore(tmp_path).container("c1") == CriContainer(id="c1", pod_id="p1")
+    data["pod"]["id"] = "../p2"
+    (tmp_path / "cri" / "p2.json").write_text(json.dumps(data))
+    assert CriStore(tmp_path).pod_ids() == {"p1"}

@@ -175,3 +175,23 @@ def test_an_unreadable_record_is_reported_not_fatal(tmp_path: Path) -> None:
     store = SandboxStore(tmp_path)
     assert [r.id for r in store.all()] == ["good"]
     assert set(store.unreadable) == {"bad", "worse"}
+
+
+def test_a_record_that_names_another_sandbox_than_its_directory_is_unreadable(tmp_path: Path) -> None:
+    d = tmp_path / "sandboxes" / "s1"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps(sandbox("../../elsewhere").to_json()))
+    store = SandboxStore(tmp_path)
+    assert store.all() == [] and "s1" in store.unreadable
+    # Its id and directory stay taken until it is removed.
+    assert store.exists("s1") and store.is_unreadable("s1")
+    store.forget("s1")
+    assert not store.exists("s1")
+
+
+def test_the_store_knows_every_container_id(tmp_path: Path) -> None:
+    store = SandboxStore(tmp_path)
+    record = sandbox("s1")
+    record.containers["c1"] = container("c1")
+    store.save(record)
+    assert store.has_container("c1") and not store.has_container("c2")
