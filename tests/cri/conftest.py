@@ -117,6 +117,20 @@ def cri_server(
     subprocess.run(["ip", "link", "del", "dev", TEST_BRIDGE], capture_output=True, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _pods_left_are_removed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One failing test must not fail the next ones: whatever pod it left (and the image use and CNI
+    state that go with it) is removed through the API, and a server it left stopped is started."""
+    yield
+    if "cri_server" not in request.fixturenames:
+        return
+    server: CriServer = request.getfixturevalue("cri_server")
+    if server.process is None:
+        server.start()
+    for pod in server.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items:
+        server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=300)
+
+
 # The pods of the CRI tests get their own bridge and subnet (not the node's default network).
 TEST_BRIDGE = "kvsbtest0"
 TEST_SUBNET = "10.78.0.0/24"

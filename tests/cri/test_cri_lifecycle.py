@@ -40,10 +40,14 @@ def container_config(name: str, image: str, script: str) -> cri.ContainerConfig:
     )
 
 
-def wait_for_log_line(path: Path, wanted: str, timeout: float = 60) -> list[tuple[str, str, str]]:
+def wait_for_log_line(path: Path, *wanted: str, timeout: float = 60) -> list[tuple[str, str, str]]:
+    """The log's entries once every wanted line is in it: stdout and stderr are pumped apart, so
+    their lines may reach the log in any order."""
+
     def entries_with_wanted() -> list[tuple[str, str, str]] | None:
         entries = parse_cri_log(path.read_text()) if path.exists() else []
-        return entries if any(content == wanted for _, _, content in entries) else None
+        contents = {content for _, _, content in entries}
+        return entries if all(w in contents for w in wanted) else None
 
     return wait_until(entries_with_wanted, timeout, f"{wanted!r} in {path}", interval=0.2)
 
@@ -69,7 +73,7 @@ def test_kubelet_sequence_with_a_server_restart_in_the_middle(
     ).container_id
     rt.StartContainer(cri.StartContainerRequest(container_id=cid))
     log = tmp_path / "app" / "0.log"
-    entries = wait_for_log_line(log, "oops")
+    entries = wait_for_log_line(log, "hello from web", "nameserver 127.0.0.53", "oops")
     assert ("stdout", "F", "hello from web") in entries
     assert ("stdout", "F", "nameserver 127.0.0.53") in entries
     assert ("stderr", "F", "oops") in entries
