@@ -37,15 +37,3 @@ def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(target.encode(), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def mount_points_below(path: str) -> list[str]:
-    """Mount points at or below ``path``, deepest first (the order to unmount them in)."""
-    prefix = path.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            target = line.split()[4].replace("\\040", " ")
-            if target == path or target.startswith(prefix):
-                found.append(target)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)

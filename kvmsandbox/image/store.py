@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kvmsandbox.config import RegistryConfig
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
+from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.image.fetch import fetch_config, fetch_layer, fetch_manifest
 from kvmsandbox.image.manifest import Descriptor
 from kvmsandbox.image.records import ImageRecord, digest_hex, find_record, id_hex, load_records, save_record
@@ -85,6 +86,8 @@ class ImageStore:
         # Layers a pull under way relies on: never collected, even before its record exists.
         self._pins: Counter[str] = Counter()
         self._usage: dict[str, LayerUsage] = {}
+        # Unpacked layers keep their setuid files and device nodes: for the guests, not the host.
+        private_dir(root)
         for d in (self._images, self._layers, self._holds):
             d.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import DeadlineExceeded, FailedPrecondition, KvmSandboxError, Unavailable
+from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, AgentChannel, VMSpec
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
@@ -113,12 +114,10 @@ class SandboxBoot:
         is saved before the network is made, so a restart in between finds it."""
         ctx, record = self.ctx, self.record
         sdir, run_dir = ctx.sandbox_dir(record.id), ctx.run_dir(record.id)
-        shared = sdir / "shared"
         self._undo.append(("the sandbox's files", lambda: self._remove_files(sdir, run_dir)))
-        for d in (sdir, shared, run_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        rootfs.seal_shared_dir(shared)
-        (shared / "containers").mkdir(exist_ok=True)
+        private_dir(sdir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rootfs.seal_shared_dir(sdir)
         if record.transport == "vsock":
             record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
             self._channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
@@ -245,5 +244,5 @@ class SandboxBoot:
 
     def _remove_files(self, sdir: Path, run_dir: Path) -> None:
         self.ctx.store.forget(self.record.id)
-        rootfs.remove_tree(sdir)
+        rootfs.remove_sandbox_dir(sdir)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -39,28 +39,18 @@ def find(record: SandboxRecord, container_id: str) -> ContainerRecord:
     return c
 
 
-def _host_paths(ctx: SandboxContext, sandbox_id: str, container_id: str) -> dict[str, Path]:
-    sdir = ctx.sandbox_dir(sandbox_id)
-    # In teardown order: the rootfs overlay (whose upper dir is in the layer) goes first.
-    return {
-        "container": sdir / "shared" / "containers" / container_id,
-        "mounts": sdir / "shared" / "mounts" / container_id,
-        "layer": sdir / "layers" / container_id,
-    }
-
-
 def _guest_mounts(
-    record: SandboxRecord, container_id: str, mounts: list[HostMount], mounts_dir: Path
+    sdir: Path, record: SandboxRecord, container_id: str, mounts: list[HostMount], mount_ids: list[int]
 ) -> list[oci_spec.Mount]:
     """The pod's hostname, hosts and resolv.conf, then the host paths (bind-mounted below the
-    shared dir here, so the guest sees them)."""
+    shared dir here, so the guest sees them; each mount's id added to ``mount_ids``)."""
     out = [
         oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
         for name in ("hostname", "hosts", "resolv.conf")
         if name in record.guest_files
     ]
     for i, m in enumerate(mounts):
-        rootfs.bind_host_path(m.host_path, mounts_dir / str(i), m.readonly)
+        mount_ids.append(rootfs.bind_host_path(sdir, container_id, i, rootfs.HostPath(m.host_path, m.readonly)))
         out.append(oci_spec.Mount(f"{GUEST_SHARE}/mounts/{container_id}/{i}", m.container_path, m.readonly))
     return out
 
@@ -97,24 +87,24 @@ def create(
     with ctx.lock_for(sandbox_id):
         record = _record_to_create_in(ctx, sandbox_id, container_id)
         client = ctx.ready_client(record)
-        paths = _host_paths(ctx, sandbox_id, container_id)
-        log_file = log_path or ctx.sandbox_dir(sandbox_id) / "logs" / f"{container_id}.log"
+        sdir = ctx.sandbox_dir(sandbox_id)
+        log_file = log_path or sdir / "logs" / f"{container_id}.log"
+        mount_ids: list[int] = []
         try:
-            rootfs.mount_rootfs(lower_dirs, paths["layer"], paths["container"] / "rootfs")
+            mount_ids.append(rootfs.mount_rootfs(sdir, container_id, lower_dirs))
             spec = oci_spec.container_spec(
                 root_path=guest_rootfs_path(container_id),
                 process=process,
                 hostname=record.hostname,
                 readonly_rootfs=readonly_rootfs,
-                mounts=_guest_mounts(record, container_id, mounts or [], paths["mounts"]),
+                mounts=_guest_mounts(sdir, record, container_id, mounts or [], mount_ids),
                 cgroups_path=f"/kvmsandbox/{container_id}",
                 resources=resources,
             )
             pid = client.create_container(container_id, spec)
             writer = CriLogWriter(log_file)
         except BaseException:
-            for path in paths.values():
-                rootfs.remove_tree(path)
+            rootfs.release_container(sdir, container_id, mount_ids)
             raise
         container = ContainerRecord(
             id=container_id,
@@ -126,6 +116,7 @@ def create(
             log_path=str(log_file),
             pid=pid,
             created_at_ns=time.time_ns(),
+            mount_ids=mount_ids,
         )
         record.containers[container_id] = container
         ctx.store.save(record)
@@ -202,7 +193,7 @@ def remove(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
     log sink on the host."""
     with ctx.lock_for(sandbox_id):
         record = ctx.store.get(sandbox_id)
-        find(record, container_id)
+        container = find(record, container_id)
         if record.state is SandboxState.READY:
             try:
                 ctx.client_for(record).remove_container(container_id, force=True)
@@ -210,8 +201,7 @@ def remove(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
                 if e.grpc_code != "NOT_FOUND":
                     raise
         ctx.stdio.release((sandbox_id, container_id), OUTPUT_DRAIN_SECONDS)
-        for path in _host_paths(ctx, sandbox_id, container_id).values():
-            rootfs.remove_tree(path)
+        rootfs.release_container(ctx.sandbox_dir(sandbox_id), container_id, container.mount_ids)
         del record.containers[container_id]
         ctx.store.save(record)
 

@@ -143,7 +143,7 @@ def remove(
         problems += _release_by_name(ctx, sandbox_id)
     if problems:
         ctx.networking.forget(sandbox_id)
-    rootfs.remove_tree(ctx.sandbox_dir(sandbox_id))
+    rootfs.remove_sandbox_dir(ctx.sandbox_dir(sandbox_id))
     shutil.rmtree(ctx.run_dir(sandbox_id), ignore_errors=True)
     ctx.boot_timings.pop(sandbox_id, None)
     ctx.store.forget(sandbox_id)

@@ -44,6 +44,8 @@ class ContainerRecord:
     oom_killed: bool = False
     # Why it ended when nobody saw it end ("sandbox stopped", "container lost by the guest").
     reason: str = ""
+    # The host mounts made for it (rootfs, host paths), by id: how they are found and detached.
+    mount_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}

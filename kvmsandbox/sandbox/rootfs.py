@@ -1,120 +1,188 @@
 """Container root filesystems on the host: an overlay of read-only image layers and a writable
-per-container layer, mounted below the sandbox's shared dir so the guest sees it over 9p."""
+per-container layer, mounted below the sandbox's shared dir so the guest sees it over 9p, and the
+host paths a container asks for, bind-mounted next to it.
+
+The guest writes to ``<sandbox>/shared`` as root and can replace any name in it with a link at any
+time, so every operation below it goes through ``host.beneath`` (no link followed, never out of
+the directory) and ``host.mounts`` (mounts made onto an fd, recorded by id, detached by id). The
+writable layer (``<sandbox>/layers/<id>``) is filled by the guest through the overlay: it is
+removed the same way. Layout of a sandbox dir, relative to it::
+
+    shared/                   the 9p export (a nodev, nosuid bind of itself)
+    shared/containers/<id>/rootfs   the container's overlay
+    shared/mounts/<id>/<n>          the container's n-th host path
+    layers/<id>/{upper,work}        the container's writable layer
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import shutil
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from kvmsandbox.agent.linux import (
-    MNT_DETACH,
-    MS_BIND,
-    MS_NODEV,
-    MS_NOSUID,
-    MS_RDONLY,
-    MS_REC,
-    MS_REMOUNT,
-    mount,
-    mount_points_below,
-    umount,
-)
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument
+from kvmsandbox.host import beneath, mounts
 
-# What a guest writes through 9p lands on the host with real owners and modes (QEMU runs the 9p
-# server as root, security_model=passthrough). A device node or setuid binary a guest creates
-# there must stay inert for host processes: every mount a guest can write to is nodev and nosuid.
-GUEST_WRITABLE_FLAGS = MS_NODEV | MS_NOSUID
+log = logging.getLogger(__name__)
+
+SHARED = "shared"
 
 
-def seal_shared_dir(path: Path) -> None:
-    """Makes ``path`` a nodev, nosuid bind mount of itself before a guest gets it over 9p.
+@dataclass(frozen=True)
+class HostPath:
+    """A host file or directory a container asked for."""
+
+    source: Path
+    readonly: bool
+
+
+def container_dirs(container_id: str) -> list[str]:
+    """What a container has in its sandbox dir, in teardown order (the overlay before its layer)."""
+    return [f"{SHARED}/containers/{container_id}", f"{SHARED}/mounts/{container_id}", f"layers/{container_id}"]
+
+
+def seal_shared_dir(sandbox_dir: Path) -> None:
+    """Creates the shared dir and makes it a nodev, nosuid bind mount of itself, before any guest
+    can write to it.
 
     Raises:
         FailedPrecondition: the kernel refused (its reason in the message).
     """
     try:
-        mount(str(path), str(path), "", MS_BIND)
-        mount(str(path), str(path), "", MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS)
+        with beneath.opened_dir(sandbox_dir) as sfd:
+            target = beneath.make_dirs(sfd, SHARED)
+            try:
+                tree = mounts.clone_tree(Path(beneath.fd_path(target)), mounts.GUEST_WRITABLE)
+                try:
+                    seal = mounts.attach(tree, target)
+                finally:
+                    os.close(tree)
+            finally:
+                os.close(target)
+            try:
+                with _shared(sfd) as shared:
+                    os.close(beneath.make_dirs(shared, "containers"))
+            except OSError:
+                _detach(sandbox_dir, seal)
+                raise
     except OSError as e:
-        raise FailedPrecondition(f"cannot prepare the shared dir {path}: {e.strerror}") from None
+        raise FailedPrecondition(f"cannot prepare the shared dir of {sandbox_dir}: {e.strerror}") from None
 
 
-def mount_rootfs(lower_dirs: Sequence[Path], layer_dir: Path, target: Path) -> None:
-    """Mounts ``lower_dirs`` (top first, read-only) under a writable layer in ``layer_dir`` at ``target``.
+def mount_rootfs(sandbox_dir: Path, container_id: str, lower_dirs: Sequence[Path]) -> int:
+    """Mounts ``lower_dirs`` (top first, read-only) under a new writable layer at the container's
+    rootfs; returns the mount's id.
 
     Raises:
         InvalidArgument: no lower dir, or one is missing.
-        FailedPrecondition: the kernel refused the overlay mount (its reason in the message).
+        FailedPrecondition: the guest put something else than a directory on the way, or the
+            kernel refused the mount (the reason in the message).
     """
     if not lower_dirs:
         raise InvalidArgument("a container rootfs needs at least one image layer")
     for d in lower_dirs:
         if not d.is_dir():
             raise InvalidArgument(f"image layer {d} does not exist")
-    upper, work = layer_dir / "upper", layer_dir / "work"
-    for d in (upper, work, target):
-        d.mkdir(parents=True, exist_ok=True)
-    lowers = ":".join(str(d) for d in lower_dirs)
     try:
-        mount(
-            "overlay",
-            str(target),
-            "overlay",
-            GUEST_WRITABLE_FLAGS,
-            f"lowerdir={lowers},upperdir={upper},workdir={work}",
-        )
+        with beneath.opened_dir(sandbox_dir) as sfd:
+            for part in ("upper", "work"):
+                os.close(beneath.make_dirs(sfd, f"layers/{container_id}/{part}"))
+            layer = sandbox_dir / "layers" / container_id
+            tree = mounts.overlay(list(lower_dirs), layer / "upper", layer / "work")
+            try:
+                return _attach_below(sfd, tree, f"containers/{container_id}/rootfs", is_dir=True)
+            finally:
+                os.close(tree)
     except OSError as e:
-        raise FailedPrecondition(f"cannot mount the container rootfs: {e.strerror}") from None
+        raise FailedPrecondition(f"cannot mount the rootfs of container {container_id}: {e.strerror}") from None
 
 
-def bind_host_path(source: Path, target: Path, readonly: bool) -> None:
-    """Bind-mounts a host file or directory at ``target`` (created to match), nodev and nosuid,
-    read-only when asked.
+def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostPath) -> int:
+    """Bind-mounts a host path (recursively; nodev, nosuid, read-only all the way down when asked)
+    as the container's ``index``-th host mount; returns the mount's id.
 
     Raises:
         InvalidArgument: the host path does not exist.
-        FailedPrecondition: the kernel refused the bind mount.
+        FailedPrecondition: the guest put a link on the way, or the kernel refused.
     """
-    if not source.exists():
-        raise InvalidArgument(f"host path {source} does not exist")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        target.mkdir(exist_ok=True)
-    else:
-        target.touch(exist_ok=True)
-    flags = MS_BIND | MS_REMOUNT | GUEST_WRITABLE_FLAGS | (MS_RDONLY if readonly else 0)
+    if not host.source.exists():
+        raise InvalidArgument(f"host path {host.source} does not exist")
+    attrs = mounts.GUEST_WRITABLE | (mounts.MOUNT_ATTR_RDONLY if host.readonly else 0)
     try:
-        mount(str(source), str(target), "", MS_BIND | MS_REC)
-        mount(str(source), str(target), "", flags)
-    except OSError as e:
-        raise FailedPrecondition(f"cannot share host path {source} with the guest: {e.strerror}") from None
-
-
-def unmount_all(path: Path, attempts: int = 20) -> None:
-    """Unmounts everything at or below ``path``; after a few busy retries it detaches lazily,
-    so a QEMU 9p server still holding a file cannot make teardown fail."""
-    for target in mount_points_below(os.path.realpath(path)):
-        for attempt in range(attempts):
+        with beneath.opened_dir(sandbox_dir) as sfd:
+            tree = mounts.clone_tree(host.source, attrs)
             try:
-                umount(target)
-                break
-            except OSError as e:
-                if e.errno == 22:  # EINVAL: no longer a mount point
-                    break
-                if attempt == attempts - 1:
-                    with contextlib.suppress(OSError):
-                        umount(target, MNT_DETACH)
-                else:
-                    time.sleep(0.05)
+                return _attach_below(sfd, tree, f"mounts/{container_id}/{index}", is_dir=host.source.is_dir())
+            finally:
+                os.close(tree)
+    except OSError as e:
+        raise FailedPrecondition(f"cannot share host path {host.source} with the guest: {e.strerror}") from None
 
 
-def remove_tree(path: Path) -> None:
-    """Unmounts whatever is mounted below ``path``, then deletes it (idempotent)."""
-    if not path.exists():
+@contextlib.contextmanager
+def _shared(sfd: int) -> Iterator[int]:
+    """The shared dir, entered from the sandbox dir (the guest cannot replace its export's root)."""
+    fd = beneath.openat2(sfd, SHARED, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool) -> int:
+    """Attaches ``tree`` at ``rel`` below the shared dir; no step may be a link or another mount."""
+    with _shared(sfd) as shared:
+        target = beneath.make_dirs(shared, rel) if is_dir else beneath.make_file(shared, rel)
+        try:
+            return mounts.attach(tree, target)
+        finally:
+            os.close(target)
+
+
+def release_container(sandbox_dir: Path, container_id: str, mount_ids: Sequence[int]) -> None:
+    """Detaches the container's mounts and deletes its dirs (idempotent).
+
+    The mounts are the recorded ids, wherever the guest has moved them since, and any mount left
+    at the container's own dirs (made by a create that did not finish recording); each is reached
+    without following links and checked by id. Nothing is raised: what cannot be removed is
+    logged and left for the sandbox's removal.
+    """
+    for mid in mount_ids:
+        _detach(sandbox_dir, mid)
+    real = Path(os.path.realpath(sandbox_dir))
+    for rel in container_dirs(container_id):
+        for m in mounts.mounts_below(real / rel):
+            _detach(sandbox_dir, m.id)
+    _remove(sandbox_dir, container_dirs(container_id))
+
+
+def remove_sandbox_dir(sandbox_dir: Path) -> None:
+    """Detaches every mount below the sandbox dir (the shared dir's seal last) and deletes it
+    (idempotent). Nothing is raised: what cannot be removed is logged."""
+    if not sandbox_dir.is_dir():
         return
-    unmount_all(path)
-    shutil.rmtree(path, ignore_errors=True)
+    for m in mounts.mounts_below(Path(os.path.realpath(sandbox_dir))):
+        _detach(sandbox_dir, m.id)
+    _remove(sandbox_dir.parent, [sandbox_dir.name])
+
+
+def _detach(root: Path, mount_id: int) -> None:
+    try:
+        mounts.detach(root, mount_id)
+    except OSError as e:
+        log.warning("cannot detach mount %d below %s: %s", mount_id, root, e.strerror)
+
+
+def _remove(root: Path, rels: list[str]) -> None:
+    try:
+        with beneath.opened_dir(root) as fd:
+            for rel in rels:
+                try:
+                    beneath.remove(fd, rel)
+                except OSError as e:
+                    log.warning("cannot remove %s below %s: %s", rel, root, e.strerror)
+    except FileNotFoundError:
+        return

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.errors import NotFound
+from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.sandbox.records import SandboxRecord, check_id
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ class SandboxStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root / "sandboxes"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
+        private_dir(self.root)
         self._lock = threading.Lock()
         self._records: dict[str, SandboxRecord] = {}
         self._container_index: dict[str, str] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvmsandbox.agent.linux import mount_points_below
+from kvmsandbox.host.mounts import mounts_below as mount_table_below
 
 
 def processes_mentioning(word: str) -> list[int]:
@@ -23,7 +23,7 @@ def processes_mentioning(word: str) -> list[int]:
 
 
 def mounts_below(path: Path) -> list[str]:
-    return mount_points_below(str(path.resolve()))
+    return [m.mount_point for m in mount_table_below(path.resolve())]
 
 
 def mount_options(path: Path) -> set[str]:
