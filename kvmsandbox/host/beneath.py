@@ -16,6 +16,7 @@ import errno
 import itertools
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,12 @@ RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
 # Every lookup below a guest-writable directory.
 SAFE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 # A removal gives up after this many entries (a tree that keeps refilling: a guest still writing
-# into it through a file it holds open).
+# into it through a file it holds open); callers with a guest alive also give it a deadline.
 REMOVE_BUDGET = 20_000_000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -121,16 +123,101 @@ def make_file(root_fd: int, rel: str, mode: int = 0o644) -> int:
         os.close(dfd)
 
 
-def remove(root_fd: int, rel: str) -> None:
-    """Deletes ``rel`` below ``root_fd`` and everything in it, through fds only: never following a
-    link, never entering another mount, with at most three fds open and no recursion however deep
-    the tree (idempotent).
-
-    Subdirectories are renamed up into ``rel`` itself before they are emptied, so the work stays
-    flat. A mount point met on the way is left in place with what is below it.
+def read_in_root(root: Path, rel: str, limit: int) -> bytes | None:
+    """The contents of the regular file ``rel`` of a tree that is not the host's (an image layer),
+    every link resolved as if ``root`` were ``/`` (``RESOLVE_IN_ROOT``): nothing outside it is ever
+    opened. None when it is not a regular file (a FIFO is never read, a device never opened for
+    real: O_PATH first).
 
     Raises:
-        OSError: EBUSY when a mount point was left; ENOTEMPTY when the tree kept refilling.
+        FileNotFoundError: it is not there (nor is what a link of it names, inside ``root``).
+        OSError: EFBIG when it holds more than ``limit`` bytes; ELOOP and the like.
+    """
+    resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+    with opened_dir(root) as root_fd:
+        probe = openat2(root_fd, rel, os.O_PATH, resolve=resolve)
+        try:
+            if not stat.S_ISREG(os.fstat(probe).st_mode):
+                return None
+            # Reopened through its magic link: exactly the file the probe found.
+            fd = os.open(fd_path(probe), os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        finally:
+            os.close(probe)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"{rel} is larger than {limit} bytes")
+    return data
+
+
+class Usage:
+    """What a tree holds: allocated bytes and inodes; ``complete`` False when the count stopped at
+    its budget or its depth limit (then the figures are a lower bound)."""
+
+    __slots__ = ("complete", "entries", "used_bytes")
+
+    def __init__(self) -> None:
+        self.used_bytes = 0
+        self.entries = 0
+        self.complete = True
+
+
+def tree_usage(root: Path, rel: str, max_entries: int = 200_000, max_depth: int = 64) -> Usage:
+    """Counts the allocated blocks and the entries of ``rel`` below ``root`` (a tree a guest
+    fills): through fds only, never following a link nor entering another mount, with at most
+    ``max_depth`` directories open and ``max_entries`` entries looked at."""
+    usage = Usage()
+    try:
+        with opened_dir(root) as root_fd:
+            top = openat2(root_fd, rel, os.O_RDONLY | os.O_DIRECTORY, resolve=SAFE)
+    except OSError:
+        return usage
+    try:
+        _count(top, usage, max_entries, max_depth)
+    finally:
+        os.close(top)
+    return usage
+
+
+def _count(dfd: int, usage: Usage, max_entries: int, depth: int) -> None:
+    with os.scandir(dfd) as it:
+        for entry in it:
+            if usage.entries >= max_entries:
+                usage.complete = False
+                return
+            usage.entries += 1
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            usage.used_bytes += st.st_blocks * 512
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if depth <= 0:
+                usage.complete = False
+                continue
+            try:
+                child = openat2(dfd, entry.name, os.O_RDONLY | os.O_DIRECTORY, resolve=SAFE | RESOLVE_NO_XDEV)
+            except OSError:
+                continue
+            try:
+                _count(child, usage, max_entries, depth - 1)
+            finally:
+                os.close(child)
+
+
+def remove(root_fd: int, rel: str, deadline: float | None = None) -> None:
+    """Deletes ``rel`` below ``root_fd`` and everything in it, through fds only: never following a
+    link, never entering another mount, with a few fds open, no recursion and no listing held in
+    memory however deep or wide the tree (idempotent).
+
+    Subdirectories are renamed up into ``rel`` itself before they are emptied, so the work stays
+    flat. A mount point met on the way is left in place with what is below it. ``deadline`` (a
+    ``time.monotonic()`` value) bounds the work while a guest may still be writing to the tree.
+
+    Raises:
+        OSError: EBUSY when a mount point was left; ETIMEDOUT when the tree kept refilling past
+            the deadline or REMOVE_BUDGET entries.
     """
     parent, name = _split(rel)
     try:
@@ -147,7 +234,7 @@ def remove(root_fd: int, rel: str) -> None:
             return
         top = openat2(pfd, name, os.O_RDONLY | os.O_DIRECTORY, resolve=SAFE | RESOLVE_NO_XDEV)
         try:
-            _empty_flat(top)
+            _empty_flat(top, deadline)
         finally:
             os.close(top)
         os.rmdir(name, dir_fd=pfd)
@@ -155,26 +242,35 @@ def remove(root_fd: int, rel: str) -> None:
         os.close(pfd)
 
 
-def _empty_flat(top: int) -> None:
+def _empty_flat(top: int, deadline: float | None) -> None:
     dev, busy, names, budget = os.fstat(top).st_dev, set[str](), itertools.count(), REMOVE_BUDGET
-    while budget > 0:
-        entries = [e for e in os.scandir(top) if e.name not in busy]
-        if not entries:
+    while True:
+        seen = False
+        with os.scandir(top) as it:
+            for entry in it:
+                if entry.name in busy:
+                    continue
+                seen = True
+                budget -= 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_dev != dev or not _remove_or_hoist(top, entry.name, st, names):
+                    busy.add(entry.name)
+                if budget <= 0 or (deadline is not None and time.monotonic() > deadline):
+                    raise OSError(errno.ETIMEDOUT, "the tree kept refilling while it was removed")
+        if not seen:
             if busy:
                 raise OSError(errno.EBUSY, f"mount points left in place: {sorted(busy)[:5]}")
             return
-        budget -= len(entries)
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            if st.st_dev != dev or not _remove_or_hoist(top, entry.name, st, names):
-                busy.add(entry.name)
-    raise OSError(errno.ENOTEMPTY, "the tree kept refilling while it was removed")
 
 
 def _remove_or_hoist(top: int, name: str, st: os.stat_result, names: Iterator[int]) -> bool:
     """Removes the file ``top/name``, or empties the directory of files, renames its subdirectories
     into ``top`` (emptied on a later pass) and removes it. False when it is, or holds, a mount
-    point (the kernel refuses to unlink, rename or remove one; openat2 refuses to enter one)."""
+    point (the kernel refuses to unlink, rename or remove one; openat2 refuses to enter one), or
+    when the guest changed it under our feet (it is looked at again on the next pass)."""
     try:
         if not stat.S_ISDIR(st.st_mode):
             _unlink(top, name)
@@ -183,44 +279,59 @@ def _remove_or_hoist(top: int, name: str, st: os.stat_result, names: Iterator[in
     except FileNotFoundError:
         return True
     except OSError as e:
-        if e.errno in (errno.EXDEV, errno.EBUSY):
-            return False
+        if e.errno in (errno.EXDEV, errno.EBUSY, errno.ELOOP, errno.ENOTDIR):
+            return e.errno not in (errno.EXDEV, errno.EBUSY)
         raise
     kept = False
     try:
-        for entry in os.scandir(fd):
-            inner = entry.stat(follow_symlinks=False)
-            try:
-                if inner.st_dev != st.st_dev:
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    inner = entry.stat(follow_symlinks=False)
+                    if inner.st_dev != st.st_dev:
+                        kept = True
+                    elif stat.S_ISDIR(inner.st_mode):
+                        _hoist(fd, entry.name, top, names)
+                    else:
+                        _unlink(fd, entry.name)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno not in _CHANGED:
+                        raise
                     kept = True
-                elif stat.S_ISDIR(inner.st_mode):
-                    _hoist(fd, entry.name, top, names)
-                else:
-                    _unlink(fd, entry.name)
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise
-                kept = True
     finally:
         os.close(fd)
     if kept:
         return False
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.rmdir(name, dir_fd=top)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in _CHANGED:
+            raise
+        return False
     return True
 
 
+# What a guest changing the tree during a removal (or a mount point) makes a step fail with.
+_CHANGED = (errno.EBUSY, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+_SYS_RENAMEAT2 = 316
+_RENAME_NOREPLACE = 1
+
+
 def _hoist(dfd: int, name: str, top: int, names: Iterator[int]) -> None:
+    """Moves ``dfd/name`` into ``top`` under a fresh name, never over something there."""
     for _ in range(1000):
-        new = f".rm-{next(names)}"
-        try:
-            os.stat(new, dir_fd=top, follow_symlinks=False)
-            continue
-        except FileNotFoundError:
-            pass
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(name, new, src_dir_fd=dfd, dst_dir_fd=top)
-        return
+        new = os.fsencode(f".rm-{next(names)}")
+        if _libc.syscall(_SYS_RENAMEAT2, dfd, os.fsencode(name), top, new, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return
+        if err != errno.EEXIST:
+            raise OSError(err, f"rename {name!r}: {os.strerror(err)}")
     raise OSError(errno.EEXIST, "no free name to move a directory to while removing a tree")
 
 

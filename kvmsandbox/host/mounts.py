@@ -4,10 +4,11 @@ A mount is built detached (``fsopen``/``fsmount`` for an overlay, ``open_tree(OP
 for a bind), its attributes set on the whole tree at once (``mount_setattr(AT_RECURSIVE)``: a
 read-only bind is read-only all the way down), its id read from the detached mount's fd, and only
 then attached with ``move_mount`` onto an fd of the target that was opened without following links
-(see ``beneath``). The id is what is recorded; unmounting looks the id up in the kernel's mount
-table, opens that mount point again without following links, checks the id of what it opened and
-detaches through that fd. No path a guest could have replaced is ever handed to mount or umount.
-Linux 5.12 or later.
+(see ``beneath``). Every mount is private: nothing propagates between it and the host's mounts.
+The id is what is recorded; unmounting looks the id up in the kernel's mount table, opens that
+mount point again without following links, checks the id of what it opened and that nothing is
+stacked on it, and detaches through that fd. No path a guest could have replaced is ever handed
+to mount or umount. Linux 6.8 or later (``lowerdir+`` by fd).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MNT_DETACH = 2
+MS_PRIVATE = 1 << 18
 
 # Whatever a guest writes must stay inert for host processes: no device nodes, no setuid.
 GUEST_WRITABLE = MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
@@ -71,20 +74,38 @@ def mount_id(fd: int) -> int:
     raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
+def set_attrs(fd: int, attrs: int = 0, *, private: bool = False) -> None:
+    """mount_setattr(2) on the mount ``fd`` is the root of and every mount below it: ``attrs``
+    (read-only, nosuid, nodev) set, and with ``private`` no propagation to or from any other mount
+    (a host path's submounts, the state dir's peers).
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    attr = _MountAttr(attrs, 0, MS_PRIVATE if private else 0, 0)
+    flags = AT_EMPTY_PATH | AT_RECURSIVE
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
+
+
 def overlay(lower_dirs: list[Path], upper: Path, work: Path, attrs: int = GUEST_WRITABLE) -> int:
-    """A detached overlay mount (its fd): ``lower_dirs`` top first, read-only, under ``upper``.
+    """A detached, private overlay mount (its fd): ``lower_dirs`` top first, read-only, under
+    ``upper``. Every layer is handed to the kernel as an fd (``lowerdir+``, Linux 6.8), so neither
+    the 255-byte option limit nor a ':' in a path matters.
 
     Raises:
         OSError: the kernel refused (the message says which step and why).
     """
     fs = _check(_libc.syscall(_SYS_FSOPEN, b"overlay", 1), "fsopen overlay")
     try:
-        options = {"lowerdir": ":".join(str(d) for d in lower_dirs), "upperdir": str(upper), "workdir": str(work)}
-        for key, value in options.items():
-            _check(
-                _libc.syscall(_SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), os.fsencode(value), 0),
-                f"overlay option {key}={value}",
-            )
+        for key, path in [*(("lowerdir+", d) for d in lower_dirs), ("upperdir", upper), ("workdir", work)]:
+            dfd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _check(
+                    _libc.syscall(_SYS_FSCONFIG, fs, FSCONFIG_SET_FD, key.encode(), None, dfd),
+                    f"overlay {key} {path}",
+                )
+            finally:
+                os.close(dfd)
         _check(_libc.syscall(_SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "overlay create")
         return _check(_libc.syscall(_SYS_FSMOUNT, fs, 1, attrs), "fsmount overlay")
     finally:
@@ -93,7 +114,9 @@ def overlay(lower_dirs: list[Path], upper: Path, work: Path, attrs: int = GUEST_
 
 def clone_tree(source: Path, attrs: int) -> int:
     """A detached recursive bind of ``source`` (a host path the host trusts), ``attrs`` (e.g.
-    read-only, nosuid, nodev) set on every mount of it.
+    read-only, nosuid, nodev) set on every mount of it, and private: a mount the host makes or
+    removes below ``source`` later is not seen in the clone, and detaching the clone never
+    unmounts anything of the host's.
 
     Raises:
         OSError: the kernel refused.
@@ -101,13 +124,7 @@ def clone_tree(source: Path, attrs: int) -> int:
     flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
     fd = _check(_libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(source), flags), f"clone {source}")
     try:
-        attr = _MountAttr(attrs, 0, 0, 0)
-        _check(
-            _libc.syscall(
-                _SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
-            ),
-            f"set the attributes of {source}",
-        )
+        set_attrs(fd, attrs, private=True)
     except BaseException:
         os.close(fd)
         raise
@@ -115,8 +132,8 @@ def clone_tree(source: Path, attrs: int) -> int:
 
 
 def attach(mount_fd: int, target_fd: int) -> int:
-    """Attaches the detached mount ``mount_fd`` onto exactly what ``target_fd`` names; returns the
-    mount's id.
+    """Attaches the detached mount ``mount_fd`` onto exactly what ``target_fd`` names and keeps it
+    private (attaching below a shared mount would share it again); returns the mount's id.
 
     Raises:
         OSError: the kernel refused.
@@ -124,21 +141,23 @@ def attach(mount_fd: int, target_fd: int) -> int:
     mid = mount_id(mount_fd)
     flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
     _check(_libc.syscall(_SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", flags), "move_mount")
+    set_attrs(mount_fd, private=True)
     return mid
 
 
-def unescape_mountinfo(field: str) -> str:
+def unescape_mountinfo(field: bytes) -> str:
     """A path as /proc/self/mountinfo writes it, its octal escapes (space, tab, newline, backslash)
-    turned back into the characters."""
-    out, i = [], 0
+    turned back into the bytes, decoded as the file system names are."""
+    out, i = bytearray(), 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and all(c in "01234567" for c in field[i + 1 : i + 4]):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
+        octal = field[i + 1 : i + 4]
+        if field[i] == 0x5C and len(octal) == 3 and all(0x30 <= c <= 0x37 for c in octal):
+            out.append(int(octal, 8) & 0xFF)
             i += 4
         else:
             out.append(field[i])
             i += 1
-    return "".join(out)
+    return os.fsdecode(bytes(out))
 
 
 @dataclass(frozen=True)
@@ -150,11 +169,14 @@ class MountEntry:
 
 def mount_table() -> list[MountEntry]:
     """The kernel's mount table: it writes the real path of each mount, so no link a guest made
-    changes what is listed."""
+    changes what is listed. Read as bytes and split on newlines only (the kernel escapes space,
+    tab, newline and backslash, not a carriage return a guest may put in a name)."""
     entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ")
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().split(b"\n"):
+            fields = line.split(b" ")
+            if len(fields) < 5 or not fields[0].isdigit() or not fields[1].isdigit():
+                continue
             entries.append(MountEntry(int(fields[0]), int(fields[1]), unescape_mountinfo(fields[4])))
     return entries
 
@@ -187,6 +209,9 @@ def detach(root: Path, expected_id: int) -> bool:
             return False
         try:
             if mount_id(fd) != expected_id:
+                return False
+            # umount2 acts on the topmost mount at that point: nothing may be stacked on this one.
+            if any(m.parent_id == expected_id and m.mount_point == where[0] for m in mount_table()):
                 return False
             if _libc.umount2(fd_path(fd).encode(), MNT_DETACH) != 0:
                 err = ctypes.get_errno()

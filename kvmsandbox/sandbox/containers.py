@@ -19,6 +19,7 @@ from kvmsandbox.sandbox.lifecycle import mark_exited
 from kvmsandbox.sandbox.logs import CriLogWriter
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
 from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
+from kvmsandbox.sandbox.stdio import MIN_POLL_INTERVAL
 from kvmsandbox.sandbox.types import HostMount
 
 # Seconds a container gets to die after SIGKILL before StopContainer gives up.
@@ -28,7 +29,7 @@ OUTPUT_DRAIN_SECONDS = 10
 
 
 def guest_rootfs_path(container_id: str) -> str:
-    return f"{GUEST_SHARE}/containers/{container_id}/rootfs"
+    return f"{GUEST_SHARE}/{rootfs.rootfs_dir(container_id)}"
 
 
 def find(record: SandboxRecord, container_id: str) -> ContainerRecord:
@@ -51,7 +52,8 @@ def _guest_mounts(
     ]
     for i, m in enumerate(mounts):
         mount_ids.append(rootfs.bind_host_path(sdir, container_id, i, rootfs.HostPath(m.host_path, m.readonly)))
-        out.append(oci_spec.Mount(f"{GUEST_SHARE}/mounts/{container_id}/{i}", m.container_path, m.readonly))
+        source = f"{GUEST_SHARE}/{rootfs.host_path_dir(container_id, i)}"
+        out.append(oci_spec.Mount(source, m.container_path, m.readonly))
     return out
 
 
@@ -145,12 +147,17 @@ def wait(ctx: SandboxContext, sandbox_id: str, container_id: str, timeout: float
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
-        status = client.wait_process(container_id, "", min(max(0.0, remaining), 30.0))
+        asked, wait = time.monotonic(), min(max(0.0, remaining), 30.0)
+        status = client.wait_process(container_id, "", wait)
         if status is not None:
             record_exit(ctx, sandbox_id, container_id, status)
             return status
         if remaining <= 0:
             return None
+        # A guest that answers "still running" at once is not asked again straight away.
+        early = min(wait, MIN_POLL_INTERVAL) - (time.monotonic() - asked)
+        if early > 0:
+            time.sleep(early)
 
 
 def record_exit(ctx: SandboxContext, sandbox_id: str, container_id: str, status: ExitStatus) -> None:

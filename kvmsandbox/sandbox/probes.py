@@ -4,16 +4,18 @@ these."""
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import FailedPrecondition
-from kvmsandbox.host import proc
+from kvmsandbox.host import beneath, proc
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.types import ContainerStats, FilesystemUsage, VmUsage
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -83,32 +85,42 @@ def vm_usage(ctx: SandboxContext, record: SandboxRecord) -> VmUsage:
     return VmUsage(time.time_ns(), cpu_ns, mem.rss, mem.rss, f"process {pid}")
 
 
-def container_stats(ctx: SandboxContext, record: SandboxRecord, container_id: str) -> ContainerStats:
-    """The container's cgroup figures from its guest.
+# Figures a guest reports are clamped: no counter of a real container comes near 2^62, and a
+# pod's memory figures cannot exceed its VM's memory. Sums over a pod's containers then fit.
+MAX_GUEST_COUNTER = 2**62
+
+
+def container_stats(
+    ctx: SandboxContext, record: SandboxRecord, container_id: str, timeout: float | None = None
+) -> ContainerStats:
+    """The container's cgroup figures from its guest, clamped to what the VM can hold.
 
     Raises:
         FailedPrecondition: the sandbox is not ready. KvmSandboxError: the agent's error.
     """
-    s = ctx.ready_client(record).container_stats(container_id)
+    s = ctx.ready_client(record).container_stats(container_id, timeout)
+    memory = record.memory_mib << 20
+
+    def clamp(value: int, ceiling: int) -> int:
+        return min(max(0, value), ceiling)
+
     return ContainerStats(
-        timestamp_ns=s.timestamp_ns,
-        cpu_usage_ns=s.cpu_usage_ns,
-        memory_working_set_bytes=s.memory_working_set_bytes,
-        memory_usage_bytes=s.memory_usage_bytes,
-        memory_rss_bytes=s.memory_rss_bytes,
-        memory_limit_bytes=s.memory_limit_bytes,
-        pids=s.pids,
+        timestamp_ns=clamp(s.timestamp_ns, MAX_GUEST_COUNTER),
+        cpu_usage_ns=clamp(s.cpu_usage_ns, MAX_GUEST_COUNTER),
+        memory_working_set_bytes=clamp(s.memory_working_set_bytes, memory),
+        memory_usage_bytes=clamp(s.memory_usage_bytes, memory),
+        memory_rss_bytes=clamp(s.memory_rss_bytes, memory),
+        memory_limit_bytes=clamp(s.memory_limit_bytes, MAX_GUEST_COUNTER),
+        pids=clamp(s.pids, MAX_GUEST_COUNTER),
     )
 
 
 def writable_layer(ctx: SandboxContext, sandbox_id: str, container_id: str) -> FilesystemUsage:
-    """(bytes, inodes) of the container's writable layer, counted on the host (0 once it is gone)."""
-    used = inodes = 0
-    for root, dirs, files in os.walk(ctx.sandbox_dir(sandbox_id) / "layers" / container_id / "upper"):
-        for name in dirs + files:
-            inodes += 1
-            try:
-                used += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                continue
-    return FilesystemUsage(mountpoint=str(ctx.sandbox_dir(sandbox_id)), used_bytes=used, inodes_used=inodes)
+    """(bytes, inodes) of the container's writable layer, counted on the host (0 once it is gone):
+    a bounded walk through fds (``beneath.tree_usage``), so a guest's tree can neither lead the
+    host elsewhere nor make a stats call for the node expensive; past the bound it is a lower bound."""
+    sdir = ctx.sandbox_dir(sandbox_id)
+    usage = beneath.tree_usage(sdir, f"layers/{container_id}/upper")
+    if not usage.complete:
+        log.debug("sandbox %s container %s: writable layer counted in part", sandbox_id, container_id)
+    return FilesystemUsage(mountpoint=str(sdir), used_bytes=usage.used_bytes, inodes_used=usage.entries)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from pathlib import Path
 
 from kvmsandbox.agent.client import ExitStatus
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import KvmSandboxError, NotFound
-from kvmsandbox.sandbox import lifecycle
+from kvmsandbox.sandbox import lifecycle, rootfs
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
@@ -19,10 +21,10 @@ from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
 log = logging.getLogger(__name__)
 
 
-def sync_containers(ctx: SandboxContext, record: SandboxRecord) -> set[str]:
+def sync_containers(ctx: SandboxContext, record: SandboxRecord, timeout: float | None = None) -> set[str]:
     """Updates ``record`` (and saves it) with the containers' states in the guest; returns the
     ids the guest knows. Raises the agent's KvmSandboxError."""
-    infos = {i.id: i for i in ctx.client_for(record).list_containers()}
+    infos = {i.id: i for i in ctx.client_for(record).list_containers(timeout)}
     for c in record.containers.values():
         info = infos.get(c.id)
         if c.state is ContainerState.EXITED:
@@ -38,38 +40,60 @@ def sync_containers(ctx: SandboxContext, record: SandboxRecord) -> set[str]:
     return set(infos)
 
 
-def refresh(ctx: SandboxContext, sandbox_id: str) -> SandboxRecord:
-    """The sandbox record with its containers' states as the guest sees them now (the last known
-    ones when the sandbox is not ready or its agent does not answer)."""
-    with ctx.lock_for(sandbox_id):
+def refresh(ctx: SandboxContext, sandbox_id: str, timeout: float | None = None) -> SandboxRecord:
+    """The sandbox record with its containers' states as the guest sees them now: the last known
+    ones when the sandbox is not ready, its agent does not answer within ``timeout`` (default: the
+    agent call timeout), or another call holds the sandbox that long.
+
+    Raises:
+        NotFound: no such sandbox.
+    """
+    lock = ctx.lock_for(sandbox_id)
+    deadline = time.monotonic() + (ctx.config.agent.call_timeout_seconds if timeout is None else timeout)
+    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        return ctx.store.get(sandbox_id)
+    try:
         record = ctx.store.get(sandbox_id)
         live = (c.state is not ContainerState.EXITED for c in record.containers.values())
         if record.state is SandboxState.READY and any(live):
             with contextlib.suppress(KvmSandboxError):
-                sync_containers(ctx, record)
+                sync_containers(ctx, record, max(0.05, deadline - time.monotonic()))
         return record
+    finally:
+        lock.release()
 
 
 def recover(ctx: SandboxContext) -> None:
     """Reconnects to the agents of running sandboxes, brings container states up to date and
     resumes copying container output to the logs."""
+    # What earlier removals could not delete, deleted in the background (it may be large).
+    threading.Thread(target=rootfs.empty_trash, args=(ctx.store.root,), name="empty-trash", daemon=True).start()
     running = {info.name for info in ctx.hypervisor.list() if info.running}
     for sandbox_id in [r.id for r in ctx.store.all()]:
         with ctx.lock_for(sandbox_id):
             try:
-                record = ctx.store.get(sandbox_id)
-            except NotFound:
-                continue
-            if record.state is SandboxState.BOOTING:
-                log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
-                lifecycle.remove(ctx, record.id, record.vm_name, record, must_release=False)
-            elif record.state in (SandboxState.READY, SandboxState.BROKEN) and record.vm_name not in running:
-                log.warning("sandbox %s: its VM %s is gone: marking it stopped", record.id, record.vm_name)
-                lifecycle.mark_stopped(record, "sandbox VM exited")
-                lifecycle.release_vm(ctx, record.id, record.vm_name, record)
-                ctx.store.save(record)
-            elif record.state is SandboxState.READY:
-                _reattach(ctx, record)
+                _recover_one(ctx, sandbox_id, running)
+            except Exception:
+                # One pod must never keep the runtime from starting: it is left as it is, listed
+                # with its last known state, and can still be stopped and removed.
+                log.exception("sandbox %s could not be recovered: left as it was", sandbox_id)
+
+
+def _recover_one(ctx: SandboxContext, sandbox_id: str, running: set[str]) -> None:
+    try:
+        record = ctx.store.get(sandbox_id)
+    except NotFound:
+        return
+    if record.state is SandboxState.BOOTING:
+        log.warning("sandbox %s was being created when the runtime stopped: removing it", record.id)
+        lifecycle.remove(ctx, record.id, record.vm_name, record, must_release=False)
+    elif record.state in (SandboxState.READY, SandboxState.BROKEN) and record.vm_name not in running:
+        log.warning("sandbox %s: its VM %s is gone: marking it stopped", record.id, record.vm_name)
+        lifecycle.mark_stopped(record, "sandbox VM exited")
+        lifecycle.release_vm(ctx, record.id, record.vm_name, record)
+        ctx.store.save(record)
+    elif record.state is SandboxState.READY:
+        _reattach(ctx, record)
 
 
 def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:

@@ -4,21 +4,28 @@ host paths a container asks for, bind-mounted next to it.
 
 The guest writes to ``<sandbox>/shared`` as root and can replace any name in it with a link at any
 time, so every operation below it goes through ``host.beneath`` (no link followed, never out of
-the directory) and ``host.mounts`` (mounts made onto an fd, recorded by id, detached by id). The
+the directory) and ``host.mounts`` (private mounts made onto an fd, recorded by id, detached by
+id). Every mount point is itself, or sits directly in, a mount point: the kernel refuses to rename
+or remove a mount point, so the guest cannot move a mount away from where it was made. The
 writable layer (``<sandbox>/layers/<id>``) is filled by the guest through the overlay: it is
 removed the same way. Layout of a sandbox dir, relative to it::
 
-    shared/                   the 9p export (a nodev, nosuid bind of itself)
-    shared/containers/<id>/rootfs   the container's overlay
-    shared/mounts/<id>/<n>          the container's n-th host path
-    layers/<id>/{upper,work}        the container's writable layer
+    shared/                     the 9p export (a nodev, nosuid bind of itself)
+    shared/containers/          a bind of itself
+    shared/containers/<id>      the container's overlay (its rootfs)
+    shared/mounts/              a bind of itself
+    shared/mounts/<id>@<n>      the container's n-th host path
+    layers/<id>/{upper,work}    the container's writable layer
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import secrets
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,9 @@ from kvmsandbox.host import beneath, mounts
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
+PINNED = ("containers", "mounts")  # below SHARED: binds of themselves, so never renamed
+# Seconds a container's removal spends deleting what its guest wrote while the guest runs.
+LIVE_REMOVE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,37 +49,52 @@ class HostPath:
     readonly: bool
 
 
+def rootfs_dir(container_id: str) -> str:
+    """The container's rootfs, relative to the shared dir (where the guest finds it)."""
+    return f"containers/{container_id}"
+
+
+def host_path_dir(container_id: str, index: int) -> str:
+    """The container's ``index``-th host path, relative to the shared dir ('@' is in no id)."""
+    return f"mounts/{container_id}@{index}"
+
+
 def container_dirs(container_id: str) -> list[str]:
-    """What a container has in its sandbox dir, in teardown order (the overlay before its layer)."""
-    return [f"{SHARED}/containers/{container_id}", f"{SHARED}/mounts/{container_id}", f"layers/{container_id}"]
+    """What a container has in its sandbox dir, in teardown order (the overlay before its layer);
+    ``shared/mounts/<id>`` is where an earlier release put its host paths."""
+    return [f"{SHARED}/{rootfs_dir(container_id)}", f"{SHARED}/mounts/{container_id}", f"layers/{container_id}"]
 
 
 def seal_shared_dir(sandbox_dir: Path) -> None:
-    """Creates the shared dir and makes it a nodev, nosuid bind mount of itself, before any guest
-    can write to it.
+    """Creates the shared dir and makes it a nodev, nosuid, private bind mount of itself, with
+    ``containers`` and ``mounts`` binds of themselves in it, before any guest can write to it.
 
     Raises:
         FailedPrecondition: the kernel refused (its reason in the message).
     """
+    made: list[int] = []
     try:
         with beneath.opened_dir(sandbox_dir) as sfd:
-            target = beneath.make_dirs(sfd, SHARED)
-            try:
-                tree = mounts.clone_tree(Path(beneath.fd_path(target)), mounts.GUEST_WRITABLE)
-                try:
-                    seal = mounts.attach(tree, target)
-                finally:
-                    os.close(tree)
-            finally:
-                os.close(target)
-            try:
-                with _shared(sfd) as shared:
-                    os.close(beneath.make_dirs(shared, "containers"))
-            except OSError:
-                _detach(sandbox_dir, seal)
-                raise
+            made.append(_self_bind(sfd, SHARED))
+            with _shared(sfd) as shared:
+                for name in PINNED:
+                    made.append(_self_bind(shared, name))
     except OSError as e:
+        for mid in reversed(made):
+            _detach(sandbox_dir, mid)
         raise FailedPrecondition(f"cannot prepare the shared dir of {sandbox_dir}: {e.strerror}") from None
+
+
+def _self_bind(dir_fd: int, name: str) -> int:
+    target = beneath.make_dirs(dir_fd, name)
+    try:
+        tree = mounts.clone_tree(Path(beneath.fd_path(target)), mounts.GUEST_WRITABLE)
+        try:
+            return mounts.attach(tree, target)
+        finally:
+            os.close(tree)
+    finally:
+        os.close(target)
 
 
 def mount_rootfs(sandbox_dir: Path, container_id: str, lower_dirs: Sequence[Path]) -> int:
@@ -93,7 +118,7 @@ def mount_rootfs(sandbox_dir: Path, container_id: str, lower_dirs: Sequence[Path
             layer = sandbox_dir / "layers" / container_id
             tree = mounts.overlay(list(lower_dirs), layer / "upper", layer / "work")
             try:
-                return _attach_below(sfd, tree, f"containers/{container_id}/rootfs", is_dir=True)
+                return _attach_below(sfd, tree, rootfs_dir(container_id), is_dir=True)
             finally:
                 os.close(tree)
     except OSError as e:
@@ -110,12 +135,16 @@ def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostP
     """
     if not host.source.exists():
         raise InvalidArgument(f"host path {host.source} does not exist")
+    # Below the sandboxes dir, every pod's guest writes: no pod gets another's (or its own) files.
+    real, sandboxes = os.path.realpath(host.source), os.path.realpath(sandbox_dir.parent)
+    if (real + "/").startswith(sandboxes.rstrip("/") + "/"):
+        raise InvalidArgument(f"host path {host.source} is in the runtime's sandbox dirs: pods cannot share it")
     attrs = mounts.GUEST_WRITABLE | (mounts.MOUNT_ATTR_RDONLY if host.readonly else 0)
     try:
         with beneath.opened_dir(sandbox_dir) as sfd:
-            tree = mounts.clone_tree(host.source, attrs)
+            tree = mounts.clone_tree(Path(real), attrs)
             try:
-                return _attach_below(sfd, tree, f"mounts/{container_id}/{index}", is_dir=host.source.is_dir())
+                return _attach_below(sfd, tree, host_path_dir(container_id, index), is_dir=os.path.isdir(real))
             finally:
                 os.close(tree)
     except OSError as e:
@@ -123,19 +152,27 @@ def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostP
 
 
 @contextlib.contextmanager
-def _shared(sfd: int) -> Iterator[int]:
-    """The shared dir, entered from the sandbox dir (the guest cannot replace its export's root)."""
-    fd = beneath.openat2(sfd, SHARED, os.O_PATH | os.O_DIRECTORY)
+def _shared(sfd: int, name: str = "") -> Iterator[int]:
+    """The shared dir (or its pinned subdir ``name``), entered from the sandbox dir; refused when it
+    is not the mount it should be (a seal gone would let guest files land on a plain host dir).
+
+    Raises:
+        OSError: EXDEV when the seal (or the pinned bind) is not there.
+    """
+    fd = beneath.openat2(sfd, f"{SHARED}/{name}" if name else SHARED, os.O_PATH | os.O_DIRECTORY)
     try:
+        if mounts.mount_id(fd) == mounts.mount_id(sfd):
+            raise OSError(errno.EXDEV, f"{SHARED}/{name} is not sealed")
         yield fd
     finally:
         os.close(fd)
 
 
 def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool) -> int:
-    """Attaches ``tree`` at ``rel`` below the shared dir; no step may be a link or another mount."""
-    with _shared(sfd) as shared:
-        target = beneath.make_dirs(shared, rel) if is_dir else beneath.make_file(shared, rel)
+    """Attaches ``tree`` at ``rel`` ("containers/<x>" or "mounts/<x>") right in its pinned dir."""
+    pinned, name = rel.split("/")
+    with _shared(sfd, pinned) as parent:
+        target = beneath.make_dirs(parent, name) if is_dir else beneath.make_file(parent, name)
         try:
             return mounts.attach(tree, target)
         finally:
@@ -153,20 +190,66 @@ def release_container(sandbox_dir: Path, container_id: str, mount_ids: Sequence[
     for mid in mount_ids:
         _detach(sandbox_dir, mid)
     real = Path(os.path.realpath(sandbox_dir))
-    for rel in container_dirs(container_id):
-        for m in mounts.mounts_below(real / rel):
+    host_paths = f"{real}/{SHARED}/mounts/{container_id}@"
+    for m in mounts.mounts_below(real / SHARED):
+        own = any((m.mount_point + "/").startswith(f"{real}/{rel}/") for rel in container_dirs(container_id))
+        if own or m.mount_point.startswith(host_paths):
             _detach(sandbox_dir, m.id)
-    _remove(sandbox_dir, container_dirs(container_id))
+    # The guest still runs and may keep writing (through a file it holds open): the work is
+    # bounded, and what is left goes with the sandbox.
+    dirs = [*container_dirs(container_id), *_host_path_dirs(sandbox_dir, container_id)]
+    _remove(sandbox_dir, dirs, LIVE_REMOVE_SECONDS)
+
+
+def _host_path_dirs(sandbox_dir: Path, container_id: str) -> list[str]:
+    """The names of the container's host paths in the shared dir (listed, never followed)."""
+    try:
+        with beneath.opened_dir(sandbox_dir) as sfd, _shared(sfd, "mounts") as parent:
+            listing = os.open(beneath.fd_path(parent), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                names = [e.name for e in os.scandir(listing) if e.name.startswith(f"{container_id}@")]
+            finally:
+                os.close(listing)
+    except OSError:
+        return []
+    return [f"{SHARED}/mounts/{name}" for name in names[:1024]]
 
 
 def remove_sandbox_dir(sandbox_dir: Path) -> None:
-    """Detaches every mount below the sandbox dir (the shared dir's seal last) and deletes it
-    (idempotent). Nothing is raised: what cannot be removed is logged."""
+    """Detaches every mount below the sandbox dir (the shared dir's seal last), moves it to the
+    state dir's trash at once (so no half-deleted sandbox dir is ever read again as a sandbox) and
+    deletes it there; what cannot be deleted now stays in the trash for ``empty_trash`` at the
+    next start. Idempotent; nothing is raised, what is left is logged."""
     if not sandbox_dir.is_dir():
         return
     for m in mounts.mounts_below(Path(os.path.realpath(sandbox_dir))):
         _detach(sandbox_dir, m.id)
-    _remove(sandbox_dir.parent, [sandbox_dir.name])
+    trash = _trash_of(sandbox_dir)
+    beneath.private_dir(trash)
+    name = f"{sandbox_dir.name}.{secrets.token_hex(4)}"
+    try:
+        os.rename(sandbox_dir, trash / name)
+    except OSError as e:
+        log.warning("cannot move %s to the trash: %s", sandbox_dir, e.strerror)
+        _remove(sandbox_dir.parent, [sandbox_dir.name])
+        return
+    _remove(trash, [name])
+
+
+def empty_trash(sandboxes: Path) -> None:
+    """Deletes what removals left in the trash (a mount that could not be detached then, a tree
+    that kept refilling, a crash in the middle)."""
+    trash = _trash_of(sandboxes / "x")
+    if not trash.is_dir():
+        return
+    for name in sorted(os.listdir(trash))[:10_000]:
+        for m in mounts.mounts_below(Path(os.path.realpath(trash / name))):
+            _detach(trash, m.id)
+        _remove(trash, [name])
+
+
+def _trash_of(sandbox_dir: Path) -> Path:
+    return sandbox_dir.parent.parent / "trash"
 
 
 def _detach(root: Path, mount_id: int) -> None:
@@ -176,12 +259,13 @@ def _detach(root: Path, mount_id: int) -> None:
         log.warning("cannot detach mount %d below %s: %s", mount_id, root, e.strerror)
 
 
-def _remove(root: Path, rels: list[str]) -> None:
+def _remove(root: Path, rels: list[str], seconds: float | None = None) -> None:
+    deadline = None if seconds is None else time.monotonic() + seconds
     try:
         with beneath.opened_dir(root) as fd:
             for rel in rels:
                 try:
-                    beneath.remove(fd, rel)
+                    beneath.remove(fd, rel, deadline)
                 except OSError as e:
                     log.warning("cannot remove %s below %s: %s", rel, root, e.strerror)
     except FileNotFoundError:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument
 from kvmsandbox.host import beneath, mounts
 from kvmsandbox.sandbox import rootfs
 
@@ -33,7 +33,7 @@ def canary(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def sdir(tmp_path: Path) -> Iterator[Path]:
     """A sandbox dir, removed with whatever mounts a failing test left in it."""
-    d = tmp_path / "sandbox"
+    d = tmp_path / "sandboxes" / "sandbox"
     beneath.private_dir(d)
     yield d
     rootfs.remove_sandbox_dir(d)
@@ -103,9 +103,9 @@ def test_remove_leaves_a_mount_point_and_what_is_below_it(tmp_path: Path, canary
 
 
 def test_mountinfo_names_with_spaces_tabs_newlines_and_backslashes_are_read_back(tmp_path: Path) -> None:
-    assert mounts.unescape_mountinfo(r"/a\040b\011c\012d\134e") == "/a b\tc\nd\\e"
-    assert mounts.unescape_mountinfo("/plain\\") == "/plain\\"
-    odd = tmp_path / "we ird\tna\nme\\x"
+    assert mounts.unescape_mountinfo(rb"/a\040b\011c\012d\134e") == "/a b\tc\nd\\e"
+    assert mounts.unescape_mountinfo(b"/plain\\") == "/plain\\"
+    odd = tmp_path / "we ird\tna\nme\\x\rcarriage"
     odd.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "odd", str(odd)], check=True)
     try:
@@ -114,33 +114,65 @@ def test_mountinfo_names_with_spaces_tabs_newlines_and_backslashes_are_read_back
         subprocess.run(["umount", str(odd)], check=True)
 
 
-def test_a_read_only_host_path_is_read_only_all_the_way_down(tmp_path: Path, sdir: Path) -> None:
+@pytest.fixture
+def shared_source(tmp_path: Path) -> Iterator[Path]:
+    """A host path on a shared mount (as / is on a systemd host) with a tmpfs below it."""
+    top = tmp_path / "host"
+    top.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "host", str(top)], check=True)
+    subprocess.run(["mount", "--make-shared", str(top)], check=True)
+    (top / "inner").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "inner", str(top / "inner")], check=True)
+    yield top
+    subprocess.run(["umount", "-R", "-l", str(top)], check=False)
+
+
+def test_a_read_only_host_path_is_read_only_all_the_way_down_and_shares_nothing_back(
+    shared_source: Path, sdir: Path
+) -> None:
     rootfs.seal_shared_dir(sdir)
-    source = tmp_path / "source"
-    (source / "inner").mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "inner", str(source / "inner")], check=True)
-    try:
-        mid = rootfs.bind_host_path(sdir, "c1", 0, rootfs.HostPath(source, readonly=True))
-        seen = sdir / "shared" / "mounts" / "c1" / "0"
-        for path in (seen / "top", seen / "inner" / "below"):
-            with pytest.raises(OSError) as e:
-                path.write_text("x")
-            assert e.value.errno == errno.EROFS
-        rootfs.release_container(sdir, "c1", [mid])
-        assert not (sdir / "shared" / "mounts" / "c1").exists()
-        assert (source / "inner").is_mount()
-    finally:
-        subprocess.run(["umount", "-R", str(source / "inner")], check=False)
-        rootfs.remove_sandbox_dir(sdir)
+    mid = rootfs.bind_host_path(sdir, "c1", 0, rootfs.HostPath(shared_source, readonly=True))
+    seen = sdir / "shared" / "mounts" / "c1@0"
+    for path in (seen / "top", seen / "inner" / "below"):
+        with pytest.raises(OSError) as e:
+            path.write_text("x")
+        assert e.value.errno == errno.EROFS
+    # A mount the host makes below the path later does not reach the guest (it would be writable).
+    (shared_source / "late").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "late", str(shared_source / "late")], check=True)
+    assert not (seen / "late").is_mount()
+    rootfs.release_container(sdir, "c1", [mid])
+    assert not seen.exists()
+    # Detaching the pod's copy never unmounts the host's own mounts.
+    assert (shared_source / "inner").is_mount() and (shared_source / "late").is_mount()
+    rootfs.remove_sandbox_dir(sdir)
+    assert (shared_source / "inner").is_mount()
     assert not sdir.exists() and mounts.mounts_below(sdir) == []
+
+
+def test_mount_points_cannot_be_moved_by_the_guest(tmp_path: Path, sdir: Path) -> None:
+    rootfs.seal_shared_dir(sdir)
+    shared = sdir / "shared"
+    layers = []
+    for i in range(6):  # more than the 255-byte limit of a string option would allow
+        layer = tmp_path / ("layer-with-a-long-name-" * 4 + str(i))
+        layer.mkdir()
+        (layer / f"file{i}").write_text(str(i))
+        layers.append(layer)
+    rootfs.mount_rootfs(sdir, "c1", layers)
+    assert sorted(os.listdir(shared / "containers" / "c1")) == [f"file{i}" for i in range(6)]
+    for name in ("containers/c1", "containers", "mounts"):
+        with pytest.raises(OSError) as e:
+            os.rename(shared / name, (shared / name).parent / "moved")
+        assert e.value.errno == errno.EBUSY
 
 
 def test_links_planted_at_every_name_the_host_uses_reach_nothing_outside(
     tmp_path: Path, canary: Path, sdir: Path
 ) -> None:
-    """As a guest's 9p writes would leave the share: the next container's dirs are links to the
-    canary, a mounted rootfs is renamed away and a link put in its place; then containers are
-    created, removed and the sandbox removed."""
+    """As a guest's 9p writes would leave the share: the next containers' names are links to the
+    canary or to /, a dir is left where a host path goes; then containers are created and removed
+    and the sandbox removed."""
     rootfs.seal_shared_dir(sdir)
     shared = sdir / "shared"
     image = tmp_path / "image"
@@ -149,26 +181,24 @@ def test_links_planted_at_every_name_the_host_uses_reach_nothing_outside(
     before = {m.id for m in mounts.mount_table()}
 
     rootfs_id = rootfs.mount_rootfs(sdir, "c1", [image])
-    os.rename(shared / "containers" / "c1", shared / "elsewhere")
-    os.symlink(canary, shared / "containers" / "c1")
-    (shared / "mounts").mkdir()
-    os.symlink("/", shared / "mounts" / "c1")
+    os.symlink("/", shared / "mounts" / "c1@0")
+    os.symlink(canary, shared / "mounts" / "c1@1")
+    (shared / "mounts" / "c1@2").mkdir()
     rootfs.release_container(sdir, "c1", [rootfs_id])
     assert rootfs_id not in {m.id for m in mounts.mount_table()}
-    assert canary_intact(canary)
+    assert sorted(os.listdir(shared / "mounts")) == [] and canary_intact(canary)
 
     os.symlink(canary, shared / "containers" / "c2")
     with pytest.raises(FailedPrecondition, match="Too many levels of symbolic links"):
         rootfs.mount_rootfs(sdir, "c2", [image])
-    os.unlink(shared / "containers" / "c2")
-    os.symlink(canary, shared / "mounts" / "c3")
+    os.symlink(canary, shared / "mounts" / "c3@0")
     with pytest.raises(FailedPrecondition):
-        rootfs.bind_host_path(sdir, "c3", 0, rootfs.HostPath(tmp_path, readonly=False))
+        rootfs.bind_host_path(sdir, "c3", 0, rootfs.HostPath(tmp_path / "image", readonly=False))
+    with pytest.raises(InvalidArgument, match="sandbox dirs"):
+        rootfs.bind_host_path(sdir, "c4", 0, rootfs.HostPath(sdir / "shared", readonly=True))
     assert canary_intact(canary) and os.listdir(canary) == ["precious"]
 
-    rootfs.mount_rootfs(sdir, "c4", [image])
-    os.rename(shared / "containers", shared / "moved")
-    os.symlink(canary, shared / "containers")
+    rootfs.mount_rootfs(sdir, "c5", [image])
     rootfs.remove_sandbox_dir(sdir)
     assert not sdir.exists()
     assert {m.id for m in mounts.mount_table()} <= before
@@ -191,3 +221,38 @@ def _mount_options(mount_id: int) -> set[str]:
             if int(fields[0]) == mount_id:
                 return set(fields[5].split(","))
     raise AssertionError(f"no mount {mount_id}")
+
+
+def test_tree_usage_is_bounded_and_never_leaves_the_tree(tmp_path: Path, canary: Path) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "to-root").symlink_to("/")
+    (upper / "to-canary").symlink_to(canary)
+    deep = upper
+    for _ in range(200):  # deeper than the walk goes
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (upper / "data").write_bytes(b"x" * 1_000_000)
+    usage = beneath.tree_usage(tmp_path, "upper")
+    assert not usage.complete and 64 <= usage.entries <= 70 and usage.used_bytes >= 1_000_000
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(500):
+        (wide / str(i)).touch()
+    capped = beneath.tree_usage(tmp_path, "wide", max_entries=100)
+    assert (capped.entries, capped.complete) == (100, False)
+    assert beneath.tree_usage(tmp_path, "missing").entries == 0
+    assert canary_intact(canary)
+
+
+def test_a_removed_sandbox_goes_through_the_trash_and_leftovers_are_emptied_later(tmp_path: Path, sdir: Path) -> None:
+    rootfs.seal_shared_dir(sdir)
+    (sdir / "state.json").write_text("{}")
+    rootfs.remove_sandbox_dir(sdir)
+    assert not sdir.exists() and os.listdir(tmp_path / "trash") == []
+    # What a crash (or a busy mount) left in the trash goes at the next start.
+    left = tmp_path / "trash" / "old.1234" / "layers" / "c" / "upper"
+    left.mkdir(parents=True)
+    (left / "f").write_text("guest data")
+    rootfs.empty_trash(tmp_path / "sandboxes")
+    assert os.listdir(tmp_path / "trash") == []

@@ -26,6 +26,11 @@ def mounts_below(path: Path) -> list[str]:
     return [m.mount_point for m in mount_table_below(path.resolve())]
 
 
+def mounts_inside(path: Path) -> list[str]:
+    """Mounts strictly below ``path`` (not ``path`` itself, which may be a mount)."""
+    return [p for p in mounts_below(path) if p != str(path.resolve())]
+
+
 def mount_options(path: Path) -> set[str]:
     """The per-mount options of the mount point at ``path``."""
     target = str(path.resolve())

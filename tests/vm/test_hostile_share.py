@@ -8,6 +8,7 @@ another host user."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -21,7 +22,7 @@ from kvmsandbox.host.mounts import mount_table
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.types import HostMount
-from tests.vm.leaks import mount_options
+from tests.vm.leaks import mount_options, mounts_inside
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
@@ -75,14 +76,14 @@ def test_a_hostile_guest_reaches_nothing_outside_its_pod(
         assert stat.S_IMODE(os.stat(sdir).st_mode) == 0o700
         denied = as_nobody("/bin/ls", str(upper / "suid"))
         assert denied.returncode != 0 and b"Permission denied" in denied.stderr
-        assert {"nosuid", "nodev"} <= mount_options(shared / "containers" / c.id / "rootfs")
+        assert {"nosuid", "nodev"} <= mount_options(shared / "containers" / c.id)
         if (upper / "null2").exists():
             with pytest.raises(PermissionError):
-                (shared / "containers" / c.id / "rootfs" / "null2").open("rb")
+                (shared / "containers" / c.id / "null2").open("rb")
 
         # Links where the host will create the next containers' dirs.
         os.symlink(canary, shared / "containers" / "next")
-        os.symlink("/", shared / "mounts" / "later")
+        os.symlink("/", shared / "mounts" / "later@0")
         with pytest.raises(FailedPrecondition, match="symbolic links"):
             manager.create_container(record.id, "next", lower_dirs=[busybox_layer], process=ProcessSpec(args=["true"]))
         with pytest.raises(FailedPrecondition, match="symbolic links"):
@@ -93,15 +94,18 @@ def test_a_hostile_guest_reaches_nothing_outside_its_pod(
                 process=ProcessSpec(args=["true"]),
                 mounts=[HostMount(data, "/data", readonly=True)],
             )
-        # A live container's rootfs and host mount renamed away, links put in their place.
-        os.rename(shared / "containers" / c.id, shared / "stolen")
-        os.symlink(canary, shared / "containers" / c.id)
-        os.rename(shared / "mounts" / c.id, shared / "stolen-mounts")
+        # A live container's rootfs and host path cannot be moved away (they are mount points in
+        # mount points), and links at the other names the host looks at on removal lead nowhere.
+        for name in (f"containers/{c.id}", f"mounts/{c.id}@0", "containers", "mounts"):
+            with pytest.raises(OSError) as e:
+                os.rename(shared / name, (shared / name).parent / "stolen")
+            assert e.value.errno == errno.EBUSY
         os.symlink("/", shared / "mounts" / c.id)
+        os.symlink(canary, shared / "mounts" / f"{c.id}@7")
         manager.stop_container(record.id, c.id, grace=0)
         manager.remove_container(record.id, c.id)
         assert canary_intact(canary)
-        assert not [m for m in mount_table() if m.mount_point.startswith(str(shared) + "/")]
+        assert sorted(mounts_inside(shared)) == sorted([str(shared / "mounts"), str(shared / "containers")])
     finally:
         manager.destroy_sandbox(record.id)
     assert not sdir.exists()

@@ -15,7 +15,7 @@ from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 from kvmsandbox.sandbox.types import HostMount
-from tests.vm.leaks import mount_options, mounts_below, processes_mentioning
+from tests.vm.leaks import mount_options, mounts_below, mounts_inside, processes_mentioning
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
@@ -55,7 +55,7 @@ def test_container_output_reaches_the_host_log_and_exit_code_propagates(
     record = manager.get_sandbox(sandbox.id).containers[c.id]
     assert record.state is ContainerState.EXITED and record.exit_code == 3
     manager.remove_container(sandbox.id, c.id)
-    assert not mounts_below(manager.sandbox_dir(sandbox.id) / "shared" / "containers")
+    assert not mounts_inside(manager.sandbox_dir(sandbox.id) / "shared" / "containers")
 
 
 def test_two_containers_in_one_sandbox_have_separate_writable_roots(
@@ -168,7 +168,7 @@ def test_destroy_releases_every_host_resource(manager: SandboxManager, busybox_l
     assert processes_mentioning(record.vm_name)
     # Everything the guest can write to on the host is inert for host processes.
     shared = sandbox_dir / "shared"
-    for mount_point in (shared, shared / "containers" / c.id / "rootfs"):
+    for mount_point in (shared, shared / "containers", shared / "mounts", shared / "containers" / c.id):
         assert {"nodev", "nosuid"} <= mount_options(mount_point)
     manager.destroy_sandbox(record.id)
     assert processes_mentioning(record.vm_name) == []
@@ -236,7 +236,7 @@ def test_host_paths_are_shared_into_containers_read_only_where_asked(
     finally:
         manager.stop_container(sandbox.id, c.id, grace=0)
         manager.remove_container(sandbox.id, c.id)
-    assert not mounts_below(manager.sandbox_dir(sandbox.id) / "shared" / "mounts")
+    assert not mounts_inside(manager.sandbox_dir(sandbox.id) / "shared" / "mounts")
 
 
 def test_resource_updates_reach_the_guest_cgroup(
