@@ -49,6 +49,11 @@ class Unavailable(KvmSandboxError):
     grpc_code = "UNAVAILABLE"
 
 
+class AgentMisbehaved(Unavailable):
+    """The agent broke the protocol (a frame or message that does not decode, an unknown code, an
+    answer nobody asked for): it is no longer trusted, and its sandbox is BROKEN."""
+
+
 class HypervisorError(KvmSandboxError):
     """Booting, inspecting or destroying a VM failed; the message carries the VMM's words."""
 

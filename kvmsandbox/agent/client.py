@@ -11,6 +11,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from kvmsandbox.agent import wire
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
+from kvmsandbox.errors import AgentError, AgentMisbehaved, DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,13 @@ M = TypeVar("M", bound=Message)
 Connector = Callable[[float], socket.socket]
 # Slack on top of a long-poll's own wait, for the round trip through a slow (TCG) guest.
 LONG_POLL_SLACK = 15.0
+# Answers to ids this connection never sent are dropped (a virtio-serial port can replay answers
+# meant for an earlier connection or runtime), up to this many; beyond, the agent misbehaves.
+# Late answers to calls that timed out are expected, not stray: the last ids given up are kept.
+MAX_STRAY_ANSWERS = 64
+FORGOTTEN_IDS_KEPT = 4096
+# An agent's error message is cut to this length before it reaches a log or a CRI status.
+MAX_MESSAGE_CHARS = 1024
 
 
 def serial_connector(socket_path: Path) -> Connector:
@@ -74,19 +82,26 @@ class ExitStatus:
 
 
 class _Connection:
-    """One open stream to the agent with a reader thread that completes pending calls."""
+    """One open stream to the agent with a reader thread that completes pending calls.
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    What the agent sends is untrusted: the first frame that is not a well-formed answer ends the
+    connection for good, and ``on_violation`` is told why (after pending calls have failed)."""
+
+    def __init__(self, sock: socket.socket, name: str, on_violation: Callable[[str], None]) -> None:
         self.sock = sock
         self.name = name
         self.pending: dict[int, Future[pb.Response]] = {}
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
         self.closed = False
+        self._on_violation = on_violation
+        self._forgotten: set[int] = set()
+        self._forgotten_order: deque[int] = deque()
         threading.Thread(target=self._read_loop, name=f"agent-{name}", daemon=True).start()
 
     def _read_loop(self) -> None:
-        decoder = wire.FrameDecoder()
+        decoder = wire.FrameDecoder(strict=True)
+        stray = 0
         try:
             while True:
                 data = self.sock.recv(65536)
@@ -94,16 +109,28 @@ class _Connection:
                     break
                 for frame in decoder.feed(data):
                     if frame.WhichOneof("kind") != "response":
-                        continue
+                        raise wire.FrameError("a frame that is not an answer")
                     with self.lock:
                         fut = self.pending.pop(frame.response.id, None)
-                    # Unknown ids are answers to calls that timed out or were sent on an
-                    # earlier connection: drop them.
-                    if fut is not None and not fut.done():
-                        fut.set_result(frame.response)
+                        late = fut is None and frame.response.id in self._forgotten
+                    if fut is not None:
+                        if not fut.done():
+                            fut.set_result(frame.response)
+                    elif not late:
+                        stray += 1
+                        if stray > MAX_STRAY_ANSWERS:
+                            raise wire.FrameError(f"{stray} answers to requests never sent")
         except OSError:
             pass
+        except wire.FrameError as e:
+            self.violation(f"the agent of {self.name} broke the protocol: {e}")
+            return
         self.close(f"connection to the agent of {self.name} closed")
+
+    def violation(self, reason: str) -> None:
+        """Ends the connection because the agent misbehaved, then reports it."""
+        self.close(reason, AgentMisbehaved)
+        self._on_violation(reason)
 
     def send(self, request: pb.Request) -> Future[pb.Response]:
         fut: Future[pb.Response] = Future()
@@ -120,10 +147,15 @@ class _Connection:
         return fut
 
     def forget(self, request_id: int) -> None:
+        """Gives up on a call (it timed out); its answer, if it ever comes, is dropped quietly."""
         with self.lock:
             self.pending.pop(request_id, None)
+            self._forgotten.add(request_id)
+            self._forgotten_order.append(request_id)
+            if len(self._forgotten_order) > FORGOTTEN_IDS_KEPT:
+                self._forgotten.discard(self._forgotten_order.popleft())
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, error: type[Unavailable] = Unavailable) -> None:
         with self.lock:
             if self.closed:
                 return
@@ -135,7 +167,7 @@ class _Connection:
         self.sock.close()
         for fut in pending:
             if not fut.done():
-                fut.set_exception(Unavailable(reason))
+                fut.set_exception(error(reason))
 
 
 class AgentClient:
@@ -147,7 +179,14 @@ class AgentClient:
         AgentError: the agent answered with an error (its code and message are kept).
     """
 
-    def __init__(self, connector: Connector, name: str, *, default_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        connector: Connector,
+        name: str,
+        *,
+        default_timeout: float = 30.0,
+        on_violation: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._connector = connector
         self.name = name
         self.default_timeout = default_timeout
@@ -155,15 +194,26 @@ class AgentClient:
         self._conn_lock = threading.Lock()
         # A random start keeps ids of this client apart from stale answers of an earlier one.
         self._ids = itertools.count(random.getrandbits(48))
+        self._on_violation = on_violation
+        # Why the agent is no longer trusted; from then on every call fails at once.
+        self.violation: str | None = None
+
+    def _violated(self, reason: str) -> None:
+        if self.violation is None:
+            self.violation = reason
+            log.warning("%s", reason)
+            self._on_violation(reason)
 
     def _connection(self, timeout: float) -> _Connection:
         with self._conn_lock:
+            if self.violation is not None:
+                raise AgentMisbehaved(self.violation)
             if self._conn is None or self._conn.closed:
                 try:
                     sock = self._connector(timeout)
                 except OSError as e:
                     raise Unavailable(f"cannot connect to the agent of {self.name}: {e}") from None
-                self._conn = _Connection(sock, self.name)
+                self._conn = _Connection(sock, self.name, self._violated)
             return self._conn
 
     def close(self) -> None:
@@ -184,15 +234,22 @@ class AgentClient:
         except FutureTimeout:
             conn.forget(req.id)
             raise DeadlineExceeded(f"agent of {self.name} did not answer {method} within {timeout:.1f}s") from None
-        if response.status.code != pb.OK:
-            raise AgentError(f"{method}: {response.status.message}", pb.Code.Name(response.status.code))
-        return response_type.FromString(response.body)
+        try:
+            if response.status.code != pb.OK:
+                code = pb.Code.Name(response.status.code)
+                raise AgentError(f"{method}: {response.status.message[:MAX_MESSAGE_CHARS]}", code)
+            return response_type.FromString(response.body)
+        except (ValueError, DecodeError) as e:
+            reason = f"the agent of {self.name} broke the protocol: its answer to {method} does not decode ({e})"
+            conn.violation(reason)
+            raise AgentMisbehaved(reason) from None
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> pb.HealthResponse:
         """Waits until the agent answers Health, pinging on one connection while the guest boots.
 
         Raises:
             DeadlineExceeded: not ready within ``timeout``. Unavailable: ``alive()`` turned false.
+            AgentMisbehaved: the agent broke the protocol.
         """
         deadline = time.monotonic() + timeout
         last_error = "no answer yet"
@@ -201,6 +258,8 @@ class AgentClient:
                 raise Unavailable(f"the VM of {self.name} stopped before its agent answered")
             try:
                 return self.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=0.5)
+            except AgentMisbehaved:
+                raise
             except (DeadlineExceeded, Unavailable) as e:
                 last_error = str(e)
                 if isinstance(e, Unavailable):
@@ -263,9 +322,10 @@ class AgentClient:
         req = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources))
         self.call("UpdateContainer", req, pb.UpdateContainerResponse)
 
-    def container_stats(self, container_id: str) -> pb.ContainerStatsResponse:
+    def container_stats(self, container_id: str, timeout: float | None = None) -> pb.ContainerStatsResponse:
         req = pb.ContainerStatsRequest(container_id=container_id)
-        return self.call("ContainerStats", req, pb.ContainerStatsResponse)
+        return self.call("ContainerStats", req, pb.ContainerStatsResponse, timeout)
 
-    def list_containers(self) -> list[pb.ContainerInfo]:
-        return list(self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse).containers)
+    def list_containers(self, timeout: float | None = None) -> list[pb.ContainerInfo]:
+        resp = self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse, timeout)
+        return list(resp.containers)

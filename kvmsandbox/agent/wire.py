@@ -68,10 +68,25 @@ def encode(frame: pb.Frame) -> bytes:
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames; skips garbage up to the next magic."""
+    """Turns a byte stream into frames.
 
-    def __init__(self) -> None:
+    Lenient (the guest's side): garbage is skipped up to the next magic, at any point of the stream,
+    since a new host connection on a virtio-serial port can begin with the tail of an older frame.
+
+    Strict (the host's side, ``strict=True``; the guest is not trusted): garbage is skipped only
+    before the first good frame of a connection, at most ``MAX_RESYNC_BYTES`` of it and
+    ``MAX_RESYNC_CANDIDATES`` false starts; after that, anything but a well-formed frame raises
+    FrameError, and the connection is over. Each byte costs at most one parse, however crafted.
+    """
+
+    MAX_RESYNC_BYTES = 2 * MAX_FRAME_BYTES
+    MAX_RESYNC_CANDIDATES = 4
+
+    def __init__(self, *, strict: bool = False) -> None:
         self._buf = bytearray()
+        self._strict = strict
+        self._synced = False
+        self._false_starts = 0
         self.skipped_bytes = 0
 
     def reset(self) -> None:
@@ -79,27 +94,21 @@ class FrameDecoder:
         self._buf.clear()
 
     def feed(self, data: bytes) -> list[pb.Frame]:
-        """Adds bytes and returns every complete frame they finish."""
+        """Adds bytes and returns every complete frame they finish.
+
+        Raises:
+            FrameError: (strict) the stream is not well-formed frames.
+        """
         self._buf += data
         frames: list[pb.Frame] = []
         while True:
-            start = self._buf.find(MAGIC)
-            if start < 0:
-                # Keep a possible magic prefix at the end, drop the rest.
-                keep = len(MAGIC) - 1
-                self.skipped_bytes += max(0, len(self._buf) - keep)
-                del self._buf[: max(0, len(self._buf) - keep)]
+            if not self._skip_to_magic():
                 return frames
-            if start:
-                self.skipped_bytes += start
-                del self._buf[:start]
             if len(self._buf) < HEADER.size:
                 return frames
             _, length = HEADER.unpack_from(self._buf)
             if length > MAX_FRAME_BYTES:
-                # Not a real header: skip this magic and look for the next.
-                self.skipped_bytes += 1
-                del self._buf[:1]
+                self._false_start(f"a frame of {length} bytes exceeds the {MAX_FRAME_BYTES} byte limit")
                 continue
             end = HEADER.size + length
             if len(self._buf) < end:
@@ -108,8 +117,34 @@ class FrameDecoder:
             try:
                 frame.ParseFromString(bytes(self._buf[HEADER.size : end]))
             except Exception:
-                self.skipped_bytes += 1
-                del self._buf[:1]
+                self._false_start(f"a frame of {length} bytes does not decode")
                 continue
             del self._buf[:end]
+            self._synced = True
             frames.append(frame)
+
+    def _skip_to_magic(self) -> bool:
+        """Drops what is before the next magic; False when there is none yet."""
+        start = self._buf.find(MAGIC)
+        if start == 0:
+            return True
+        if self._strict and self._synced and (start > 0 or len(self._buf) >= len(MAGIC)):
+            raise FrameError("bytes between frames")
+        # Keep a possible magic prefix at the end when there is no magic yet.
+        drop = start if start > 0 else max(0, len(self._buf) - (len(MAGIC) - 1))
+        self._skip(drop)
+        return start > 0
+
+    def _false_start(self, why: str) -> None:
+        """A magic that does not begin a frame: skipped in lenient mode and while resyncing."""
+        if self._strict:
+            self._false_starts += 1
+            if self._synced or self._false_starts > self.MAX_RESYNC_CANDIDATES:
+                raise FrameError(why)
+        self._skip(len(MAGIC))  # a magic cannot overlap itself: no frame starts inside it
+
+    def _skip(self, n: int) -> None:
+        self.skipped_bytes += n
+        del self._buf[:n]
+        if self._strict and self.skipped_bytes > self.MAX_RESYNC_BYTES:
+            raise FrameError(f"no frame in the first {self.skipped_bytes} bytes")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmsandbox.agent.client import AgentClient, serial_connector, vsock_connector
@@ -47,6 +48,8 @@ class SandboxContext:
             log.warning("VMMs are not placed in host cgroups: %s", self.cgroups_reason)
         self.stdio = StdioRegistry()
         self.boot_timings: dict[str, BootTimings] = {}
+        # Called (sandbox id, why) when an agent breaks the protocol; the manager marks it BROKEN.
+        self.on_agent_violation: Callable[[str, str], None] = lambda sandbox_id, reason: None
         self._lock = threading.Lock()
         self._sandbox_locks: dict[str, threading.RLock] = {}
         self._clients: dict[str, AgentClient] = {}
@@ -79,8 +82,12 @@ class SandboxContext:
                     if record.transport == "vsock"
                     else serial_connector(Path(record.agent_socket))
                 )
+                sandbox_id = record.id
                 client = AgentClient(
-                    connector, f"sandbox {record.id}", default_timeout=self.config.agent.call_timeout_seconds
+                    connector,
+                    f"sandbox {record.id}",
+                    default_timeout=self.config.agent.call_timeout_seconds,
+                    on_violation=lambda reason: self.on_agent_violation(sandbox_id, reason),
                 )
                 self._clients[record.id] = client
             return client

@@ -5,6 +5,7 @@ share."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import signal
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 from kvmsandbox.agent.client import AgentClient, ExitStatus
 from kvmsandbox.config import Config
-from kvmsandbox.errors import FailedPrecondition, NotFound
+from kvmsandbox.errors import FailedPrecondition, KvmSandboxError, NotFound
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.accel import Accel
 from kvmsandbox.hypervisor.spec import Hypervisor
@@ -36,6 +37,8 @@ from kvmsandbox.sandbox.types import (
     VmUsage,
 )
 
+log = logging.getLogger(__name__)
+
 
 class SandboxManager:
     """Creates and destroys sandboxes and runs containers in them.
@@ -47,6 +50,14 @@ class SandboxManager:
 
     def __init__(self, config: Config, hypervisor: Hypervisor, image: GuestImage) -> None:
         self.ctx = SandboxContext(config, hypervisor, image)
+        self.ctx.on_agent_violation = self._agent_misbehaved
+
+    def _agent_misbehaved(self, sandbox_id: str, reason: str) -> None:
+        """A sandbox whose agent broke the protocol is BROKEN (a booting one fails its boot)."""
+        try:
+            lifecycle.mark_broken(self.ctx, sandbox_id, reason)
+        except KvmSandboxError as e:
+            log.warning("cannot mark sandbox %s broken: %s", sandbox_id, e)
 
     # -- what callers read -------------------------------------------------------------------
 
@@ -185,8 +196,8 @@ class SandboxManager:
         """
         return self.ctx.ready_client(self.ctx.store.get(sandbox_id))
 
-    def refresh(self, sandbox_id: str) -> SandboxRecord:
-        return recovery.refresh(self.ctx, sandbox_id)
+    def refresh(self, sandbox_id: str, timeout: float | None = None) -> SandboxRecord:
+        return recovery.refresh(self.ctx, sandbox_id, timeout)
 
     def mark_broken(self, sandbox_id: str, reason: str) -> None:
         lifecycle.mark_broken(self.ctx, sandbox_id, reason)
@@ -263,10 +274,10 @@ class SandboxManager:
 
     # -- figures -----------------------------------------------------------------------------
 
-    def container_stats(self, sandbox_id: str, container_id: str) -> ContainerStats:
+    def container_stats(self, sandbox_id: str, container_id: str, timeout: float | None = None) -> ContainerStats:
         record = self.ctx.store.get(sandbox_id)
         containers.find(record, container_id)
-        return probes.container_stats(self.ctx, record, container_id)
+        return probes.container_stats(self.ctx, record, container_id, timeout)
 
     def writable_layer(self, sandbox_id: str, container_id: str) -> FilesystemUsage:
         return probes.writable_layer(self.ctx, sandbox_id, container_id)
