@@ -43,6 +43,9 @@ class AgentConfig:
     transport: Literal["auto", "vsock", "virtio-serial"] = "auto"
     ready_timeout_seconds: float = 90.0
     call_timeout_seconds: float = 30.0
+    # Per guest, in calls made for the whole node (ListContainers, the List*Stats): a guest that
+    # does not answer in time is shown with its last known state.
+    node_call_timeout_seconds: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from kvmsandbox.cri import validate
 from kvmsandbox.cri.process import process_spec
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
 from kvmsandbox.cri.store import CriContainer, MountInfo
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 from kvmsandbox.sandbox.types import HostMount
 
@@ -28,10 +30,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         InvalidArgument: missing metadata or image, a host path that does not exist, nothing to run.
     """
     config = req.config
-    if not config.metadata.name:
-        raise InvalidArgument("the container config needs metadata with a name")
-    if not config.image.image:
-        raise InvalidArgument("the container config names no image")
+    validate.container_config(config)
     sandbox = state.manager.get_sandbox(req.pod_sandbox_id)
     if sandbox.state is not SandboxState.READY:
         raise FailedPrecondition(
@@ -43,8 +42,9 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
     layers: list[Path] = state.images.layer_dirs(image.id)
     process = process_spec(config, image.config, layers)
     mounts = [HostMount(Path(m.host_path), m.container_path, m.readonly) for m in config.mounts if m.host_path]
-    log_dir = state.pod(sandbox).log_directory
-    log_path = Path(log_dir, config.log_path) if log_dir and config.log_path else None
+    log_path = validate.log_path(state.pod(sandbox).log_directory, config.log_path)
+    stop_signal = str(image.config.get("StopSignal", ""))
+    validate.stop_signal(stop_signal)
     meta = CriContainer(
         id=secrets.token_hex(32),
         pod_id=sandbox.id,
@@ -56,7 +56,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         labels=dict(config.labels),
         annotations=dict(config.annotations),
         mounts=tuple(MountInfo(m.container_path, m.host_path, m.readonly) for m in config.mounts),
-        stop_signal=str(image.config.get("StopSignal", "")),
+        stop_signal=stop_signal,
     )
     # The CRI facts are stored first: a restart during the create finds the container with them.
     if state.store.pod(sandbox.id) is None:
@@ -87,29 +87,16 @@ def start(state: CriState, req: cri.StartContainerRequest) -> cri.StartContainer
     return cri.StartContainerResponse()
 
 
-def stop_signal(name: str) -> int:
-    """The image's StopSignal ("SIGQUIT", "QUIT" or "3") as a number; SIGTERM when unset.
-
-    Raises:
-        InvalidArgument: not a signal this system knows.
-    """
-    if not name:
-        return int(signal.SIGTERM)
-    if name.isdigit():
-        return int(name)
-    try:
-        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-    except KeyError:
-        raise InvalidArgument(f"unknown stop signal {name!r} in the image config") from None
-
-
 def stop(state: CriState, req: cri.StopContainerRequest) -> cri.StopContainerResponse:
     """The image's stop signal (SIGTERM by default), SIGKILL after ``timeout`` seconds; idempotent
     for a stopped container."""
     sandbox, c = state.find_container(req.container_id)
-    state.manager.stop_container(
-        sandbox.id, req.container_id, grace=max(0, req.timeout), stop_signal=stop_signal(state.container(c).stop_signal)
-    )
+    try:
+        signum = validate.stop_signal(state.container(c).stop_signal)
+    except InvalidArgument:
+        signum = int(signal.SIGTERM)  # stored by an earlier release that did not check it
+    grace = validate.timeout(req.timeout)
+    state.manager.stop_container(sandbox.id, req.container_id, grace=grace, stop_signal=signum)
     return cri.StopContainerResponse()
 
 
@@ -137,11 +124,14 @@ def status(state: CriState, req: cri.ContainerStatusRequest) -> cri.ContainerSta
 def list_(state: CriState, req: cri.ListContainersRequest) -> cri.ListContainersResponse:
     f = req.filter
     out = []
-    for sandbox in state.manager.list_sandboxes():
-        if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
-            continue
+    listed = [s for s in state.manager.list_sandboxes() if not f.pod_sandbox_id or s.id.startswith(f.pod_sandbox_id)]
+
+    def fresh(sandbox: SandboxRecord) -> SandboxRecord:
         if any(c.state is not ContainerState.EXITED for c in sandbox.containers.values()):
-            sandbox = state.manager.refresh(sandbox.id)
+            return state.manager.refresh(sandbox.id, state.node_call_timeout)
+        return sandbox
+
+    for sandbox in state.per_sandbox(listed, fresh, lambda s: s):
         for c in sandbox.containers.values():
             if f.id and not c.id.startswith(f.id):
                 continue
@@ -201,10 +191,10 @@ def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse
     """
     if not req.cmd:
         raise InvalidArgument("ExecSync needs a command")
+    validate.words("cmd", req.cmd)
     sandbox, c = state.find_container(req.container_id)
     if c.state is not ContainerState.RUNNING:
         raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
-    result = state.manager.exec_sync(
-        sandbox.id, c.id, list(req.cmd), timeout=float(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT
-    )
+    timeout = validate.timeout(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT
+    result = state.manager.exec_sync(sandbox.id, c.id, list(req.cmd), timeout=timeout)
     return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)

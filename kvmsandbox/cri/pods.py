@@ -8,6 +8,7 @@ import os
 import secrets
 from typing import Any
 
+from kvmsandbox.cri import validate
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import (
     CriState,
@@ -72,11 +73,14 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
     """Boots the pod's VM.
 
     Raises:
-        InvalidArgument, FailedPrecondition: see ``_handler``; the manager's errors for the boot.
+        InvalidArgument: a field of the config is wrong (``validate.pod_config``), or see ``_handler``.
+        FailedPrecondition: see ``_handler``; the manager's errors for the boot.
     """
+    validate.pod_config(req.config)
     handler = _handler(state, req)
     config = req.config
     md = config.metadata
+    hostname = validate.hostname(config.hostname, md.name)
     network = _network_request(config)
     dns = config.dns_config
     linux = config.linux
@@ -86,7 +90,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
         metadata=PodMetadata(name=md.name, uid=md.uid, namespace=md.namespace, attempt=md.attempt),
         labels=dict(config.labels),
         annotations=dict(config.annotations),
-        log_directory=config.log_directory,
+        log_directory=validate.absolute_path("log_directory", config.log_directory, required=False),
         runtime_handler=handler,
         sizing=size.reason,
         declared_overhead=pod_resources(linux.overhead),
@@ -100,7 +104,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             memory_mib=size.memory_mib,
             cgroup_parent=linux.cgroup_parent,
             network=network,
-            hostname=config.hostname or md.name,
+            hostname=hostname,
             dns=DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options)),
         )
     except BaseException:

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.errors import InvalidArgument
+from kvmsandbox.host.beneath import read_in_root
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 
 
@@ -39,15 +40,29 @@ def merged_env(image_env: Sequence[str], envs: Sequence[cri.KeyValue]) -> list[s
     return [f"{k}={v}" for k, v in env.items()]
 
 
+# An image's /etc/passwd or /etc/group larger than this is refused (a real one is a few KiB).
+MAX_ACCOUNT_FILE_BYTES = 1024 * 1024
+
+
 def _lookup(layers: Sequence[Path], file: str, name: str, field: int) -> int | None:
-    """The numeric id of ``name`` in /etc/passwd or /etc/group of the image (top layer first)."""
+    """The numeric id of ``name`` in /etc/passwd or /etc/group of the image (top layer first),
+    read inside the layer: a link in the image never leads the host out of it.
+
+    Raises:
+        InvalidArgument: the file is larger than MAX_ACCOUNT_FILE_BYTES.
+    """
     for layer in layers:
-        path = layer / file
-        if not path.is_file():
+        try:
+            data = read_in_root(layer, file, MAX_ACCOUNT_FILE_BYTES)
+        except FileNotFoundError:
             continue
-        for line in path.read_text(errors="replace").splitlines():
+        except OSError as e:
+            raise InvalidArgument(f"the image's /{file} cannot be read: {e.strerror}") from None
+        if data is None:
+            return None
+        for line in data.decode(errors="replace").splitlines():
             parts = line.split(":")
-            if len(parts) > field and parts[0] == name and parts[field].isdigit():
+            if len(parts) > field and parts[0] == name and parts[field].isdigit() and len(parts[field]) <= 10:
                 return int(parts[field])
         return None
     return None

@@ -98,6 +98,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     stop.wait()
     log.warning("stopping: pods keep running")
     server.stop(grace=5).wait()
+    state.close()
     manager.close()
     manager.hypervisor.close()
     config.socket.unlink(missing_ok=True)

@@ -3,8 +3,12 @@ the translation of the runtime's records into CRI messages."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
@@ -15,6 +19,12 @@ from kvmsandbox.overhead.sizing import PodResources
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Guests asked at once by a node-wide call; more wait their turn (within the same deadline).
+FANOUT_WORKERS = 16
 
 SANDBOX_STATES = {
     SandboxState.READY: cri.SANDBOX_READY,
@@ -37,9 +47,47 @@ class CriState:
     store: CriStore
     pod_cidr: str = ""
     overhead: NodeOverhead = field(init=False)
+    fanout: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.overhead = NodeOverhead(self.config)
+        self.fanout = ThreadPoolExecutor(max_workers=FANOUT_WORKERS, thread_name_prefix="guest-fanout")
+
+    @property
+    def node_call_timeout(self) -> float:
+        """Seconds each guest gets in a node-wide call."""
+        return self.config.agent.node_call_timeout_seconds
+
+    def per_sandbox(
+        self,
+        sandboxes: list[SandboxRecord],
+        ask: Callable[[SandboxRecord], T],
+        fallback: Callable[[SandboxRecord], T],
+    ) -> list[T]:
+        """``ask`` for every sandbox at once; a sandbox whose answer is not there within the node
+        call timeout (or whose ``ask`` failed) gets ``fallback`` (its last known state), so one
+        silent or hostile guest costs the others nothing."""
+        futures = [self.fanout.submit(ask, s) for s in sandboxes]
+        done, _ = wait_for(futures, timeout=self.node_call_timeout + 1.0)
+        out = []
+        for sandbox, future in zip(sandboxes, futures, strict=True):
+            if future in done and future.exception() is None:
+                out.append(future.result())
+                continue
+            if future in done:
+                log.warning("sandbox %s: %s", sandbox.id, future.exception())
+            else:
+                future.cancel()
+                log.info(
+                    "sandbox %s did not answer within %.1fs: its last known state is shown",
+                    sandbox.id,
+                    self.node_call_timeout,
+                )
+            out.append(fallback(sandbox))
+        return out
+
+    def close(self) -> None:
+        self.fanout.shutdown(wait=False, cancel_futures=True)
 
     def find_container(self, container_id: str) -> tuple[SandboxRecord, ContainerRecord]:
         """The container with that id and its sandbox.

@@ -9,15 +9,22 @@ from kvmsandbox.errors import KvmSandboxError
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 
+UINT64_MAX = 2**64 - 1
 
-def _container_stats(state: CriState, sandbox: SandboxRecord, c: ContainerRecord) -> cri.ContainerStats:
+
+def _attributes(state: CriState, c: ContainerRecord) -> cri.ContainerAttributes:
     meta = state.container(c)
-    attributes = cri.ContainerAttributes(
+    return cri.ContainerAttributes(
         id=c.id, metadata=container_metadata(meta), labels=meta.labels, annotations=meta.annotations
     )
+
+
+def _container_stats(
+    state: CriState, sandbox: SandboxRecord, c: ContainerRecord, timeout: float | None = None
+) -> cri.ContainerStats:
     layer = state.manager.writable_layer(sandbox.id, c.id)
     out = cri.ContainerStats(
-        attributes=attributes,
+        attributes=_attributes(state, c),
         writable_layer=cri.FilesystemUsage(
             fs_id=cri.FilesystemIdentifier(mountpoint=layer.mountpoint),
             used_bytes=cri.UInt64Value(value=layer.used_bytes),
@@ -27,7 +34,7 @@ def _container_stats(state: CriState, sandbox: SandboxRecord, c: ContainerRecord
     if sandbox.state is not SandboxState.READY or c.state is not ContainerState.RUNNING:
         return out
     try:
-        s = state.manager.container_stats(sandbox.id, c.id)
+        s = state.manager.container_stats(sandbox.id, c.id, timeout)
     except KvmSandboxError:
         return out
     out.writable_layer.timestamp = s.timestamp_ns
@@ -53,26 +60,34 @@ def container_stats(state: CriState, req: cri.ContainerStatsRequest) -> cri.Cont
 
 
 def list_container_stats(state: CriState, req: cri.ListContainerStatsRequest) -> cri.ListContainerStatsResponse:
+    """Every guest asked at once, each within the node call timeout; a guest that does not answer
+    in time gets its containers listed with their attributes only."""
     f = req.filter
-    out = []
-    for sandbox in state.manager.list_sandboxes():
-        if f.pod_sandbox_id and not sandbox.id.startswith(f.pod_sandbox_id):
-            continue
-        for c in sandbox.containers.values():
-            if (f.id and not c.id.startswith(f.id)) or not labels_match(state.container(c).labels, f.label_selector):
-                continue
-            out.append(_container_stats(state, sandbox, c))
-    return cri.ListContainerStatsResponse(stats=out)
+
+    def wanted(sandbox: SandboxRecord) -> list[ContainerRecord]:
+        return [
+            c
+            for c in sandbox.containers.values()
+            if (not f.id or c.id.startswith(f.id)) and labels_match(state.container(c).labels, f.label_selector)
+        ]
+
+    listed = [s for s in state.manager.list_sandboxes() if not f.pod_sandbox_id or s.id.startswith(f.pod_sandbox_id)]
+    per_pod = state.per_sandbox(
+        listed,
+        lambda s: [_container_stats(state, s, c, state.node_call_timeout) for c in wanted(s)],
+        lambda s: [cri.ContainerStats(attributes=_attributes(state, c)) for c in wanted(s)],
+    )
+    return cri.ListContainerStatsResponse(stats=[stats for pod in per_pod for stats in pod])
 
 
-def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxStats:
+def _sandbox_stats(state: CriState, sandbox: SandboxRecord, timeout: float | None = None) -> cri.PodSandboxStats:
     """The pod's CPU and memory are its VM's on the host (containers, guest kernel, agent and VMM);
     the containers' own figures come from the guest, so the overhead is the pod's minus theirs."""
-    containers = [_container_stats(state, sandbox, c) for c in sandbox.containers.values()]
+    containers = [_container_stats(state, sandbox, c, timeout) for c in sandbox.containers.values()]
     timestamp = max((c.cpu.timestamp for c in containers), default=0)
-    cpu = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
-    working_set = sum(c.memory.working_set_bytes.value for c in containers)
-    usage = sum(c.memory.usage_bytes.value for c in containers)
+    cpu = min(UINT64_MAX, sum(c.cpu.usage_core_nano_seconds.value for c in containers))
+    working_set = min(UINT64_MAX, sum(c.memory.working_set_bytes.value for c in containers))
+    usage = min(UINT64_MAX, sum(c.memory.usage_bytes.value for c in containers))
     if sandbox.state is SandboxState.READY:
         try:
             vm = state.manager.vm_usage(sandbox.id)
@@ -83,11 +98,8 @@ def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxSta
             cpu = max(cpu, vm.cpu_usage_ns)
             working_set = max(working_set, vm.memory_working_set_bytes)
             usage = max(usage, vm.memory_usage_bytes)
-    pod = state.pod(sandbox)
     return cri.PodSandboxStats(
-        attributes=cri.PodSandboxAttributes(
-            id=sandbox.id, metadata=sandbox_metadata(pod), labels=pod.labels, annotations=pod.annotations
-        ),
+        attributes=_pod_attributes(state, sandbox),
         linux=cri.LinuxPodSandboxStats(
             cpu=cri.CpuUsage(timestamp=timestamp, usage_core_nano_seconds=cri.UInt64Value(value=cpu)),
             memory=cri.MemoryUsage(
@@ -100,15 +112,28 @@ def _sandbox_stats(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxSta
     )
 
 
+def _pod_attributes(state: CriState, sandbox: SandboxRecord) -> cri.PodSandboxAttributes:
+    pod = state.pod(sandbox)
+    return cri.PodSandboxAttributes(
+        id=sandbox.id, metadata=sandbox_metadata(pod), labels=pod.labels, annotations=pod.annotations
+    )
+
+
 def pod_sandbox_stats(state: CriState, req: cri.PodSandboxStatsRequest) -> cri.PodSandboxStatsResponse:
     return cri.PodSandboxStatsResponse(stats=_sandbox_stats(state, state.manager.get_sandbox(req.pod_sandbox_id)))
 
 
 def list_pod_sandbox_stats(state: CriState, req: cri.ListPodSandboxStatsRequest) -> cri.ListPodSandboxStatsResponse:
+    """Every guest asked at once (see ``list_container_stats``)."""
     f = req.filter
-    out = [
-        _sandbox_stats(state, s)
+    listed = [
+        s
         for s in state.manager.list_sandboxes()
         if (not f.id or s.id.startswith(f.id)) and labels_match(state.pod(s).labels, f.label_selector)
     ]
+    out = state.per_sandbox(
+        listed,
+        lambda s: _sandbox_stats(state, s, state.node_call_timeout),
+        lambda s: cri.PodSandboxStats(attributes=_pod_attributes(state, s)),
+    )
     return cri.ListPodSandboxStatsResponse(stats=out)

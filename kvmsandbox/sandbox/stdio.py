@@ -15,6 +15,12 @@ from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
 from kvmsandbox.sandbox.logs import CriLogWriter
 
 STDIO_POLL_SECONDS = 5.0
+# An agent that answers a long poll at once with nothing is asked again after this long at the
+# earliest: no guest can make a pump spin.
+MIN_POLL_INTERVAL = 0.1
+# ExecSync keeps this much of each stream, as containerd and CRI-O cap it; the rest is read and
+# dropped so the command does not block on a full pipe.
+EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
 
 Sink = Callable[[str, bytes | None], None]
 """Receives ("stdout" | "stderr", data); data None once that stream ended."""
@@ -49,6 +55,7 @@ class OutputPump:
     ) -> None:
         failures = 0
         while not stop.is_set():
+            asked = time.monotonic()
             try:
                 data, eof = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS)
             except (AgentError, Unavailable, DeadlineExceeded) as e:
@@ -64,6 +71,8 @@ class OutputPump:
                 sink(name, data)
             if eof:
                 break
+            if not data:
+                stop.wait(max(0.0, MIN_POLL_INTERVAL - (time.monotonic() - asked)))
         sink(name, None)
 
     def stop(self) -> None:
@@ -78,14 +87,19 @@ class OutputPump:
 
 
 class OutputCollector:
-    """Sink that keeps output in memory (ExecSync)."""
+    """Sink that keeps output in memory (ExecSync), at most ``limit`` bytes of each stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = EXEC_OUTPUT_LIMIT) -> None:
+        self.limit = limit
         self.data: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.dropped: dict[str, int] = {"stdout": 0, "stderr": 0}
 
     def __call__(self, stream: str, data: bytes | None) -> None:
         if data:
-            self.data[stream] += data
+            kept = self.data[stream]
+            room = max(0, self.limit - len(kept))
+            kept += data[:room]
+            self.dropped[stream] += max(0, len(data) - room)
 
 
 class LogSink:

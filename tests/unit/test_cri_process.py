@@ -1,5 +1,6 @@
 """How a container's process is derived from its CRI config and its image's config."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,37 @@ def test_security_context_beats_the_image_user(layers: list[Path]) -> None:
 
 
 def test_stop_signals_from_image_configs() -> None:
-    from kvmsandbox.cri.containers import stop_signal
+    from kvmsandbox.cri.validate import stop_signal
 
     assert stop_signal("") == 15
     assert stop_signal("SIGQUIT") == stop_signal("QUIT") == stop_signal("3") == 3
     with pytest.raises(InvalidArgument, match="unknown stop signal"):
         stop_signal("SIGNOPE")
+
+
+def test_image_account_files_are_read_inside_the_image(tmp_path: Path) -> None:
+    """Links in an image resolve inside its layer, never on the host; odd files are not read."""
+    layer = tmp_path / "layer"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "lib").mkdir()
+    (layer / "lib" / "passwd").write_text("app:x:1000:1001::/:/bin/sh\n")
+    (layer / "etc" / "passwd").symlink_to("/lib/passwd")  # absolute: inside the image
+    (layer / "etc" / "group").symlink_to("/proc/kcore")  # would hang or leak the host's memory
+    assert resolve_user("app", [layer]) == (1000, 1001)
+    with pytest.raises(InvalidArgument, match="not in the image's /etc/group"):
+        resolve_user("app:staff", [layer])
+    host_like = tmp_path / "host-etc"
+    host_like.mkdir()
+    (host_like / "passwd").write_text("host:x:4242:4242::/:/bin/sh\n")
+    (layer / "etc" / "passwd").unlink()
+    (layer / "etc" / "passwd").symlink_to(f"../../../../../../../..{host_like}/passwd")
+    with pytest.raises(InvalidArgument, match="not in the image's /etc/passwd"):
+        resolve_user("host", [layer])
+    (layer / "etc" / "passwd").unlink()
+    os.mkfifo(layer / "etc" / "passwd")
+    with pytest.raises(InvalidArgument):
+        resolve_user("app", [layer])  # a FIFO is not read (it would block)
+    (layer / "etc" / "passwd").unlink()
+    (layer / "etc" / "passwd").write_bytes(b"x" * (2 * 1024 * 1024))
+    with pytest.raises(InvalidArgument, match="larger than"):
+        resolve_user("app", [layer])
