@@ -56,7 +56,7 @@ class Auth:
             return None
         try:
             user, sep, password = base64.b64decode(self.auth, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64 (or not ASCII), or not UTF-8 inside
             sep = ""
         if not sep:
             raise InvalidArgument("the auth string must be base64 of 'username:password'")

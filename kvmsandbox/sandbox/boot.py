@@ -244,5 +244,6 @@ class SandboxBoot:
 
     def _remove_files(self, sdir: Path, run_dir: Path) -> None:
         self.ctx.store.forget(self.record.id)
+        self.ctx.forget_lock(self.record.id)
         rootfs.remove_sandbox_dir(sdir)
         shutil.rmtree(run_dir, ignore_errors=True)

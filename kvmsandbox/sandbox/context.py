@@ -68,9 +68,22 @@ class SandboxContext:
 
     # -- locks and clients -------------------------------------------------------------------
 
-    def lock_for(self, sandbox_id: str) -> threading.RLock:
+    def lock_for(self, sandbox_id: str, *, creating: bool = False) -> threading.RLock:
+        """The lock that serializes work on one sandbox. Kept only for sandboxes that exist (or are
+        being created): an unknown id from a request gets a lock of its own, so no request can
+        make the runtime keep one (with its id) forever."""
         with self._lock:
-            return self._sandbox_locks.setdefault(sandbox_id, threading.RLock())
+            lock = self._sandbox_locks.get(sandbox_id)
+            if lock is None:
+                lock = threading.RLock()
+                if creating or self.store.exists(sandbox_id):
+                    self._sandbox_locks[sandbox_id] = lock
+            return lock
+
+    def forget_lock(self, sandbox_id: str) -> None:
+        """The sandbox is gone: its lock goes too."""
+        with self._lock:
+            self._sandbox_locks.pop(sandbox_id, None)
 
     def client_for(self, record: SandboxRecord) -> AgentClient:
         """The sandbox's agent client, made on first use (whatever the sandbox's state)."""

@@ -147,6 +147,7 @@ def remove(
     shutil.rmtree(ctx.run_dir(sandbox_id), ignore_errors=True)
     ctx.boot_timings.pop(sandbox_id, None)
     ctx.store.forget(sandbox_id)
+    ctx.forget_lock(sandbox_id)
     log.info("sandbox removed id=%s vm=%s", sandbox_id, vm_name)
 
 

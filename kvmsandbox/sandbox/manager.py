@@ -142,7 +142,7 @@ class SandboxManager:
         """
         ctx = self.ctx
         sandbox_id = check_id("sandbox id", sandbox_id or secrets.token_hex(32))
-        with ctx.lock_for(sandbox_id):
+        with ctx.lock_for(sandbox_id, creating=True):
             if ctx.store.exists(sandbox_id):
                 raise FailedPrecondition(f"sandbox {sandbox_id} exists already")
             record = SandboxRecord(

@@ -80,8 +80,9 @@ def test_auth_gives_credentials_from_fields_or_the_base64_string() -> None:
     assert Auth(identity_token="t").credentials() is None
     with pytest.raises(InvalidArgument, match="base64"):
         Auth(auth=base64.b64encode(b"no-colon").decode()).credentials()
-    with pytest.raises(InvalidArgument, match="base64"):
-        Auth(auth="%%%").credentials()
+    for bad in ("%%%", "ünïcode", base64.b64encode(b"\xff\xfe:x").decode()):  # not base64, not ASCII, not UTF-8
+        with pytest.raises(InvalidArgument, match="base64"):
+            Auth(auth=bad).credentials()
 
 
 def test_registry_error_bodies_give_their_messages() -> None:
