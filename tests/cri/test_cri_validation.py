@@ -148,7 +148,9 @@ def test_a_silent_guest_costs_other_pods_nothing_in_node_wide_calls(cri_server: 
         ):
             t0 = time.monotonic()
             answer = call()
-            assert time.monotonic() - t0 < 6, call
+            took = time.monotonic() - t0
+            print(f"with one guest frozen: {len(answer)} items in {took:.2f}s")
+            assert took < 6, call
             assert len(answer) == 2
         listed = {c.id: c.state for c in rt.ListContainers(cri.ListContainersRequest()).containers}
         assert listed == {cids[0]: cri.CONTAINER_RUNNING, cids[1]: cri.CONTAINER_RUNNING}
