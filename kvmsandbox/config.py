@@ -90,6 +90,17 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class ImageLimits:
+    """What the runtime accepts from an image, per layer; a pull past a limit fails with
+    RESOURCE_EXHAUSTED naming it, and stores nothing."""
+
+    max_layer_bytes: int = 8 << 30  # compressed, as the manifest declares it
+    max_unpacked_layer_bytes: int = 32 << 30  # the tar stream once decompressed
+    max_layer_entries: int = 1_000_000  # files, directories, links
+    max_tar_header_bytes: int = 1 << 20  # one pax or GNU long-name header
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     # Registry host -> endpoints tried in order before the registry itself, e.g.
     # {"registry.k8s.io": ["http://127.0.0.1:5000"]} (as containerd's hosts.toml or CRI-O's
@@ -97,6 +108,7 @@ class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     # Hosts (host:port) that may be reached over plain HTTP; loopback addresses always may.
     insecure: list[str] = field(default_factory=list)
+    limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,12 @@ class ContentError(KvmSandboxError):
     """A registry sent content that fails verification (digest, size) or cannot be used."""
 
 
+class LimitExceeded(ContentError):
+    """Content is larger than a configured limit allows (the message names the limit)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class AgentError(KvmSandboxError):
     """The in-guest agent answered with an error; ``grpc_code`` is the agent's own code."""
 

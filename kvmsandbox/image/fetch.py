@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmsandbox.errors import ContentError
+from kvmsandbox.config import ImageLimits
+from kvmsandbox.errors import ContentError, LimitExceeded
 from kvmsandbox.image.manifest import (
     ACCEPT,
     DOCKER_CONFIG,
@@ -91,19 +92,35 @@ def fetch_config(client: RegistryClient, ref: Reference, manifest: Manifest) -> 
 
 
 def fetch_layer(
-    client: RegistryClient, ref: Reference, layer: Descriptor, diff_id: str, work: Path, final: Path
+    client: RegistryClient,
+    ref: Reference,
+    layer: Descriptor,
+    diff_id: str,
+    work: Path,
+    final: Path,
+    limits: ImageLimits | None = None,
 ) -> LayerUsage:
     """Downloads ``layer`` into ``work``, unpacks it there and renames the tree to ``final``.
 
     Raises:
         ContentError: the blob or its content does not match its digests, or is not a usable layer;
             and what RegistryClient.download_blob raises.
+        LimitExceeded: the layer is larger (compressed, unpacked, in entries or a header) than
+            ``limits`` allow.
     """
+    limits = limits or ImageLimits()
+    if layer.size > limits.max_layer_bytes:
+        raise LimitExceeded(
+            f"{ref}: layer {layer.digest} is {layer.size} bytes, more than {limits.max_layer_bytes} "
+            "(registry.limits.max_layer_bytes)"
+        )
     started = time.monotonic()
     client.download_blob(layer.digest, layer.size, work / "blob")
     downloaded = time.monotonic()
     try:
-        usage = unpack_layer(work / "blob", work / "tree", diff_id)
+        usage = unpack_layer(work / "blob", work / "tree", diff_id, limits)
+    except LimitExceeded as e:
+        raise LimitExceeded(f"{ref}: layer {layer.digest}: {e}") from None
     except ContentError as e:
         raise ContentError(f"{ref}: layer {layer.digest}: {e}") from None
     os.rename(work / "tree", final)

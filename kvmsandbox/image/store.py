@@ -211,7 +211,7 @@ class ImageStore:
                 return
             work = Path(tempfile.mkdtemp(prefix=f"layer-{name[:12]}-", dir=self._tmp))
             try:
-                usage = fetch_layer(client, ref, layer, diff_id, work, final)
+                usage = fetch_layer(client, ref, layer, diff_id, work, final, self.registry.limits)
                 with self._lock:
                     self._usage[name] = usage
             finally:

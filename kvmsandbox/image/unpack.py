@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kvmsandbox.errors import ContentError
+from kvmsandbox.config import ImageLimits
+from kvmsandbox.errors import ContentError, LimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +44,52 @@ class LayerUsage:
 
 
 class _HashingReader:
-    """Hashes what the tar reader consumes, so the diff_id is checked without a second pass."""
+    """Hashes what the tar reader consumes, so the diff_id is checked without a second pass, and
+    stops a stream that decompresses to more than ``limit`` bytes (a compression bomb)."""
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
         self.stream = stream
         self.sha256 = hashlib.sha256()
+        self.limit = limit
+        self.total = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
+        data = self.stream.read(n if n >= 0 else 1 << 20)
+        self.total += len(data)
+        if self.total > self.limit:
+            raise LimitExceeded(
+                f"the layer unpacks to more than {self.limit} bytes (registry.limits.max_unpacked_layer_bytes)"
+            )
         self.sha256.update(data)
         return data
 
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+def _limited_tarinfo(max_header: int) -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses a pax or GNU long-name header larger than ``max_header`` before
+    tarfile reads it into memory."""
+
+    class LimitedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type in _HEADER_TYPES and self.size > max_header:
+                raise LimitExceeded(
+                    f"a tar header of {self.size} bytes exceeds {max_header} (registry.limits.max_tar_header_bytes)"
+                )
+            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+    return LimitedTarInfo
+
+
+_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 @contextlib.contextmanager
@@ -104,21 +137,29 @@ def _zstd(blob: Path) -> Iterator[IO[bytes]]:
         raise ContentError(f"the layer's zstd stream is corrupt: {err.decode(errors='replace').strip()}")
 
 
-def unpack_layer(blob: Path, dest: Path, diff_id: str) -> LayerUsage:
+def unpack_layer(blob: Path, dest: Path, diff_id: str, limits: ImageLimits | None = None) -> LayerUsage:
     """Unpacks the layer ``blob`` into the new directory ``dest`` and checks the uncompressed
     content's sha256 against ``diff_id``. On failure ``dest`` may hold a partial tree: the caller
     unpacks into a temporary directory and deletes it.
 
     Raises:
         ContentError: a corrupt or unsafe archive, a diff_id mismatch, a whiteout that cannot be made.
+        LimitExceeded: more bytes, entries or a larger header than ``limits`` allow.
     """
+    limits = limits or ImageLimits()
     dest.mkdir(mode=0o755)
     dirs: list[tuple[Path, tarfile.TarInfo]] = []
     try:
         with _decompressed(blob) as stream:
-            reader = _HashingReader(stream)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
+            reader = _HashingReader(stream, limits.max_unpacked_layer_bytes)
+            tarinfo = _limited_tarinfo(limits.max_tar_header_bytes)
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=tarinfo) as tar:  # type: ignore[call-overload]
+                for count, member in enumerate(tar, 1):
+                    if count > limits.max_layer_entries:
+                        raise LimitExceeded(
+                            f"the layer has more than {limits.max_layer_entries} entries "
+                            "(registry.limits.max_layer_entries)"
+                        )
                     _extract(tar, member, dest, dirs)
             reader.drain()
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import stat
+import tarfile
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvmsandbox.agent.linux import mount, umount
-from kvmsandbox.config import RegistryConfig
-from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from kvmsandbox.config import ImageLimits, RegistryConfig
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, LimitExceeded, NotFound, Unavailable
 from kvmsandbox.image import Auth, ContentError, ImageRecord, ImageStore, RegistryAuthError
 from tests.registry import (
     Layer,
@@ -429,3 +432,50 @@ def test_a_ready_registry_token_is_used_as_is(store: ImageStore, token_registry:
 
     assert record.id == image.config_digest
     assert token_registry.token_server is not None and token_registry.token_server.requests == before
+
+
+def bomb_layer(unpacked: int) -> Layer:
+    """One file of ``unpacked`` zero bytes, gzip-compressed as it is streamed (about 1 MiB a GiB)."""
+    info = tarfile.TarInfo("zeros")
+    info.size = unpacked
+    raw_hash, gz = hashlib.sha256(), zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = bytearray()
+    chunk = b"\0" * (1 << 20)
+    for part in [info.tobuf(format=tarfile.PAX_FORMAT)] + [chunk] * (unpacked >> 20) + [b"\0" * 1024 * 10]:
+        raw_hash.update(part)
+        out += gz.compress(part)
+    out += gz.flush()
+    return Layer(bytes(out), "sha256:" + raw_hash.hexdigest(), "application/vnd.oci.image.layer.v1.tar+gzip")
+
+
+def limited_store(tmp_path: Path, **limits: int) -> ImageStore:
+    return ImageStore(tmp_path / "limited", RegistryConfig(limits=ImageLimits(**limits)))
+
+
+def test_a_compression_bomb_is_stopped_at_the_unpacked_limit(registry: Registry, tmp_path: Path) -> None:
+    layer = bomb_layer(1 << 30)  # 1 GiB of zeros, about 1 MiB on the wire
+    assert len(layer.blob) < 2 << 20
+    push_image(registry, "bomb", "1", [layer])
+    store = limited_store(tmp_path, max_unpacked_layer_bytes=64 << 20)
+    with pytest.raises(LimitExceeded, match="max_unpacked_layer_bytes") as e:
+        store.pull(f"{registry.host}/bomb:1")
+    assert e.value.grpc_code == "RESOURCE_EXHAUSTED"
+    assert_store_is_empty(store)
+
+
+def test_too_many_entries_a_huge_tar_header_and_a_huge_layer_are_refused(registry: Registry, tmp_path: Path) -> None:
+    many = [tarfile.TarInfo(f"f{i}") for i in range(200_000)]
+    push_image(registry, "many", "1", [make_layer(extra=many)])
+    header = tarfile.TarInfo("pax")
+    header.pax_headers = {"comment": "x" * (2 << 20)}
+    push_image(registry, "header", "1", [make_layer(extra=[header])])
+    store = limited_store(tmp_path, max_layer_entries=100_000)
+    with pytest.raises(LimitExceeded, match="more than 100000 entries"):
+        store.pull(f"{registry.host}/many:1")
+    with pytest.raises(LimitExceeded, match="max_tar_header_bytes"):
+        store.pull(f"{registry.host}/header:1")
+    small = limited_store(tmp_path / "small", max_layer_bytes=1000)
+    with pytest.raises(LimitExceeded, match="max_layer_bytes"):
+        small.pull(f"{registry.host}/many:1")
+    assert_store_is_empty(store)
+    assert_store_is_empty(small)
