@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 
 from kvmsandbox.agent import wire
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import AgentError, AgentMisbehaved, DeadlineExceeded, Unavailable
+from kvmsandbox.errors import AgentError, AgentMisbehaved, DeadlineExceeded, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,16 @@ M = TypeVar("M", bound=Message)
 Connector = Callable[[float], socket.socket]
 # Slack on top of a long-poll's own wait, for the round trip through a slow (TCG) guest.
 LONG_POLL_SLACK = 15.0
-# Answers to ids this connection never sent are dropped (a virtio-serial port can replay answers
-# meant for an earlier connection or runtime), up to this many; beyond, the agent misbehaves.
-# Late answers to calls that timed out are expected, not stray: the last ids given up are kept.
-MAX_STRAY_ANSWERS = 64
+# Answers to ids this connection never sent are dropped (a virtio-serial port replays the answers
+# of long polls meant for an earlier connection or runtime: two per running container), up to
+# this many; beyond, the agent misbehaves. Late answers to calls that timed out are expected, not
+# stray: the last ids given up are kept, each accepted once.
+MAX_STRAY_ANSWERS = 4096
 FORGOTTEN_IDS_KEPT = 4096
+# The reader wakes this often to notice a closed connection; writes wait at most the call's deadline.
+SOCKET_POLL_SECONDS = 1.0
+# More containers than this in one guest's list is a lie (each one is a process tree in the VM).
+MAX_LISTED_CONTAINERS = 10_000
 # An agent's error message is cut to this length before it reaches a log or a CRI status.
 MAX_MESSAGE_CHARS = 1024
 
@@ -88,6 +93,8 @@ class _Connection:
     connection for good, and ``on_violation`` is told why (after pending calls have failed)."""
 
     def __init__(self, sock: socket.socket, name: str, on_violation: Callable[[str], None]) -> None:
+        # Never blocking for good: a guest that stops reading cannot hold a writer past its deadline.
+        sock.settimeout(SOCKET_POLL_SECONDS)
         self.sock = sock
         self.name = name
         self.pending: dict[int, Future[pb.Response]] = {}
@@ -103,8 +110,11 @@ class _Connection:
         decoder = wire.FrameDecoder(strict=True)
         stray = 0
         try:
-            while True:
-                data = self.sock.recv(65536)
+            while not self.closed:
+                try:
+                    data = self.sock.recv(65536)
+                except TimeoutError:
+                    continue
                 if not data:
                     break
                 for frame in decoder.feed(data):
@@ -113,6 +123,7 @@ class _Connection:
                     with self.lock:
                         fut = self.pending.pop(frame.response.id, None)
                         late = fut is None and frame.response.id in self._forgotten
+                        self._forgotten.discard(frame.response.id)  # a late answer is taken once
                     if fut is not None:
                         if not fut.done():
                             fut.set_result(frame.response)
@@ -132,18 +143,41 @@ class _Connection:
         self.close(reason, AgentMisbehaved)
         self._on_violation(reason)
 
-    def send(self, request: pb.Request) -> Future[pb.Response]:
+    def send(self, request: pb.Request, deadline: float) -> Future[pb.Response]:
+        """Writes the request before ``deadline`` (a ``time.monotonic()`` value).
+
+        Raises:
+            InvalidArgument: the request is larger than a frame may be.
+            DeadlineExceeded: the agent did not take it in time (the connection is closed: a frame
+                written in part has spoiled the stream).
+            Unavailable: the connection is closed.
+        """
+        try:
+            data = wire.encode(pb.Frame(request=request))
+        except wire.FrameError as e:
+            raise InvalidArgument(f"{request.method} for the agent of {self.name} is too large: {e}") from None
         fut: Future[pb.Response] = Future()
         with self.lock:
             if self.closed:
                 raise Unavailable(f"connection to the agent of {self.name} is closed")
             self.pending[request.id] = fut
-        data = wire.encode(pb.Frame(request=request))
+        if not self.write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self.forget(request.id)
+            raise DeadlineExceeded(f"the agent of {self.name} is not taking requests ({request.method})")
         try:
-            with self.write_lock:
-                self.sock.sendall(data)
+            view = memoryview(data)
+            while view:
+                if time.monotonic() > deadline:
+                    self.close(f"the agent of {self.name} stopped reading its requests")
+                    raise DeadlineExceeded(f"the agent of {self.name} did not take {request.method} in time")
+                try:
+                    view = view[self.sock.send(view) :]
+                except TimeoutError:
+                    continue
         except OSError as e:
             self.close(f"writing to the agent of {self.name} failed: {e}")
+        finally:
+            self.write_lock.release()
         return fut
 
     def forget(self, request_id: int) -> None:
@@ -211,9 +245,9 @@ class AgentClient:
             if self._conn is None or self._conn.closed:
                 try:
                     sock = self._connector(timeout)
+                    self._conn = _Connection(sock, self.name, self._violated)
                 except OSError as e:
                     raise Unavailable(f"cannot connect to the agent of {self.name}: {e}") from None
-                self._conn = _Connection(sock, self.name, self._violated)
             return self._conn
 
     def close(self) -> None:
@@ -228,7 +262,7 @@ class AgentClient:
         deadline = time.monotonic() + timeout
         conn = self._connection(timeout)
         req = pb.Request(id=next(self._ids), method=method, body=request.SerializeToString())
-        fut = conn.send(req)
+        fut = conn.send(req, deadline)
         try:
             response = fut.result(max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -285,9 +319,11 @@ class AgentClient:
         req = pb.StartContainerRequest(container_id=container_id)
         self.call("StartContainer", req, pb.StartContainerResponse, timeout)
 
-    def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
+    def exec_process(
+        self, container_id: str, exec_id: str, process: dict[str, Any], timeout: float | None = None
+    ) -> int:
         req = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process_json=json.dumps(process))
-        return self.call("ExecProcess", req, pb.ExecProcessResponse).pid
+        return self.call("ExecProcess", req, pb.ExecProcessResponse, timeout).pid
 
     def wait_process(self, container_id: str, exec_id: str = "", timeout: float = 0.0) -> ExitStatus | None:
         """The exit of a process, waiting up to ``timeout`` seconds in the guest; None if it still runs."""
@@ -297,9 +333,9 @@ class AgentClient:
             return None
         return ExitStatus(resp.exit_code, resp.signal, resp.finished_at_ns)
 
-    def signal_process(self, container_id: str, signal: int, exec_id: str = "") -> None:
+    def signal_process(self, container_id: str, signal: int, exec_id: str = "", timeout: float | None = None) -> None:
         req = pb.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=signal)
-        self.call("SignalProcess", req, pb.SignalProcessResponse)
+        self.call("SignalProcess", req, pb.SignalProcessResponse, timeout)
 
     def read_stdio(
         self, container_id: str, exec_id: str, stream: pb.Stream.ValueType, wait: float, max_bytes: int = 0
@@ -327,5 +363,11 @@ class AgentClient:
         return self.call("ContainerStats", req, pb.ContainerStatsResponse, timeout)
 
     def list_containers(self, timeout: float | None = None) -> list[pb.ContainerInfo]:
+        """Raises AgentMisbehaved for an answer listing more containers than a guest can hold."""
         resp = self.call("ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse, timeout)
+        if len(resp.containers) > MAX_LISTED_CONTAINERS:
+            reason = f"the agent of {self.name} listed {len(resp.containers)} containers"
+            self._violated(reason)
+            self.close()
+            raise AgentMisbehaved(reason)
         return list(resp.containers)

@@ -170,6 +170,7 @@ def oci_resources(r: cri.LinuxContainerResources) -> dict[str, Any]:
 
 
 def update_resources(state: CriState, req: cri.UpdateContainerResourcesRequest) -> cri.UpdateContainerResourcesResponse:
+    validate.resources("linux", req.linux)
     sandbox, _ = state.find_container(req.container_id)
     resources = oci_resources(req.linux)
     if resources:

@@ -4,8 +4,10 @@ the translation of the runtime's records into CRI messages."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -52,11 +54,17 @@ class CriState:
     def __post_init__(self) -> None:
         self.overhead = NodeOverhead(self.config)
         self.fanout = ThreadPoolExecutor(max_workers=FANOUT_WORKERS, thread_name_prefix="guest-fanout")
+        self._asking: set[str] = set()
+        self._asking_lock = threading.Lock()
 
     @property
     def node_call_timeout(self) -> float:
         """Seconds each guest gets in a node-wide call."""
         return self.config.agent.node_call_timeout_seconds
+
+    def node_deadline(self) -> float:
+        """When the guest asked now in a node-wide call must have answered everything."""
+        return time.monotonic() + self.node_call_timeout
 
     def per_sandbox(
         self,
@@ -67,17 +75,19 @@ class CriState:
         """``ask`` for every sandbox at once; a sandbox whose answer is not there within the node
         call timeout (or whose ``ask`` failed) gets ``fallback`` (its last known state), so one
         silent or hostile guest costs the others nothing."""
-        futures = [self.fanout.submit(ask, s) for s in sandboxes]
-        done, _ = wait_for(futures, timeout=self.node_call_timeout + 1.0)
+        futures = [self._ask_once(ask, s) for s in sandboxes]
+        done, _ = wait_for([f for f in futures if f is not None], timeout=self.node_call_timeout + 1.0)
         out = []
         for sandbox, future in zip(sandboxes, futures, strict=True):
-            if future in done and future.exception() is None:
+            if future is not None and future in done and future.exception() is None:
                 out.append(future.result())
                 continue
-            if future in done:
+            if future is not None and future in done:
                 log.warning("sandbox %s: %s", sandbox.id, future.exception())
-            else:
-                future.cancel()
+            elif future is not None:
+                if future.cancel():  # never started: nothing runs for it any more
+                    with self._asking_lock:
+                        self._asking.discard(sandbox.id)
                 log.info(
                     "sandbox %s did not answer within %.1fs: its last known state is shown",
                     sandbox.id,
@@ -85,6 +95,28 @@ class CriState:
                 )
             out.append(fallback(sandbox))
         return out
+
+    def _ask_once(self, ask: Callable[[SandboxRecord], T], sandbox: SandboxRecord) -> Future[T] | None:
+        """``ask`` submitted for ``sandbox``, unless an earlier ask for it still runs (None): a slow
+        guest holds one worker at most, whatever the rate of node-wide calls."""
+        with self._asking_lock:
+            if sandbox.id in self._asking:
+                return None
+            self._asking.add(sandbox.id)
+
+        def run() -> T:
+            try:
+                return ask(sandbox)
+            finally:
+                with self._asking_lock:
+                    self._asking.discard(sandbox.id)
+
+        try:
+            return self.fanout.submit(run)
+        except RuntimeError:  # shut down
+            with self._asking_lock:
+                self._asking.discard(sandbox.id)
+            return None
 
     def close(self) -> None:
         self.fanout.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,8 @@ inside the guest, the writable layer from the host."""
 
 from __future__ import annotations
 
+import time
+
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CriState, container_metadata, labels_match, sandbox_metadata
 from kvmsandbox.errors import KvmSandboxError
@@ -20,8 +22,10 @@ def _attributes(state: CriState, c: ContainerRecord) -> cri.ContainerAttributes:
 
 
 def _container_stats(
-    state: CriState, sandbox: SandboxRecord, c: ContainerRecord, timeout: float | None = None
+    state: CriState, sandbox: SandboxRecord, c: ContainerRecord, deadline: float | None = None
 ) -> cri.ContainerStats:
+    """The container's figures; the guest's part only while ``deadline`` (``time.monotonic()``)
+    has not passed."""
     layer = state.manager.writable_layer(sandbox.id, c.id)
     out = cri.ContainerStats(
         attributes=_attributes(state, c),
@@ -31,7 +35,10 @@ def _container_stats(
             inodes_used=cri.UInt64Value(value=layer.inodes_used),
         ),
     )
+    timeout = None if deadline is None else deadline - time.monotonic()
     if sandbox.state is not SandboxState.READY or c.state is not ContainerState.RUNNING:
+        return out
+    if timeout is not None and timeout <= 0:
         return out
     try:
         s = state.manager.container_stats(sandbox.id, c.id, timeout)
@@ -74,16 +81,16 @@ def list_container_stats(state: CriState, req: cri.ListContainerStatsRequest) ->
     listed = [s for s in state.manager.list_sandboxes() if not f.pod_sandbox_id or s.id.startswith(f.pod_sandbox_id)]
     per_pod = state.per_sandbox(
         listed,
-        lambda s: [_container_stats(state, s, c, state.node_call_timeout) for c in wanted(s)],
+        lambda s: [_container_stats(state, s, c, state.node_deadline()) for c in wanted(s)],
         lambda s: [cri.ContainerStats(attributes=_attributes(state, c)) for c in wanted(s)],
     )
     return cri.ListContainerStatsResponse(stats=[stats for pod in per_pod for stats in pod])
 
 
-def _sandbox_stats(state: CriState, sandbox: SandboxRecord, timeout: float | None = None) -> cri.PodSandboxStats:
+def _sandbox_stats(state: CriState, sandbox: SandboxRecord, deadline: float | None = None) -> cri.PodSandboxStats:
     """The pod's CPU and memory are its VM's on the host (containers, guest kernel, agent and VMM);
     the containers' own figures come from the guest, so the overhead is the pod's minus theirs."""
-    containers = [_container_stats(state, sandbox, c, timeout) for c in sandbox.containers.values()]
+    containers = [_container_stats(state, sandbox, c, deadline) for c in sandbox.containers.values()]
     timestamp = max((c.cpu.timestamp for c in containers), default=0)
     cpu = min(UINT64_MAX, sum(c.cpu.usage_core_nano_seconds.value for c in containers))
     working_set = min(UINT64_MAX, sum(c.memory.working_set_bytes.value for c in containers))
@@ -133,7 +140,7 @@ def list_pod_sandbox_stats(state: CriState, req: cri.ListPodSandboxStatsRequest)
     ]
     out = state.per_sandbox(
         listed,
-        lambda s: _sandbox_stats(state, s, state.node_call_timeout),
+        lambda s: _sandbox_stats(state, s, state.node_deadline()),
         lambda s: cri.PodSandboxStats(attributes=_pod_attributes(state, s)),
     )
     return cri.ListPodSandboxStatsResponse(stats=out)

@@ -19,10 +19,11 @@ from kvmsandbox.errors import InvalidArgument
 MAX_NAME = 253  # a Kubernetes object name (DNS subdomain)
 MAX_TEXT = 4096  # a path, a command-line word, a DNS option
 MAX_KEY = 1024
-MAX_VALUE = 64 * 1024
+MAX_VALUE = 256 * 1024  # Kubernetes' own bound on all of an object's annotations together
 MAX_MAP_BYTES = 1024 * 1024  # labels or annotations of one object, keys and values together
+MAX_WORDS_BYTES = 1024 * 1024  # a command, its arguments, or the environment, all together
 MAX_LIST = 1024  # entries of a repeated field (mounts, DNS servers, ports, command words)
-MAX_HOSTNAME = 63
+MAX_HOSTNAME = 64  # the kernel's limit; the kubelet sends up to 64 (an FQDN with setHostnameAsFQDN)
 # Timeouts beyond this are clamped: a week is longer than any caller waits.
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
@@ -55,6 +56,8 @@ def words(field: str, values: Iterable[str]) -> list[str]:
         raise InvalidArgument(f"{field} has {len(out)} entries, more than {MAX_LIST}")
     for i, v in enumerate(out):
         text(f"{field}[{i}]", v, control=True)
+    if sum(len(v) for v in out) > MAX_WORDS_BYTES:
+        raise InvalidArgument(f"{field} holds more than {MAX_WORDS_BYTES} characters in all")
     return out
 
 
@@ -100,7 +103,7 @@ def hostname(value: str, pod_name: str) -> str:
     """The pod's hostname; when none is given, the pod's name cut to 63 characters, as the kubelet
     does (a longer name cannot be a hostname)."""
     if not value:
-        derived = pod_name.lower()[:MAX_HOSTNAME].rstrip("-.")
+        derived = pod_name.lower()[:63].rstrip("-.")
         return derived if _HOSTNAME.match(derived) else "localhost"
     if len(value) > MAX_HOSTNAME or not _HOSTNAME.match(value):
         raise InvalidArgument(
@@ -123,15 +126,18 @@ def stop_signal(name: str) -> int:
     text("the image's StopSignal", name, limit=32)
     if not name:
         return int(signal.SIGTERM)
+    upper = name.upper().removeprefix("SIG")
+    number: int | None = None
     if name.isdigit():
-        if 1 <= int(name) <= signal.SIGRTMAX:
-            return int(name)
-    else:
-        try:
-            return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-        except KeyError:
-            pass
-    raise InvalidArgument(f"unknown stop signal {quote(name)} in the image config")
+        number = int(name)
+    elif upper.startswith(("RTMIN+", "RTMAX-")) and upper[6:].isdigit():
+        base, offset = (signal.SIGRTMIN, int(upper[6:])) if upper[3] == "I" else (signal.SIGRTMAX, -int(upper[6:]))
+        number = int(base) + offset
+    elif f"SIG{upper}" in signal.Signals.__members__:
+        number = int(signal.Signals[f"SIG{upper}"])
+    if number is None or not 1 <= number <= signal.SIGRTMAX:
+        raise InvalidArgument(f"unknown stop signal {quote(name)} in the image config")
+    return number
 
 
 def pod_config(config: cri.PodSandboxConfig) -> None:
@@ -199,3 +205,33 @@ def container_config(config: cri.ContainerConfig) -> None:
     for i, m in enumerate(config.mounts):
         absolute_path(f"mounts[{i}].container_path", m.container_path)
         absolute_path(f"mounts[{i}].host_path", m.host_path, required=False)
+    resources("linux.resources", config.linux.resources)
+
+
+_UNIFIED_KEY = re.compile(r"^[a-z][a-z0-9_]*\.[A-Za-z0-9_.]+$")  # memory.high, hugetlb.2MB.max
+_CPUSET = re.compile(r"^[0-9,\-]*$")
+
+
+def resources(field: str, r: cri.LinuxContainerResources) -> None:
+    """Container resources (CreateContainer, UpdateContainerResources): numbers not negative,
+    cpusets as lists of numbers and ranges, cgroup v2 ``unified`` keys as controller files.
+
+    Raises:
+        InvalidArgument: naming the field.
+    """
+    for name in ("cpu_period", "cpu_quota", "cpu_shares", "memory_limit_in_bytes", "oom_score_adj"):
+        value = getattr(r, name)
+        if value < 0 and not (name == "cpu_quota" and value == -1) and name != "oom_score_adj":
+            raise InvalidArgument(f"{field}.{name} must not be negative: {value}")
+    if not -1000 <= r.oom_score_adj <= 1000:
+        raise InvalidArgument(f"{field}.oom_score_adj must be between -1000 and 1000: {r.oom_score_adj}")
+    for name in ("cpuset_cpus", "cpuset_mems"):
+        value = getattr(r, name)
+        if len(value) > 1024 or not _CPUSET.match(value):
+            raise InvalidArgument(f"{field}.{name} must be a list of numbers and ranges: {quote(value)}")
+    if len(r.unified) > 64:
+        raise InvalidArgument(f"{field}.unified has {len(r.unified)} entries, more than 64")
+    for key, value in r.unified.items():
+        if not _UNIFIED_KEY.match(key) or len(key) > 64:
+            raise InvalidArgument(f"{field}.unified key {quote(key)} is not a cgroup file name")
+        text(f"{field}.unified[{quote(key, 20)}]", value, limit=1024)

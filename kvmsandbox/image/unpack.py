@@ -69,20 +69,39 @@ class _HashingReader:
 
 
 def _limited_tarinfo(max_header: int) -> type[tarfile.TarInfo]:
-    """A TarInfo that refuses a pax or GNU long-name header larger than ``max_header`` before
-    tarfile reads it into memory."""
+    """A TarInfo that refuses, before tarfile reads them into memory: a pax or GNU long-name header
+    larger than ``max_header``, a global pax header larger than MAX_GLOBAL_HEADER (tarfile copies
+    it into every later member), a chain of more than MAX_HEADER_CHAIN headers for one member
+    (tarfile recurses on each), and sparse files (their holes would be written out uncounted)."""
 
     class LimitedTarInfo(tarfile.TarInfo):
+        chain = 0
+
         def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
             if self.type in _HEADER_TYPES and self.size > max_header:
                 raise LimitExceeded(
                     f"a tar header of {self.size} bytes exceeds {max_header} (registry.limits.max_tar_header_bytes)"
                 )
-            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+            if self.type == tarfile.XGLTYPE and self.size > MAX_GLOBAL_HEADER:
+                raise LimitExceeded(f"a global pax header of {self.size} bytes exceeds {MAX_GLOBAL_HEADER}")
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise ContentError(f"sparse file {self.name!r}: sparse files are not accepted in image layers")
+            LimitedTarInfo.chain += 1
+            try:
+                if LimitedTarInfo.chain > MAX_HEADER_CHAIN:
+                    raise ContentError(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
+                member = super()._proc_member(tarfile_)  # type: ignore[misc]
+            finally:
+                LimitedTarInfo.chain -= 1
+            if getattr(member, "sparse", None) is not None:
+                raise ContentError(f"sparse file {member.name!r}: sparse files are not accepted in image layers")
+            return member  # type: ignore[no-any-return]
 
     return LimitedTarInfo
 
 
+MAX_GLOBAL_HEADER = 4096
+MAX_HEADER_CHAIN = 8
 _HEADER_TYPES = (
     tarfile.XHDTYPE,
     tarfile.XGLTYPE,
@@ -161,6 +180,7 @@ def unpack_layer(blob: Path, dest: Path, diff_id: str, limits: ImageLimits | Non
                             "(registry.limits.max_layer_entries)"
                         )
                     _extract(tar, member, dest, dirs)
+                    tar.members = []  # a stream keeps no list of what it has seen
             reader.drain()
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ContentError(f"the layer is not a valid (compressed) tar archive: {e}") from None

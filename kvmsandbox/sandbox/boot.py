@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import DeadlineExceeded, FailedPrecondition, KvmSandboxError, Unavailable
+from kvmsandbox.errors import AgentMisbehaved, DeadlineExceeded, FailedPrecondition, KvmSandboxError, Unavailable
 from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, AgentChannel, VMSpec
@@ -225,6 +225,9 @@ class SandboxBoot:
             "hosts": files.hosts_path,
             "resolv.conf": files.resolv_conf_path,
         }
+        if client.violation is not None:
+            # It broke the protocol while booting (a probe's answer, a stray frame): no pod on it.
+            raise AgentMisbehaved(client.violation)
         move(record, SandboxState.READY)
         try:
             record.overhead_at_boot = probes.memory_snapshot(ctx, record, client.guest_details())

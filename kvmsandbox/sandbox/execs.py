@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import signal
+import time
 
-from kvmsandbox.errors import DeadlineExceeded
+from kvmsandbox.errors import DeadlineExceeded, KvmSandboxError
 from kvmsandbox.sandbox import oci_spec
 from kvmsandbox.sandbox.containers import find
 from kvmsandbox.sandbox.context import SandboxContext
@@ -31,14 +33,17 @@ def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: lis
     find(record, container_id)
     client = ctx.ready_client(record)
     exec_id = secrets.token_hex(8)
-    client.exec_process(container_id, exec_id, oci_spec.process_object(oci_spec.ProcessSpec(args=args)))
+    deadline = time.monotonic() + timeout
+    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
+    client.exec_process(container_id, exec_id, process, timeout=max(1.0, timeout))
     collector = OutputCollector()
     pump = OutputPump(client, container_id, exec_id, collector)
     try:
-        status = client.wait_process(container_id, exec_id, timeout)
+        status = client.wait_process(container_id, exec_id, max(0.0, deadline - time.monotonic()))
         if status is None:
-            client.signal_process(container_id, signal.SIGKILL, exec_id)
-            client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
+            with contextlib.suppress(KvmSandboxError):
+                client.signal_process(container_id, signal.SIGKILL, exec_id, timeout=KILL_WAIT_SECONDS)
+                client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
             raise DeadlineExceeded(f"command {args[0]!r} in container {container_id} ran longer than {timeout}s")
         pump.join(OUTPUT_DRAIN_SECONDS)
     finally:

@@ -18,9 +18,10 @@ STDIO_POLL_SECONDS = 5.0
 # An agent that answers a long poll at once with nothing is asked again after this long at the
 # earliest: no guest can make a pump spin.
 MIN_POLL_INTERVAL = 0.1
-# ExecSync keeps this much of each stream, as containerd and CRI-O cap it; the rest is read and
-# dropped so the command does not block on a full pipe.
-EXEC_OUTPUT_LIMIT = 16 * 1024 * 1024
+# ExecSync keeps this much of each stream (both together stay within gRPC's 16 MiB message
+# limit, which the kubelet uses too); the rest is read and dropped so the command does not block
+# on a full pipe.
+EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
 
 Sink = Callable[[str, bytes | None], None]
 """Receives ("stdout" | "stderr", data); data None once that stream ended."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def good_pod() -> cri.PodSandboxConfig:
         (lambda c: setattr(c, "log_directory", "relative/dir"), "log_directory"),
         (lambda c: setattr(c, "log_directory", "/var/log/../../etc"), "log_directory"),
         (lambda c: c.labels.__setitem__("k\x00", "v"), "labels key"),
-        (lambda c: c.annotations.__setitem__("k", "v" * (70 * 1024)), "annotations"),
+        (lambda c: c.annotations.__setitem__("k", "v" * (300 * 1024)), "annotations"),
         (lambda c: c.dns_config.servers.append("1.1.1.1\x00"), "dns_config.servers[0]"),
         (lambda c: c.port_mappings.append(cri.PortMapping(host_port=70000)), "port_mappings[0].host_port"),
         (lambda c: c.port_mappings.append(cri.PortMapping(host_ip="not-an-ip")), "port_mappings[0].host_ip"),
@@ -64,7 +65,7 @@ def test_hostnames_derived_from_long_pod_names_are_valid() -> None:
     assert validate.hostname("", "Name-") == "name"
     assert validate.hostname("", "---") == "localhost"
     assert validate.hostname("web-1.example", "ignored") == "web-1.example"
-    for bad in ("x" * 64, "under_score", "-lead", "a..b"):
+    for bad in ("x" * 65, "under_score", "-lead", "a..b"):
         with pytest.raises(InvalidArgument, match="hostname"):
             validate.hostname(bad, "p")
 
@@ -102,6 +103,34 @@ def test_timeouts_are_clamped() -> None:
 
 def test_stop_signals() -> None:
     assert validate.stop_signal("") == 15 and validate.stop_signal("KILL") == 9
+    assert validate.stop_signal("SIGRTMIN+3") == signal.SIGRTMIN + 3  # systemd images (kindest/node)
+    assert validate.stop_signal("sigquit") == validate.stop_signal("QUIT") == 3
+    assert validate.stop_signal("RTMAX-1") == signal.SIGRTMAX - 1
     for bad in ("99999999999", "0", "SIGNOPE", "x" * 100):
         with pytest.raises(InvalidArgument, match=r"stop signal|StopSignal"):
             validate.stop_signal(bad)
+
+
+def test_resources() -> None:
+    ok = cri.LinuxContainerResources(
+        cpu_quota=50000, cpu_period=100000, memory_limit_in_bytes=1 << 30, cpuset_cpus="0-3,6", oom_score_adj=-997
+    )
+    ok.unified["memory.high"] = "max"
+    ok.unified["hugetlb.2MB.max"] = "0"
+    validate.resources("linux.resources", ok)
+    for change, field in [
+        (lambda r: setattr(r, "memory_limit_in_bytes", -5), "memory_limit_in_bytes"),
+        (lambda r: setattr(r, "cpuset_cpus", "0\n1"), "cpuset_cpus"),
+        (lambda r: setattr(r, "oom_score_adj", 5000), "oom_score_adj"),
+        (lambda r: r.unified.__setitem__("../../x", "1"), "unified key"),
+    ]:
+        bad = cri.LinuxContainerResources()
+        change(bad)
+        with pytest.raises(InvalidArgument, match=field):
+            validate.resources("linux.resources", bad)
+
+
+def test_long_commands_and_fqdn_hostnames() -> None:
+    with pytest.raises(InvalidArgument, match="in all"):
+        validate.words("cmd", ["x" * 4000] * 1000)
+    assert validate.hostname("a" * 30 + "." + "b" * 33, "p") == "a" * 30 + "." + "b" * 33  # 64: an FQDN

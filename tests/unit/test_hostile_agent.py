@@ -12,10 +12,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvmsandbox.agent import client as client_module
 from kvmsandbox.agent import wire
 from kvmsandbox.agent.client import MAX_STRAY_ANSWERS, AgentClient
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import AgentError, AgentMisbehaved, DeadlineExceeded, KvmSandboxError
+from kvmsandbox.errors import (
+    AgentError,
+    AgentMisbehaved,
+    DeadlineExceeded,
+    InvalidArgument,
+    KvmSandboxError,
+    Unavailable,
+)
 
 Answer = Callable[[pb.Request], bytes]
 
@@ -159,8 +167,11 @@ def test_strict_decoder_resyncs_only_before_the_first_frame() -> None:
             too_much.feed(b"\0" * wire.MAX_FRAME_BYTES)
 
 
-def test_late_answers_to_calls_that_timed_out_are_not_stray(agent_of: Callable[[Answer], FakeAgent]) -> None:
+def test_late_answers_to_calls_that_timed_out_are_not_stray(
+    agent_of: Callable[[Answer], FakeAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A guest that was frozen answers every call it missed once it runs again: no violation."""
+    monkeypatch.setattr(client_module, "MAX_STRAY_ANSWERS", 8)
     held: list[pb.Request] = []
 
     def hold_then_flush(r: pb.Request) -> bytes:
@@ -171,8 +182,49 @@ def test_late_answers_to_calls_that_timed_out_are_not_stray(agent_of: Callable[[
 
     agent = agent_of(hold_then_flush)
     client = agent.client()
-    for _ in range(MAX_STRAY_ANSWERS + 10):
+    for _ in range(8 + 10):
         with pytest.raises(DeadlineExceeded):
             client.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=0.01)
     client.call("GuestDetails", pb.GuestDetailsRequest(), pb.HealthResponse)
     assert agent.violations == [] and client.violation is None
+
+
+def test_an_agent_that_stops_reading_cannot_hold_a_call_past_its_deadline() -> None:
+    host, guest = socket.socketpair()
+    client = AgentClient(lambda timeout: host, "sandbox-deaf", default_timeout=5)
+    big = pb.CreateContainerRequest(container_id="c", oci_spec_json="x" * (2 << 20))  # more than the socket buffers
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        client.call("CreateContainer", big, pb.CreateContainerResponse, timeout=1)
+    with pytest.raises((DeadlineExceeded, Unavailable)):
+        client.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=1)
+    assert time.monotonic() - started < 5
+    guest.close()
+    client.close()
+
+
+def test_a_request_larger_than_a_frame_is_an_invalid_argument() -> None:
+    host, guest = socket.socketpair()
+    client = AgentClient(lambda timeout: host, "sandbox-x", default_timeout=5)
+    huge = pb.CreateContainerRequest(container_id="c", oci_spec_json="x" * (wire.MAX_FRAME_BYTES + 1))
+    with pytest.raises(InvalidArgument, match="too large"):
+        client.call("CreateContainer", huge, pb.CreateContainerResponse)
+    guest.close()
+    client.close()
+
+
+def test_a_late_answer_is_taken_once(agent_of: Callable[[Answer], FakeAgent]) -> None:
+    ids: list[int] = []
+
+    def replaying(r: pb.Request) -> bytes:
+        if r.method == "Health":
+            ids.append(r.id)
+            return b""
+        return answer(ids[0], body=OK_BODY) * (MAX_STRAY_ANSWERS + 2) + answer(r.id, body=OK_BODY)
+
+    agent = agent_of(replaying)
+    client = agent.client()
+    with pytest.raises(DeadlineExceeded):
+        client.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=0.05)
+    with pytest.raises(AgentMisbehaved, match="never sent"):
+        client.call("GuestDetails", pb.GuestDetailsRequest(), pb.HealthResponse)

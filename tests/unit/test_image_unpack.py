@@ -154,3 +154,42 @@ def test_whiteouts_of_no_name_are_refused(tmp_path: Path, name: str) -> None:
 def test_a_blob_that_is_not_a_tar_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ContentError, match="not a valid"):
         unpack(tmp_path, b"\x1f\x8b" + b"garbage" * 100)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 512)
+
+
+def test_crafted_headers_are_refused_before_they_cost_memory(tmp_path: Path) -> None:
+    """A global pax header tarfile would copy into every member, a chain of long-name headers it
+    would recurse on, and a sparse file whose holes would be written out uncounted."""
+    glob = tarfile.TarInfo("glob")
+    glob.type = tarfile.XGLTYPE
+    body = b"".join(f"{len(f'{k} v') + 1 + len(str(len(f'{k} v')))} {k} v\n".encode() for k in range(2000))
+    glob.size = len(body)
+    crafted = {
+        "global": glob.tobuf(format=tarfile.USTAR_FORMAT) + _padded(body),
+        "chain": b"".join(_long_name(f"n{i}") for i in range(20)),
+        "sparse": _sparse_header(),
+    }
+    why = {"global": "global pax header", "chain": "extended headers in a row", "sparse": "sparse files"}
+    for what, header in crafted.items():
+        blob = header + raw_tar((entry("after"), b"x"))
+        (tmp_path / what).mkdir()
+        with pytest.raises(ContentError, match=why[what]):
+            unpack(tmp_path / what, blob)
+
+
+def _long_name(name: str) -> bytes:
+    data = name.encode() + b"\0"
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = len(data)
+    return info.tobuf(format=tarfile.GNU_FORMAT) + _padded(data)
+
+
+def _sparse_header() -> bytes:
+    info = tarfile.TarInfo("holes")
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 0
+    return info.tobuf(format=tarfile.GNU_FORMAT)
