@@ -159,18 +159,40 @@ def _shared(sfd: int, name: str = "") -> Iterator[int]:
     Raises:
         OSError: EXDEV when the seal (or the pinned bind) is not there.
     """
-    fd = beneath.openat2(sfd, f"{SHARED}/{name}" if name else SHARED, os.O_PATH | os.O_DIRECTORY)
+    shared = beneath.openat2(sfd, SHARED, os.O_PATH | os.O_DIRECTORY)
     try:
-        if mounts.mount_id(fd) == mounts.mount_id(sfd):
-            raise OSError(errno.EXDEV, f"{SHARED}/{name} is not sealed")
-        yield fd
+        if mounts.mount_id(shared) == mounts.mount_id(sfd):
+            raise OSError(errno.EXDEV, f"{SHARED} is not sealed")
+        if not name:
+            yield shared
+            return
+        fd = beneath.openat2(shared, name, os.O_PATH | os.O_DIRECTORY)
+        try:
+            if mounts.mount_id(fd) == mounts.mount_id(shared):
+                raise OSError(errno.EXDEV, f"{SHARED}/{name} is not pinned")
+            yield fd
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(shared)
+
+
+def _ensure_pinned(sfd: int, name: str) -> None:
+    """Pods made by an earlier release have no pinned binds in their share: made on first use."""
+    try:
+        with _shared(sfd, name):
+            return
+    except OSError as e:
+        if e.errno != errno.EXDEV or "pinned" not in str(e):
+            raise
+    with _shared(sfd) as shared:
+        _self_bind(shared, name)
 
 
 def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool) -> int:
     """Attaches ``tree`` at ``rel`` ("containers/<x>" or "mounts/<x>") right in its pinned dir."""
     pinned, name = rel.split("/")
+    _ensure_pinned(sfd, pinned)
     with _shared(sfd, pinned) as parent:
         target = beneath.make_dirs(parent, name) if is_dir else beneath.make_file(parent, name)
         try:

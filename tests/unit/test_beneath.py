@@ -256,3 +256,19 @@ def test_a_removed_sandbox_goes_through_the_trash_and_leftovers_are_emptied_late
     (left / "f").write_text("guest data")
     rootfs.empty_trash(tmp_path / "sandboxes")
     assert os.listdir(tmp_path / "trash") == []
+
+
+def test_a_share_made_by_an_earlier_release_gets_its_pinned_binds_on_first_use(tmp_path: Path, sdir: Path) -> None:
+    """Before, only the share itself was sealed: a new container in such a pod pins the dir first."""
+    (sdir / "shared" / "containers").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(sdir / "shared"), str(sdir / "shared")], check=True)
+    image = tmp_path / "image"
+    image.mkdir()
+    rootfs.mount_rootfs(sdir, "c1", [image])
+    points = {m.mount_point for m in mounts.mount_table()}
+    assert {str(sdir / "shared" / "containers"), str(sdir / "shared" / "containers" / "c1")} <= points
+    with pytest.raises(OSError) as e:
+        os.rename(sdir / "shared" / "containers", sdir / "shared" / "moved")
+    assert e.value.errno == errno.EBUSY
+    rootfs.remove_sandbox_dir(sdir)
+    assert mounts.mounts_below(sdir) == []
