@@ -89,8 +89,11 @@ def start(state: CriState, req: cri.StartContainerRequest) -> cri.StartContainer
 
 def stop(state: CriState, req: cri.StopContainerRequest) -> cri.StopContainerResponse:
     """The image's stop signal (SIGTERM by default), SIGKILL after ``timeout`` seconds; idempotent
-    for a stopped container."""
-    sandbox, c = state.find_container(req.container_id)
+    for a stopped container and for an unknown one (the API asks this)."""
+    try:
+        sandbox, c = state.find_container(req.container_id)
+    except NotFound:
+        return cri.StopContainerResponse()
     try:
         signum = validate.stop_signal(state.container(c).stop_signal)
     except InvalidArgument:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -159,8 +160,10 @@ def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
 
 
 def stop(state: CriState, req: cri.StopPodSandboxRequest) -> cri.StopPodSandboxResponse:
-    """Idempotent: a stopped sandbox stays stopped."""
-    state.manager.stop_sandbox(req.pod_sandbox_id)
+    """Idempotent: a stopped sandbox stays stopped, and an unknown one has nothing left to reclaim
+    (the API asks this; containerd answers the same)."""
+    with contextlib.suppress(NotFound):
+        state.manager.stop_sandbox(req.pod_sandbox_id)
     return cri.StopPodSandboxResponse()
 
 

@@ -52,7 +52,6 @@ def test_unknown_ids_are_not_found(cri_server: CriServer) -> None:
     rt = cri_server.runtime
     for call in (
         lambda: rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id="nope")),
-        lambda: rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id="nope")),
         lambda: rt.ContainerStatus(cri.ContainerStatusRequest(container_id="nope")),
         lambda: rt.StartContainer(cri.StartContainerRequest(container_id="nope")),
         lambda: rt.ExecSync(cri.ExecSyncRequest(container_id="nope", cmd=["true"])),
@@ -66,7 +65,9 @@ def test_unknown_ids_are_not_found(cri_server: CriServer) -> None:
         code, details = code_of(call)
         assert code == grpc.StatusCode.NOT_FOUND, details
         assert "nope" in details
-    # Removal is idempotent, as the API asks.
+    # Stop and removal are idempotent, as the API asks: an unknown id has nothing left to reclaim.
+    rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id="nope"))
+    rt.StopContainer(cri.StopContainerRequest(container_id="nope"))
     rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id="nope"))
     rt.RemoveContainer(cri.RemoveContainerRequest(container_id="nope"))
 
