@@ -58,6 +58,9 @@ class SandboxDefaults:
     min_memory_mib: int = 128
     # Ceiling for sized VMs' vCPUs; unset means the host's CPU count.
     max_vcpus: int | None = None
+    # Each VM's serial console log (the guest writes it at will) is cut back to its most recent
+    # half once it is past this size (checked every second).
+    console_log_max_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True)

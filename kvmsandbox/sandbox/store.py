@@ -109,6 +109,11 @@ class SandboxStore:
                 raise NotFound(f"sandbox {sandbox_id} not found")
             return copy.deepcopy(record)
 
+    def ids(self) -> list[str]:
+        """Every sandbox that has a directory: the known ones and those whose record is unreadable."""
+        with self._lock:
+            return sorted({*self._records, *self.unreadable})
+
     def all(self) -> list[SandboxRecord]:
         with self._lock:
             return [copy.deepcopy(self._records[k]) for k in sorted(self._records)]

@@ -1,0 +1,68 @@
+"""Every sandbox's console log kept below ``sandbox.console_log_max_bytes``: one sweep over all
+sandboxes, run by the server every ``SWEEP_SECONDS`` (no thread per pod), cuts each file past the
+cap to its last half. Between two sweeps a guest can add what its serial port carries in that
+time, so the cap can be passed by that much, never by more."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from kvmsandbox.host import console_log
+from kvmsandbox.sandbox.context import SandboxContext
+
+log = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 1.0
+TAIL_LINES = 25
+TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    checked: int
+    trimmed: int
+    dropped_bytes: int
+    seconds: float
+
+
+def console_tail(ctx: SandboxContext, sandbox_id: str, lines: int = TAIL_LINES) -> str:
+    """The last lines of a sandbox's console log (at most its last TAIL_BYTES are read)."""
+    try:
+        text = console_log.read_tail(ctx.console_log(sandbox_id), TAIL_BYTES).decode(errors="replace")
+    except OSError:
+        return "(no console output)"
+    tail = [line.rstrip("\r") for line in text.splitlines()[-lines:]]
+    return "\n".join(tail) or "(no console output)"
+
+
+class ConsoleSweeper:
+    """Trims the console logs of every sandbox the store knows; a file that cannot be trimmed (a
+    link or a device in its place) is logged once, then skipped quietly while it stays so."""
+
+    def __init__(self, ctx: SandboxContext) -> None:
+        self.ctx = ctx
+        self._failing: set[str] = set()
+
+    def sweep(self) -> SweepResult:
+        t0 = time.monotonic()
+        cap = self.ctx.config.sandbox.console_log_max_bytes
+        ids = self.ctx.store.ids()
+        trimmed = dropped = 0
+        for sandbox_id in ids:
+            path = self.ctx.console_log(sandbox_id)
+            try:
+                n = console_log.trim(path, cap, cap // 2)
+            except OSError as e:
+                if sandbox_id not in self._failing:
+                    log.warning("sandbox %s: cannot bound its console log %s: %s", sandbox_id, path, e)
+                    self._failing.add(sandbox_id)
+                continue
+            self._failing.discard(sandbox_id)
+            if n:
+                log.info("sandbox %s: dropped the oldest %d bytes of its console log", sandbox_id, n)
+                trimmed += 1
+                dropped += n
+        self._failing &= set(ids)
+        return SweepResult(len(ids), trimmed, dropped, time.monotonic() - t0)
