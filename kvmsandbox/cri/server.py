@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import IO
@@ -29,6 +30,8 @@ from kvmsandbox.cri.store import CriStore
 from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.image import ImageStore
 from kvmsandbox.runtime import open_manager
+from kvmsandbox.sandbox.console import SWEEP_SECONDS as CONSOLE_SWEEP_SECONDS
+from kvmsandbox.sandbox.manager import SandboxManager
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,23 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TRIM_SECONDS = 10.0
 
 
-def _return_freed_memory(stop: threading.Event) -> None:
-    """Hands memory the allocator keeps after large requests back to the system (glibc only)."""
+def _housekeeping(stop: threading.Event, manager: SandboxManager) -> None:
+    """The server's periodic work, on one thread: every console log is bounded each
+    CONSOLE_SWEEP_SECONDS, and memory the allocator keeps after large requests is handed back to
+    the system each TRIM_SECONDS (glibc only)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        malloc_trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return
-    while not stop.wait(TRIM_SECONDS):
-        trim(0)
+        malloc_trim = None
+    last_trim = time.monotonic()
+    while not stop.wait(CONSOLE_SWEEP_SECONDS):
+        try:
+            manager.trim_consoles()
+        except Exception:  # the thread outlives any one sweep's surprise
+            log.exception("the console log sweep failed")
+        if malloc_trim is not None and time.monotonic() - last_trim >= TRIM_SECONDS:
+            malloc_trim(0)
+            last_trim = time.monotonic()
 
 
 def _lock_state_dir(state_dir: Path) -> IO[str]:
@@ -101,7 +113,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     server.add_insecure_port(f"unix://{config.socket}")
     server.start()
     stop = stop or threading.Event()
-    threading.Thread(target=_return_freed_memory, args=(stop,), name="malloc-trim", daemon=True).start()
+    threading.Thread(target=_housekeeping, args=(stop, manager), name="housekeeping", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.warning(

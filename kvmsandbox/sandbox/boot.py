@@ -18,6 +18,7 @@ from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, AgentChannel, VMSpec
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
+from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState, move
@@ -26,20 +27,6 @@ from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest
 log = logging.getLogger(__name__)
 
 GUEST_SHARE = "/run/kvmsandbox/shared"
-CONSOLE_TAIL_LINES = 25
-CONSOLE_TAIL_BYTES = 64 * 1024
-
-
-def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
-    """The last lines of a console log (read from its end only)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - CONSOLE_TAIL_BYTES))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return "(no console output)"
-    tail = [line.rstrip("\r") for line in text.splitlines()[-lines:]]
-    return "\n".join(tail) or "(no console output)"
 
 
 def cgroup_path(ctx: SandboxContext, sandbox_id: str, cgroup_parent: str) -> str:
@@ -201,7 +188,7 @@ class SandboxBoot:
             console = ctx.console_log(record.id)
             raise type(e)(
                 f"sandbox {record.id}: the guest agent did not become ready ({e}); "
-                f"last lines of the console log {console}:\n{console_tail(console)}"
+                f"last lines of the console log {console}:\n{console_tail(ctx, record.id)}"
             ) from None
 
     def configure_guest(self) -> None:

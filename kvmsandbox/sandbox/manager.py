@@ -21,6 +21,7 @@ from kvmsandbox.hypervisor.spec import Hypervisor
 from kvmsandbox.network.pod import PodNetworking
 from kvmsandbox.sandbox import containers, execs, lifecycle, probes, recovery
 from kvmsandbox.sandbox.boot import SandboxBoot
+from kvmsandbox.sandbox.console import ConsoleSweeper, SweepResult
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
@@ -51,6 +52,7 @@ class SandboxManager:
     def __init__(self, config: Config, hypervisor: Hypervisor, image: GuestImage) -> None:
         self.ctx = SandboxContext(config, hypervisor, image)
         self.ctx.on_agent_violation = self._agent_misbehaved
+        self._consoles = ConsoleSweeper(self.ctx)
 
     def _agent_misbehaved(self, sandbox_id: str, reason: str) -> None:
         """A sandbox whose agent broke the protocol is BROKEN (a booting one fails its boot)."""
@@ -210,6 +212,10 @@ class SandboxManager:
 
     def recover(self) -> None:
         recovery.recover(self.ctx)
+
+    def trim_consoles(self) -> SweepResult:
+        """Cuts every console log past ``sandbox.console_log_max_bytes`` back to its latest half."""
+        return self._consoles.sweep()
 
     def close(self) -> None:
         """Lets go of every agent connection, output pump and log file, leaving the VMs running
