@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kvmsandbox import __version__
 from kvmsandbox.agent import wire
-from kvmsandbox.agent.guest import init, log
+from kvmsandbox.agent.guest import init, log, misbehave
 from kvmsandbox.agent.guest.reaper import Reaper
 from kvmsandbox.agent.guest.rpc import AgentService
 from kvmsandbox.agent.guest.runner import ContainerRunner
@@ -36,6 +36,7 @@ def run() -> None:
     reaper = Reaper()
     reaper.start()
     runner = ContainerRunner(reaper)
+    misbehave.arm()
     port, vsock = _wait_for_transports()
     if port is None and not vsock:
         raise RuntimeError(
