@@ -338,17 +338,27 @@ class AgentClient:
         self.call("SignalProcess", req, pb.SignalProcessResponse, timeout)
 
     def read_stdio(
-        self, container_id: str, exec_id: str, stream: pb.Stream.ValueType, wait: float, max_bytes: int = 0
-    ) -> tuple[bytes, bool]:
+        self,
+        container_id: str,
+        exec_id: str,
+        stream: pb.Stream.ValueType,
+        wait: float,
+        at: tuple[int, int] = (0, 0),
+        max_bytes: int = 0,
+    ) -> pb.ReadStdioResponse:
+        """Output from position ``at[0]``, forgetting what is before ``at[1]`` (stored by the host).
+        The answer's ``offset`` is the guest's word: callers check it against what they asked."""
+        offset, acknowledged = at
         req = pb.ReadStdioRequest(
             container_id=container_id,
             exec_id=exec_id,
             stream=stream,
             max_bytes=max_bytes,
             wait_ms=int(wait * 1000),
+            offset=offset,
+            acknowledged=acknowledged,
         )
-        resp = self.call("ReadStdio", req, pb.ReadStdioResponse, wait + LONG_POLL_SLACK)
-        return resp.data, resp.eof
+        return self.call("ReadStdio", req, pb.ReadStdioResponse, wait + LONG_POLL_SLACK)
 
     def remove_container(self, container_id: str, force: bool = False) -> None:
         req = pb.RemoveContainerRequest(container_id=container_id, force=force)

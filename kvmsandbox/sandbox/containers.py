@@ -67,6 +67,13 @@ def _record_to_create_in(ctx: SandboxContext, sandbox_id: str, container_id: str
     return record
 
 
+def _open_log(log_file: Path, positions: Path) -> CriLogWriter:
+    try:
+        return CriLogWriter(log_file, positions)
+    except OSError as e:
+        raise FailedPrecondition(f"the container's log {log_file} cannot be opened: {e.strerror}") from e
+
+
 def create(
     ctx: SandboxContext,
     sandbox_id: str,
@@ -92,6 +99,7 @@ def create(
         sdir = ctx.sandbox_dir(sandbox_id)
         log_file = log_path or sdir / "logs" / f"{container_id}.log"
         mount_ids: list[int] = []
+        writer = _open_log(log_file, positions := ctx.log_positions(sandbox_id, container_id))
         try:
             mount_ids.append(rootfs.mount_rootfs(sdir, container_id, lower_dirs))
             spec = oci_spec.container_spec(
@@ -104,8 +112,8 @@ def create(
                 resources=resources,
             )
             pid = client.create_container(container_id, spec)
-            writer = CriLogWriter(log_file)
         except BaseException:
+            writer.close(forget_positions=True)
             rootfs.release_container(sdir, container_id, mount_ids)
             raise
         container = ContainerRecord(
@@ -124,7 +132,7 @@ def create(
         ctx.store.save(record)
         key = (sandbox_id, container_id)
         ctx.stdio.add_writer(key, writer)
-        ctx.stdio.start_log_pump(key, log_file, client)
+        ctx.stdio.start_log_pump(key, log_file, positions, client)
         return container
 
 
@@ -208,6 +216,7 @@ def remove(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
                 if e.grpc_code != "NOT_FOUND":
                     raise
         ctx.stdio.release((sandbox_id, container_id), OUTPUT_DRAIN_SECONDS)
+        ctx.log_positions(sandbox_id, container_id).unlink(missing_ok=True)
         rootfs.release_container(ctx.sandbox_dir(sandbox_id), container_id, container.mount_ids)
         del record.containers[container_id]
         ctx.store.save(record)

@@ -66,6 +66,10 @@ class SandboxContext:
     def console_log(self, sandbox_id: str) -> Path:
         return self.sandbox_dir(sandbox_id) / "console.log"
 
+    def log_positions(self, sandbox_id: str, container_id: str) -> Path:
+        """Where the container's log stands in its output (see logs.LogPositions)."""
+        return self.sandbox_dir(sandbox_id) / "log-positions" / container_id
+
     # -- locks and clients -------------------------------------------------------------------
 
     def lock_for(self, sandbox_id: str, *, creating: bool = False) -> threading.RLock:

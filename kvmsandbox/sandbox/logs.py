@@ -4,10 +4,12 @@ line longer than the buffer (or cut by the end of the stream)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
+import struct
 import threading
 from pathlib import Path
-from typing import BinaryIO
 
 # containerd splits lines longer than this into P pieces.
 MAX_LINE_BYTES = 16 * 1024
@@ -19,56 +21,154 @@ def timestamp(ns: int | None = None) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond * 1000:09d}Z"
 
 
-class CriLogWriter:
-    """Appends both streams of one container to a log file; thread-safe; reopenable."""
+STREAMS = ("stdout", "stderr")
+_STATE = struct.Struct("<8sQQQQQQQ")
+_STATE_MAGIC = b"kslogpo1"
+
+
+class LogPositions:
+    """Where a container's output stands in its log, kept in a small file beside the pod's state so
+    that a runtime killed at any instant resumes reading the guest's output exactly where its log
+    ends: no line lost, none repeated.
+
+    Before each append the file records the log's inode, its size before and after the append, and
+    each stream's stored position before and after. On open, a log that reached the "after" size
+    got the append (take the new positions); one between the two sizes got part of it (cut it back
+    and take the old positions). One record, rewritten in place by a single pwrite.
+    """
 
     def __init__(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.path = path
+
+    def recover(self, log_fd: int) -> dict[str, int]:
+        """The stored position of each stream, after cutting a half-made append off the log."""
+        raw = os.pread(self._fd, _STATE.size, 0)
+        if len(raw) != _STATE.size or raw[:8] != _STATE_MAGIC:
+            return dict.fromkeys(STREAMS, 0)
+        _, ino, before, after, out_old, out_new, err_old, err_new = _STATE.unpack(raw)
+        st = os.fstat(log_fd)
+        if st.st_ino == ino and before <= st.st_size < after:
+            os.ftruncate(log_fd, before)
+            return {"stdout": out_old, "stderr": err_old}
+        return {"stdout": out_new, "stderr": err_new}
+
+    def record(self, log_fd: int, size: int, added: int, old: dict[str, int], new: dict[str, int]) -> None:
+        ino = os.fstat(log_fd).st_ino
+        values = (old["stdout"], new["stdout"], old["stderr"], new["stderr"])
+        os.pwrite(self._fd, _STATE.pack(_STATE_MAGIC, ino, size, size + added, *values), 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class CriLogWriter:
+    """Appends both streams of one container to a log file; thread-safe; reopenable.
+
+    Tracks each stream's position (bytes of output received) and the stored position (received
+    minus the unfinished line it holds in memory). With ``positions``, every append is recorded
+    there first (see LogPositions) and the writer starts from the stored positions.
+    """
+
+    def __init__(self, path: Path, positions: Path | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._partial: dict[str, bytes] = {"stdout": b"", "stderr": b""}
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - lives as long as the writer
+        self._fd = self._open()
+        self._positions = LogPositions(positions) if positions is not None else None
+        self._stored = self._positions.recover(self._fd) if self._positions else dict.fromkeys(STREAMS, 0)
+        self._received = dict(self._stored)
 
-    def _emit(self, stream: str, tag: str, line: bytes) -> None:
-        self._file.write(f"{timestamp()} {stream} {tag} ".encode() + line + b"\n")
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(self.path, flags, 0o640)
 
-    def _emit_pieces(self, stream: str, line: bytes, complete: bool) -> bytes:
-        """Writes ``line`` in pieces of at most MAX_LINE_BYTES; returns what is left unwritten
+    def position(self, stream: str) -> tuple[int, int]:
+        """(position of the next byte to read, position up to which output is stored)."""
+        with self._lock:
+            return self._received[stream], self._stored[stream]
+
+    @staticmethod
+    def _line(stream: str, tag: str, line: bytes) -> bytes:
+        return f"{timestamp()} {stream} {tag} ".encode() + line + b"\n"
+
+    def _pieces(self, stream: str, line: bytes, complete: bool, out: bytearray) -> bytes:
+        """Adds ``line`` to ``out`` in pieces of at most MAX_LINE_BYTES; returns what is left
         (the unfinished tail of an incomplete line)."""
         while len(line) > MAX_LINE_BYTES:
-            self._emit(stream, "P", line[:MAX_LINE_BYTES])
+            out += self._line(stream, "P", line[:MAX_LINE_BYTES])
             line = line[MAX_LINE_BYTES:]
         if complete:
-            self._emit(stream, "F", line)
+            out += self._line(stream, "F", line)
             return b""
         return line
+
+    def _append(self, block: bytes | bytearray, received: dict[str, int], partial: dict[str, bytes]) -> None:
+        """Appends ``block``, then takes ``received`` and ``partial`` as the new state. On an error
+        (disk full) the log is cut back and nothing changes: the same output is read again.
+
+        Raises:
+            OSError: the log could not be written.
+        """
+        if self._fd < 0:
+            return  # closed: the container is being removed
+        stored = {s: received[s] - len(partial[s]) for s in STREAMS}
+        size = os.fstat(self._fd).st_size
+        if self._positions is not None and (block or stored != self._stored):
+            self._positions.record(self._fd, size, len(block), self._stored, stored)
+        view = memoryview(block)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
+        self._stored, self._received, self._partial = stored, received, partial
 
     def write(self, stream: str, data: bytes) -> None:
         """Adds output of ``stream`` ("stdout" or "stderr"); complete lines are written at once."""
         with self._lock:
+            block = bytearray()
             *lines, rest = (self._partial[stream] + data).split(b"\n")
             for line in lines:
-                self._emit_pieces(stream, line, complete=True)
-            self._partial[stream] = self._emit_pieces(stream, rest, complete=False)
-            self._file.flush()
+                self._pieces(stream, line, True, block)
+            partial = {**self._partial, stream: self._pieces(stream, rest, False, block)}
+            received = {**self._received, stream: self._received[stream] + len(data)}
+            self._append(block, received, partial)
 
     def close_stream(self, stream: str) -> None:
         """The stream ended: a last line without a newline is written as a full line."""
         with self._lock:
             if self._partial[stream]:
-                self._emit(stream, "F", self._partial[stream])
-                self._partial[stream] = b""
-                self._file.flush()
+                block = self._line(stream, "F", self._partial[stream])
+                self._append(block, self._received, {**self._partial, stream: b""})
 
     def reopen(self) -> None:
         """Starts a new file at the same path (after log rotation moved the old one away)."""
         with self._lock:
-            self._file.close()
-            self._file = open(self.path, "ab")  # noqa: SIM115
+            if self._fd < 0:
+                return
+            os.close(self._fd)
+            self._fd = self._open()
+            if self._positions is not None:
+                size = os.fstat(self._fd).st_size
+                self._positions.record(self._fd, size, 0, self._stored, self._stored)
 
-    def close(self) -> None:
+    def close(self, forget_positions: bool = False) -> None:
+        """Closes the log; ``forget_positions`` removes the positions file too (the container is
+        gone)."""
         with self._lock:
-            self._file.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._positions is not None:
+                self._positions.close()
+                if forget_positions:
+                    self._positions.path.unlink(missing_ok=True)
+                self._positions = None
 
 
 def parse_cri_log(text: str) -> list[tuple[str, str, str]]:

@@ -106,5 +106,9 @@ def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:
     client = ctx.client_for(record)
     for c in record.containers.values():
         if c.id in in_guest:
-            ctx.stdio.start_log_pump((record.id, c.id), Path(c.log_path), client)
+            try:
+                positions = ctx.log_positions(record.id, c.id)
+                ctx.stdio.start_log_pump((record.id, c.id), Path(c.log_path), positions, client)
+            except OSError as e:
+                log.warning("container %s: its log %s cannot be opened: %s", c.id, c.log_path, e)
     log.info("sandbox recovered id=%s containers=%d", record.id, len(record.containers))

@@ -4,15 +4,18 @@ and log writers of every container."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from kvmsandbox.agent.client import AgentClient
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
 from kvmsandbox.sandbox.logs import CriLogWriter
+
+log = logging.getLogger(__name__)
 
 STDIO_POLL_SECONDS = 5.0
 # An agent that answers a long poll at once with nothing is asked again after this long at the
@@ -23,8 +26,33 @@ MIN_POLL_INTERVAL = 0.1
 # on a full pipe.
 EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
 
-Sink = Callable[[str, bytes | None], None]
-"""Receives ("stdout" | "stderr", data); data None once that stream ended."""
+
+class Sink(Protocol):
+    """Where a pump puts one process's output."""
+
+    def position(self, stream: str) -> tuple[int, int]:
+        """(position to read ``stream`` from, position up to which it is stored for good)."""
+
+    def write(self, stream: str, data: bytes) -> None:
+        """Output of ``stream`` ("stdout" | "stderr") continuing at its position.
+
+        Raises:
+            OSError: it could not be stored; nothing changed and the same output comes again.
+        """
+
+    def end(self, stream: str) -> None:
+        """``stream`` has ended."""
+
+
+def _aligned(asked: int, answer: pb.ReadStdioResponse) -> bytes:
+    """The part of the guest's answer that continues at ``asked``. Agents that predate positions
+    hand out each byte once, so their answers always continue. A position after the one asked is
+    not something an agent can have (it forgets only what the host acknowledged): it is dropped."""
+    if not answer.positioned or answer.offset == asked:
+        return answer.data
+    if answer.offset > asked:
+        return b""
+    return answer.data[asked - answer.offset :]
 
 
 class OutputPump:
@@ -57,24 +85,27 @@ class OutputPump:
         failures = 0
         while not stop.is_set():
             asked = time.monotonic()
+            at = sink.position(name)
             try:
-                data, eof = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS)
-            except (AgentError, Unavailable, DeadlineExceeded) as e:
+                answer = client.read_stdio(container_id, exec_id, stream, STDIO_POLL_SECONDS, at)
+                data = _aligned(at[0], answer)
+                if data:
+                    sink.write(name, data)
+            except (AgentError, Unavailable, DeadlineExceeded, OSError) as e:
                 # NotFound: the container is gone. Anything else: retry a few times, the agent
-                # may be reconnecting.
+                # may be reconnecting or the disk may have room again.
                 failures += 1
                 if (isinstance(e, AgentError) and e.grpc_code == "NOT_FOUND") or failures > 20:
+                    log.warning("output of %s %s: giving up: %s", container_id[:12], name, e)
                     break
-                time.sleep(0.2)
+                stop.wait(0.2 if not isinstance(e, OSError) else 1.0)
                 continue
             failures = 0
-            if data:
-                sink(name, data)
-            if eof:
+            if answer.eof:
                 break
             if not data:
                 stop.wait(max(0.0, MIN_POLL_INTERVAL - (time.monotonic() - asked)))
-        sink(name, None)
+        sink.end(name)
 
     def stop(self) -> None:
         """Stops copying after the current read (the runtime shuts down; the guest keeps the rest)."""
@@ -95,12 +126,18 @@ class OutputCollector:
         self.data: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self.dropped: dict[str, int] = {"stdout": 0, "stderr": 0}
 
-    def __call__(self, stream: str, data: bytes | None) -> None:
-        if data:
-            kept = self.data[stream]
-            room = max(0, self.limit - len(kept))
-            kept += data[:room]
-            self.dropped[stream] += max(0, len(data) - room)
+    def position(self, stream: str) -> tuple[int, int]:
+        received = len(self.data[stream]) + self.dropped[stream]
+        return received, received
+
+    def write(self, stream: str, data: bytes) -> None:
+        kept = self.data[stream]
+        room = max(0, self.limit - len(kept))
+        kept += data[:room]
+        self.dropped[stream] += max(0, len(data) - room)
+
+    def end(self, stream: str) -> None:
+        pass
 
 
 class LogSink:
@@ -109,11 +146,14 @@ class LogSink:
     def __init__(self, writer: CriLogWriter) -> None:
         self.writer = writer
 
-    def __call__(self, stream: str, data: bytes | None) -> None:
-        if data is None:
-            self.writer.close_stream(stream)
-        else:
-            self.writer.write(stream, data)
+    def position(self, stream: str) -> tuple[int, int]:
+        return self.writer.position(stream)
+
+    def write(self, stream: str, data: bytes) -> None:
+        self.writer.write(stream, data)
+
+    def end(self, stream: str) -> None:
+        self.writer.close_stream(stream)
 
 
 Key = tuple[str, str]
@@ -140,13 +180,17 @@ class StdioRegistry:
         with self._lock:
             return self._pumps.get(key)
 
-    def start_log_pump(self, key: Key, log_path: Path, client: AgentClient) -> None:
-        """Copies the container's output to its log (opened here unless a writer exists); no-op
-        while a pump runs already."""
+    def start_log_pump(self, key: Key, log_path: Path, positions: Path, client: AgentClient) -> None:
+        """Copies the container's output to its log (opened here, with its positions file,
+        unless a writer exists); no-op while a pump runs already.
+
+        Raises:
+            OSError: the log could not be opened.
+        """
         with self._lock:
             if key in self._pumps:
                 return
-            writer = self._writers.get(key) or CriLogWriter(log_path)
+            writer = self._writers.get(key) or CriLogWriter(log_path, positions)
             self._writers[key] = writer
             self._pumps[key] = OutputPump(client, key[1], "", LogSink(writer))
 

@@ -1,5 +1,8 @@
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 from kvmsandbox.sandbox.logs import MAX_LINE_BYTES, CriLogWriter, parse_cri_log
 
@@ -36,3 +39,90 @@ def test_reopen_starts_a_new_file_after_rotation(tmp_path: Path) -> None:
     w.write("stdout", b"two\n")
     w.close()
     assert parse_cri_log(path.read_text()) == [("stdout", "F", "two")]
+
+
+# -- positions: a runtime killed at any instant resumes exactly where its log ends ---------------
+
+
+def test_positions_count_only_what_is_in_the_log(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    w = CriLogWriter(log, positions)
+    w.write("stdout", b"one\ntw")
+    w.write("stderr", b"err\n")
+    assert w.position("stdout") == (6, 4)  # "tw" is held in memory, not stored
+    assert w.position("stderr") == (4, 4)
+    w.close()  # as a kill would: the unfinished line is not written
+    again = CriLogWriter(log, positions)
+    assert again.position("stdout") == (4, 4) and again.position("stderr") == (4, 4)
+    again.write("stdout", b"two\n")  # the guest sends "tw" again, and more
+    again.close()
+    assert parse_cri_log(log.read_text()) == [("stdout", "F", "one"), ("stderr", "F", "err"), ("stdout", "F", "two")]
+
+
+def _interrupted_append(log: Path, positions: Path, cut: int | None) -> None:
+    """Does what ``write`` does up to the moment of a kill: the positions record of an append, then
+    ``cut`` bytes of it in the log (all of it when None)."""
+    w = CriLogWriter(log, positions)
+    w.write("stdout", b"first\n")
+    block = b"2026-11-30T00:00:00.000000000Z stdout F second\n"
+    size = log.stat().st_size
+    assert w._positions is not None
+    w._positions.record(w._fd, size, len(block), {"stdout": 6, "stderr": 0}, {"stdout": 13, "stderr": 0})
+    with open(log, "ab") as f:
+        f.write(block if cut is None else block[:cut])
+    w.close()
+
+
+def test_a_kill_in_the_middle_of_an_append_cuts_it_and_reads_it_again(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    _interrupted_append(log, positions, cut=10)
+    w = CriLogWriter(log, positions)
+    assert w.position("stdout") == (6, 6)
+    assert parse_cri_log(log.read_text()) == [("stdout", "F", "first")]
+    w.close()
+
+
+def test_a_kill_after_an_append_keeps_it_and_does_not_repeat_it(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    _interrupted_append(log, positions, cut=None)
+    w = CriLogWriter(log, positions)
+    assert w.position("stdout") == (13, 13)
+    w.close()
+    assert [c for _, _, c in parse_cri_log(log.read_text())] == ["first", "second"]
+
+
+def test_a_kill_before_an_append_reads_it_again(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    _interrupted_append(log, positions, cut=0)
+    w = CriLogWriter(log, positions)
+    assert w.position("stdout") == (6, 6)
+    w.close()
+
+
+def test_a_rotated_log_keeps_positions_and_a_damaged_positions_file_starts_over(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    w = CriLogWriter(log, positions)
+    w.write("stdout", b"one\n")
+    log.rename(tmp_path / "c.log.1")
+    w.reopen()
+    w.write("stdout", b"two\n")
+    w.close()
+    assert CriLogWriter(log, positions).position("stdout") == (8, 8)
+    positions.write_bytes(b"\xff" * 1000)
+    assert CriLogWriter(log, positions).position("stdout") == (0, 0)
+
+
+def test_a_failed_write_changes_nothing_and_the_same_output_comes_again(tmp_path: Path) -> None:
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    w = CriLogWriter(log, positions)
+    w.write("stdout", b"one\n")
+    full = log.read_bytes()
+    w._fd, real = os.open(os.devnull, os.O_RDONLY), w._fd
+    with pytest.raises(OSError):
+        w.write("stdout", b"two\n")
+    os.close(w._fd)
+    w._fd = real
+    assert w.position("stdout") == (4, 4) and log.read_bytes() == full
+    w.write("stdout", b"two\n")
+    w.close()
+    assert [c for _, _, c in parse_cri_log(log.read_text())] == ["one", "two"]

@@ -17,12 +17,19 @@ READ_CHUNK = 64 * 1024
 
 
 class OutputBuffer:
-    """Drains one pipe in a thread and keeps what it read until the host asks for it."""
+    """Drains one pipe in a thread and keeps what it read until the host says it has stored it.
+
+    Positions count bytes since the stream began. The host reads from a position and acknowledges
+    the one up to which its log is written; only acknowledged bytes are forgotten, so a host that
+    crashes between reading and writing reads the same bytes again from its stored position.
+    """
 
     def __init__(self, fd: int, name: str) -> None:
         self._fd = fd
         self._cond = threading.Condition()
         self._data = bytearray()
+        self._base = 0  # position of _data[0]
+        self._delivered = 0  # end of what the host was given
         self._eof = False
         self._closed = False
         threading.Thread(target=self._pump, name=name, daemon=True).start()
@@ -49,15 +56,29 @@ class OutputBuffer:
         finally:
             os.close(self._fd)
 
-    def read(self, max_bytes: int, wait: float) -> tuple[bytes, bool]:
-        """Up to ``max_bytes`` bytes, waiting at most ``wait`` seconds for some; and whether the
-        stream has ended with nothing left to read."""
+    def read(self, offset: int, acknowledged: int, max_bytes: int, wait: float) -> tuple[bytes, int, bool]:
+        """Forgets what is before ``acknowledged``; returns up to ``max_bytes`` bytes from
+        ``offset`` (waiting at most ``wait`` seconds for some), their position, and whether the
+        stream has ended with nothing after them."""
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._data) or self._eof or self._closed, timeout=wait)
-            out = bytes(self._data[:max_bytes])
-            del self._data[:max_bytes]
-            self._cond.notify_all()
-            return out, (self._eof or self._closed) and not self._data
+            end = self._base + len(self._data)
+            drop = min(acknowledged, end) - self._base
+            if drop > 0:
+                del self._data[:drop]
+                self._base += drop
+                self._cond.notify_all()
+            start = min(max(offset, self._base), self._base + len(self._data))
+            self._cond.wait_for(lambda: self._base + len(self._data) > start or self._eof or self._closed, timeout=wait)
+            i = start - self._base
+            out = bytes(self._data[i : i + max_bytes])
+            self._delivered = max(self._delivered, start + len(out))
+            ended = (self._eof or self._closed) and start + len(out) >= self._base + len(self._data)
+            return out, start, ended
+
+    def finished(self) -> bool:
+        """The stream ended and the host was given all of it."""
+        with self._cond:
+            return (self._eof or self._closed) and self._delivered >= self._base + len(self._data)
 
     def wait_eof(self, timeout: float) -> bool:
         """Waits until the writer closed the pipe; True if it did."""

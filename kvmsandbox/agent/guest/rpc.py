@@ -131,14 +131,15 @@ class AgentService:
         return pb.SignalProcessResponse()
 
     def ReadStdio(self, req: pb.ReadStdioRequest) -> pb.ReadStdioResponse:
-        data, eof = self.runner.read_stdio(
+        data, offset, eof = self.runner.read_stdio(
             req.container_id,
             req.exec_id,
             req.stream,
+            (req.offset, req.acknowledged),
             min(req.max_bytes or MAX_READ_BYTES, MAX_READ_BYTES),
             min(req.wait_ms / 1000, MAX_WAIT_SECONDS),
         )
-        return pb.ReadStdioResponse(data=data, eof=eof)
+        return pb.ReadStdioResponse(data=data, eof=eof, offset=offset, positioned=True)
 
     def RemoveContainer(self, req: pb.RemoveContainerRequest) -> pb.RemoveContainerResponse:
         self.runner.remove(req.container_id, req.force)

@@ -254,18 +254,19 @@ class ContainerRunner:
         p = c.execs.get(exec_id) if exec_id else None
         if p is None or not p.waited:
             return
-        if p.stdout.read(0, 0)[1] and p.stderr.read(0, 0)[1]:
+        if p.stdout.finished() and p.stderr.finished():
             c.execs.pop(exec_id, None)
             (c.bundle / f"exec-{exec_id}.json").unlink(missing_ok=True)
 
     def read_stdio(
-        self, container_id: str, exec_id: str, stream: int, max_bytes: int, wait: float
-    ) -> tuple[bytes, bool]:
+        self, container_id: str, exec_id: str, stream: int, at: tuple[int, int], max_bytes: int, wait: float
+    ) -> tuple[bytes, int, bool]:
+        """``at``: (offset, acknowledged), see OutputBuffer.read."""
         c = self.get(container_id)
-        data, eof = self.process(container_id, exec_id).stream(stream).read(max_bytes, wait)
+        data, offset, eof = self.process(container_id, exec_id).stream(stream).read(*at, max_bytes, wait)
         if eof:
             self._forget_finished_exec(c, exec_id)
-        return data, eof
+        return data, offset, eof
 
     def signal(self, container_id: str, exec_id: str, sig: int) -> None:
         """Sends ``sig``; a process that has exited already is left alone (stop is idempotent)."""

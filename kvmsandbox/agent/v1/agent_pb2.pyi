@@ -777,12 +777,21 @@ class ReadStdioRequest(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     exec_id: _builtins.str
     stream: Global___Stream.ValueType
     max_bytes: _builtins.int
     wait_ms: _builtins.int
     """How long to wait for data before answering with none."""
+    offset: _builtins.int
+    """Stream position (bytes since the process started) to read from."""
+    acknowledged: _builtins.int
+    """The host has stored everything before this position: the agent may forget it. Output not yet
+    acknowledged is kept (up to a bound, then the process blocks on its pipe), so a host that
+    crashes and reads again from its last stored position loses nothing and repeats nothing.
+    """
     def __init__(
         self,
         *,
@@ -791,10 +800,12 @@ class ReadStdioRequest(_message.Message):
         stream: Global___Stream.ValueType = ...,
         max_bytes: _builtins.int = ...,
         wait_ms: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        acknowledged: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "exec_id", b"exec_id", "max_bytes", b"max_bytes", "stream", b"stream", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledged", b"acknowledged", "container_id", b"container_id", "exec_id", b"exec_id", "max_bytes", b"max_bytes", "offset", b"offset", "stream", b"stream", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,18 +817,28 @@ class ReadStdioResponse(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    POSITIONED_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     eof: _builtins.bool
     """No more data will ever come: the writer closed the stream and everything was read."""
+    offset: _builtins.int
+    """Stream position of data's first byte."""
+    positioned: _builtins.bool
+    """The agent honoured offset and acknowledged; false from agents that predate them, which hand
+    out each byte once.
+    """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         eof: _builtins.bool = ...,
+        offset: _builtins.int = ...,
+        positioned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "offset", b"offset", "positioned", b"positioned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
