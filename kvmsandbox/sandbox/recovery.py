@@ -15,7 +15,7 @@ from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import KvmSandboxError, NotFound
 from kvmsandbox.sandbox import lifecycle, rootfs
 from kvmsandbox.sandbox.context import SandboxContext
-from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.records import ID_PATTERN, SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,15 @@ def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:
         lifecycle.mark_broken(ctx, record.id, f"agent not reachable after a runtime restart: {e}")
         return
     client = ctx.client_for(record)
+    for orphan in sorted(in_guest - set(record.containers))[:64]:
+        # Made in the guest by a CreateContainer the runtime did not live to record.
+        log.warning("sandbox %s: removing container %s, unknown to its record", record.id, orphan[:64])
+        try:
+            client.remove_container(orphan, force=True)
+        except KvmSandboxError as e:
+            log.warning("sandbox %s: container %s stays in the guest: %s", record.id, orphan[:64], e)
+        if ID_PATTERN.match(orphan):
+            rootfs.release_container(ctx.sandbox_dir(record.id), orphan, [])
     for c in record.containers.values():
         if c.id in in_guest:
             try:

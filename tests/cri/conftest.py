@@ -73,6 +73,17 @@ class CriServer:
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         self.runtime.Version(cri.VersionRequest(), timeout=30)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer ends the runtime: no chance to clean up."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(60)
+            self.process = None
+        self.socket.unlink(missing_ok=True)  # left by the dead server; the next one makes its own
+
     def stop(self) -> None:
         """SIGTERM, as an init system stops the runtime: pods must keep running."""
         if self.channel is not None:

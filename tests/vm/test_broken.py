@@ -80,3 +80,30 @@ def test_a_broken_sandbox_is_removed_without_a_stop(manager: SandboxManager, bus
         manager.destroy_sandbox(record.id)
     assert processes_mentioning(record.vm_name) == []
     assert mounts_below(sandbox_dir) == [] and not sandbox_dir.exists()
+
+
+def test_a_container_the_runtime_did_not_live_to_record_is_removed_at_recovery(
+    manager: SandboxManager, busybox_layer: Path
+) -> None:
+    record = manager.create_sandbox(hostname="orphan")
+    again: SandboxManager | None = None
+    try:
+        sleep = ProcessSpec(args=["sleep", "600"])
+        kept = manager.create_container(record.id, lower_dirs=[busybox_layer], process=sleep)
+        lost = manager.create_container(record.id, lower_dirs=[busybox_layer], process=sleep)
+        manager.start_container(record.id, kept.id)
+        # As a kill between the guest's create and the record's save leaves it.
+        saved = manager.ctx.store.get(record.id)
+        del saved.containers[lost.id]
+        manager.ctx.store.save(saved)
+        manager.close()
+        again = SandboxManager(manager.config, manager.hypervisor, manager.image)
+        again.recover()
+        assert {i.id for i in again.client(record.id).list_containers()} == {kept.id}
+        sandbox_dir = again.sandbox_dir(record.id)
+        assert [m for m in mounts_below(sandbox_dir) if lost.id in m] == []
+        assert again.refresh(record.id).containers[kept.id].state is ContainerState.RUNNING
+    finally:
+        if again is not None:
+            again.close()
+        manager.destroy_sandbox(record.id)
