@@ -4,6 +4,7 @@ cannot be reached BROKEN, half-created ones are removed."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -19,6 +20,8 @@ from kvmsandbox.sandbox.records import ID_PATTERN, SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
 
 log = logging.getLogger(__name__)
+
+RECOVERY_WORKERS = 16
 
 
 def sync_containers(ctx: SandboxContext, record: SandboxRecord, timeout: float | None = None) -> set[str]:
@@ -69,14 +72,24 @@ def recover(ctx: SandboxContext) -> None:
     # What earlier removals could not delete, deleted in the background (it may be large).
     threading.Thread(target=rootfs.empty_trash, args=(ctx.store.root,), name="empty-trash", daemon=True).start()
     running = {info.name for info in ctx.hypervisor.list() if info.running}
-    for sandbox_id in [r.id for r in ctx.store.all()]:
-        with ctx.lock_for(sandbox_id):
-            try:
-                _recover_one(ctx, sandbox_id, running)
-            except Exception:
-                # One pod must never keep the runtime from starting: it is left as it is, listed
-                # with its last known state, and can still be stopped and removed.
-                log.exception("sandbox %s could not be recovered: left as it was", sandbox_id)
+    ids = [r.id for r in ctx.store.all()]
+    if not ids:
+        return
+    # Sandboxes are recovered side by side: a guest that is slow to answer delays the start by
+    # its own call timeout, not by the sum of everyone's.
+    with concurrent.futures.ThreadPoolExecutor(min(RECOVERY_WORKERS, len(ids)), "recover") as pool:
+        for sandbox_id in ids:
+            pool.submit(_recover_locked, ctx, sandbox_id, running)
+
+
+def _recover_locked(ctx: SandboxContext, sandbox_id: str, running: set[str]) -> None:
+    with ctx.lock_for(sandbox_id):
+        try:
+            _recover_one(ctx, sandbox_id, running)
+        except Exception:
+            # One pod must never keep the runtime from starting: it is left as it is, listed
+            # with its last known state, and can still be stopped and removed.
+            log.exception("sandbox %s could not be recovered: left as it was", sandbox_id)
 
 
 def _recover_one(ctx: SandboxContext, sandbox_id: str, running: set[str]) -> None:
