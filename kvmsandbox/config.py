@@ -58,8 +58,8 @@ class SandboxDefaults:
     min_memory_mib: int = 128
     # Ceiling for sized VMs' vCPUs; unset means the host's CPU count.
     max_vcpus: int | None = None
-    # Each VM's serial console log (the guest writes it at will) is cut back to its most recent
-    # half once it is past this size (checked every second).
+    # Each VM's serial console log (the guest writes it at will) stays below this: the server
+    # checks every log twice a second and cuts one past 3/4 of it back to its most recent half.
     console_log_max_bytes: int = 1 << 20
 
 

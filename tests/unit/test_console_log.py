@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from kvmsandbox.config import ConfigError, parse_config
+from kvmsandbox.cri.server import _housekeeping
 from kvmsandbox.host import console_log
 from kvmsandbox.sandbox.console import ConsoleSweeper, console_tail
 
@@ -160,18 +161,21 @@ def fake_ctx(state: Path, ids: list[str], cap: int) -> Any:
 def test_the_sweep_bounds_every_sandbox_and_warns_once_about_one_it_cannot(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ids = ["big", "small", "linked", "gone"]
-    for sandbox_id in ids[:3]:
+    ids = ["big", "small", "near", "linked", "gone"]
+    for sandbox_id in ids[:4]:
         (tmp_path / sandbox_id).mkdir()
     (tmp_path / "big" / "console.log").write_bytes(numbered(0, 100_000))
     (tmp_path / "small" / "console.log").write_bytes(b"booted\n")
+    # Past 3/4 of the cap: cut already, to leave room for what comes before the next sweep.
+    (tmp_path / "near" / "console.log").write_bytes(b"n" * (200 << 10))
     (tmp_path / "linked" / "console.log").symlink_to(tmp_path / "big" / "console.log")
     sweeper = ConsoleSweeper(fake_ctx(tmp_path, ids, 256 << 10))
     with caplog.at_level(logging.WARNING):
         first = sweeper.sweep()
         second = sweeper.sweep()
-    assert (first.checked, first.trimmed) == (4, 1) and second.trimmed == 0
+    assert (first.checked, first.trimmed) == (5, 2) and second.trimmed == 0
     assert os.stat(tmp_path / "big" / "console.log").st_size <= 128 << 10
+    assert os.stat(tmp_path / "near" / "console.log").st_size <= 128 << 10
     assert (tmp_path / "small" / "console.log").read_bytes() == b"booted\n"
     assert [r.getMessage() for r in caplog.records if "linked" in r.getMessage()] == [
         f"sandbox linked: cannot bound its console log {tmp_path}/linked/console.log: "
@@ -187,3 +191,15 @@ def test_the_cap_is_a_config_key() -> None:
     assert parse_config("sandbox: {console_log_max_bytes: 65536}").sandbox.console_log_max_bytes == 65536
     with pytest.raises(ConfigError, match="console_log_max_bytes"):
         parse_config("sandbox: {console_log_max_bytes: 0}")
+
+
+def test_the_server_sweeps_on_its_one_housekeeping_thread() -> None:
+    calls: list[float] = []
+    manager: Any = SimpleNamespace(trim_consoles=lambda: calls.append(time.monotonic()))
+    stop = threading.Event()
+    thread = threading.Thread(target=_housekeeping, args=(stop, manager))
+    thread.start()
+    time.sleep(1.3)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and len(calls) >= 2
