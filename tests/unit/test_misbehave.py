@@ -99,8 +99,9 @@ def test_a_breaking_scenario_behaves_until_the_trigger(
     arm(monkeypatch, tmp_path, f"kvmsandbox.misbehave={scenario}")
     client = armed.client()
     assert [c.id for c in client.list_containers()] == ["c"]
+    assert client.container_stats("c").cpu_usage_ns == 7
     with pytest.raises(AgentMisbehaved):
-        client.container_stats("c")
+        client.update_container("c", {})
     # Pending calls fail first, then the violation is reported.
     wait_until(lambda: armed.violations, 5, "the violation to be reported")
     assert len(armed.violations) == 1 and client.violation is not None
@@ -112,6 +113,7 @@ def test_unknown_enum_lists_unknown_states_then_answers_an_unknown_code(
     arm(monkeypatch, tmp_path, "kvmsandbox.misbehave=unknown-enum")
     client = armed.client()
     assert client.container_stats("c").cpu_usage_ns == 7
+    client.update_container("c", {})
     assert [c.state for c in client.list_containers()] == [misbehave.UNKNOWN_STATE]
     with pytest.raises(AgentMisbehaved):
         client.container_stats("c")
@@ -120,15 +122,17 @@ def test_unknown_enum_lists_unknown_states_then_answers_an_unknown_code(
 def test_stats_max_endless_output_and_silence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, armed: Guest) -> None:
     arm(monkeypatch, tmp_path, "kvmsandbox.misbehave=stats-max")
     client = armed.client()
+    assert client.container_stats("c").cpu_usage_ns == 7
+    client.update_container("c", {})
     assert client.container_stats("c") == misbehave.largest_stats()
     monkeypatch.setattr(misbehave, "armed", misbehave.Misbehaviour("endless-output"))
-    client.container_stats("c")
+    client.update_container("c", {})
     answer = client.call("ReadStdio", pb.ReadStdioRequest(container_id="c", wait_ms=5000), pb.ReadStdioResponse)
     assert len(answer.data) == misbehave.ENDLESS_CHUNK_BYTES and not answer.eof
     monkeypatch.setattr(misbehave, "armed", misbehave.Misbehaviour("silence"))
     assert client.list_containers()
     with pytest.raises(DeadlineExceeded):
-        client.container_stats("c", timeout=0.5)
+        client.call("UpdateContainer", pb.UpdateContainerRequest(), pb.UpdateContainerResponse, timeout=0.5)
     with pytest.raises(DeadlineExceeded):
         client.list_containers(timeout=0.5)
     assert client.violation is None
@@ -141,5 +145,5 @@ def test_a_flood_within_what_the_host_drops_keeps_the_connection(
     monkeypatch.setattr(misbehave, "FLOOD_SECONDS", 0.5)
     monkeypatch.setattr(misbehave, "FLOOD_BODY_BYTES", 1024)
     client = armed.client()
-    assert client.container_stats("c").cpu_usage_ns == 7
+    client.update_container("c", {})
     assert client.list_containers() and client.violation is None

@@ -4,18 +4,18 @@ agent would, so that the host's defences are exercised by a real guest over a re
 
 Armed only by ``kvmsandbox.misbehave=<scenario>`` on the kernel command line, which the host puts
 there only when a test passes it to ``SandboxManager.create_sandbox(cmdline_extra=...)``: no CRI
-request, config key or container can. Until the host's first ContainerStats request (the trigger:
-the host sends it only when asked for figures, so the pod boots and its containers are made
-first) the agent behaves; from the trigger on it plays its scenario:
+request, config key or container can. Until the host's first UpdateContainer request (the
+trigger: the host sends it only when the CRI asks, never on its own nor in a node-wide call, so the
+pod boots and its containers are made first) the agent behaves; from the trigger on it plays its
+scenario, and a trigger the scenario does not answer itself is answered OK (no limits change):
 
 ``bad-magic``       the trigger's answer under a wrong magic
 ``huge-garbage``    a frame of MAX_FRAME_BYTES that does not decode
 ``undecodable``     a well-formed frame whose answer body does not decode
-``unknown-enum``    the trigger is answered; then every container is listed in a state no version
-                    knows, and the next ContainerStats answers with a status code no version knows
+``unknown-enum``    every container is listed in a state no version knows, and ContainerStats
+                    answers with a status code no version knows
 ``unknown-ids``     more answers to ids never sent than the host drops quietly
-``endless-output``  the trigger is answered; then every ReadStdio answers at once with a full
-                    chunk of short lines, never the end
+``endless-output``  every ReadStdio answers at once with a full chunk of short lines, never the end
 ``stats-max``       every ContainerStats answer has the largest value in every figure
 ``silence``         no answer to anything any more; the connection stays open
 ``flood``           answers to ids never sent, 1 MiB each, as fast as the channel takes them for
@@ -38,7 +38,7 @@ Send = Callable[[bytes], None]
 Scenario = Callable[[Handler, pb.Request, Send, bool], bool]
 
 CMDLINE_KEY = "kvmsandbox.misbehave="
-TRIGGER = "ContainerStats"
+TRIGGER = "UpdateContainer"
 # Ids the host never uses (its ids count up from a random 48-bit start).
 NEVER_SENT_ID = 2**63
 UNKNOWN_CODE = 4242
@@ -56,6 +56,10 @@ def _frame(response: pb.Response) -> bytes:
     return wire.encode(pb.Frame(response=response))
 
 
+def _ok(request: pb.Request) -> bytes:
+    return _frame(pb.Response(id=request.id, status=pb.Status(code=pb.OK)))
+
+
 def _stray(i: int, body: bytes = b"") -> bytes:
     return _frame(pb.Response(id=NEVER_SENT_ID + i, status=pb.Status(code=pb.OK), body=body))
 
@@ -63,7 +67,7 @@ def _stray(i: int, body: bytes = b"") -> bytes:
 def _bad_magic(handler: Handler, request: pb.Request, send: Send, first: bool) -> bool:
     if not first:
         return False
-    send(b"KSA0" + _frame(handler(request))[len(wire.MAGIC) :])
+    send(b"KSA0" + _ok(request)[len(wire.MAGIC) :])
     return True
 
 
@@ -93,7 +97,7 @@ def _unknown_enum(handler: Handler, request: pb.Request, send: Send, first: bool
         response.body = listed.SerializeToString()
         send(_frame(response))
         return True
-    if request.method == TRIGGER:
+    if request.method == "ContainerStats":
         status = pb.Status(code=UNKNOWN_CODE, message="a code from the future")  # type: ignore[arg-type]
         send(_frame(pb.Response(id=request.id, status=status)))
         return True
@@ -134,7 +138,7 @@ def largest_stats() -> pb.ContainerStatsResponse:
 
 
 def _stats_max(handler: Handler, request: pb.Request, send: Send, first: bool) -> bool:
-    if request.method != TRIGGER:
+    if request.method != "ContainerStats":
         return False
     body = largest_stats().SerializeToString()
     send(_frame(pb.Response(id=request.id, status=pb.Status(code=pb.OK), body=body)))
@@ -157,7 +161,7 @@ def _flood(handler: Handler, request: pb.Request, send: Send, first: bool) -> bo
             send(frame)
             sent += 1
         log.event("flood-over", frames=sent, frame_bytes=len(frame))
-        send(_frame(handler(request)))
+        send(_ok(request))
 
     threading.Thread(target=flood, name="flood", daemon=True).start()
     return True
@@ -195,7 +199,11 @@ class Misbehaviour:
                 return False
         if first:
             log.event("misbehaving", scenario=self.scenario)
-        return self._play(handler, request, send, first)
+        if self._play(handler, request, send, first):
+            return True
+        if first:
+            send(_ok(request))
+        return first
 
 
 armed: Misbehaviour | None = None
