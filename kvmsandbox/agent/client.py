@@ -360,9 +360,9 @@ class AgentClient:
         )
         return self.call("ReadStdio", req, pb.ReadStdioResponse, wait + LONG_POLL_SLACK)
 
-    def remove_container(self, container_id: str, force: bool = False) -> None:
+    def remove_container(self, container_id: str, force: bool = False, timeout: float | None = None) -> None:
         req = pb.RemoveContainerRequest(container_id=container_id, force=force)
-        self.call("RemoveContainer", req, pb.RemoveContainerResponse)
+        self.call("RemoveContainer", req, pb.RemoveContainerResponse, timeout)
 
     def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
         req = pb.UpdateContainerRequest(container_id=container_id, resources_json=json.dumps(resources))

@@ -63,6 +63,10 @@ class LogPositions:
         os.close(self._fd)
 
 
+class LogClosed(Exception):
+    """The writer was closed (its container is being removed): nothing more is written."""
+
+
 class CriLogWriter:
     """Appends both streams of one container to a log file; thread-safe; reopenable.
 
@@ -77,8 +81,13 @@ class CriLogWriter:
         self._partial: dict[str, bytes] = {"stdout": b"", "stderr": b""}
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
-        self._positions = LogPositions(positions) if positions is not None else None
-        self._stored = self._positions.recover(self._fd) if self._positions else dict.fromkeys(STREAMS, 0)
+        self._positions: LogPositions | None = None
+        try:
+            self._positions = LogPositions(positions) if positions is not None else None
+            self._stored = self._positions.recover(self._fd) if self._positions else dict.fromkeys(STREAMS, 0)
+        except BaseException:
+            self.close()
+            raise
         self._received = dict(self._stored)
 
     def _open(self) -> int:
@@ -113,7 +122,7 @@ class CriLogWriter:
             OSError: the log could not be written.
         """
         if self._fd < 0:
-            return  # closed: the container is being removed
+            raise LogClosed(f"{self.path} is closed")
         stored = {s: received[s] - len(partial[s]) for s in STREAMS}
         size = os.fstat(self._fd).st_size
         if self._positions is not None and (block or stored != self._stored):
@@ -151,8 +160,9 @@ class CriLogWriter:
         with self._lock:
             if self._fd < 0:
                 return
+            fd = self._open()  # on failure the old file stays in use
             os.close(self._fd)
-            self._fd = self._open()
+            self._fd = fd
             if self._positions is not None:
                 size = os.fstat(self._fd).st_size
                 self._positions.record(self._fd, size, 0, self._stored, self._stored)

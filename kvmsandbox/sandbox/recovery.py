@@ -22,6 +22,9 @@ from kvmsandbox.sandbox.states import ContainerState, SandboxState, move
 log = logging.getLogger(__name__)
 
 RECOVERY_WORKERS = 16
+# Containers unknown to a record removed from its guest at recovery, and the time each may take.
+MAX_ORPHANS = 2
+ORPHAN_REMOVE_SECONDS = 5.0
 
 
 def sync_containers(ctx: SandboxContext, record: SandboxRecord, timeout: float | None = None) -> set[str]:
@@ -117,15 +120,7 @@ def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:
         lifecycle.mark_broken(ctx, record.id, f"agent not reachable after a runtime restart: {e}")
         return
     client = ctx.client_for(record)
-    for orphan in sorted(in_guest - set(record.containers))[:64]:
-        # Made in the guest by a CreateContainer the runtime did not live to record.
-        log.warning("sandbox %s: removing container %s, unknown to its record", record.id, orphan[:64])
-        try:
-            client.remove_container(orphan, force=True)
-        except KvmSandboxError as e:
-            log.warning("sandbox %s: container %s stays in the guest: %s", record.id, orphan[:64], e)
-        if ID_PATTERN.match(orphan):
-            rootfs.release_container(ctx.sandbox_dir(record.id), orphan, [])
+    _remove_orphans(ctx, record, in_guest - set(record.containers))
     for c in record.containers.values():
         if c.id in in_guest:
             try:
@@ -134,3 +129,19 @@ def _reattach(ctx: SandboxContext, record: SandboxRecord) -> None:
             except OSError as e:
                 log.warning("container %s: its log %s cannot be opened: %s", c.id, c.log_path, e)
     log.info("sandbox recovered id=%s containers=%d", record.id, len(record.containers))
+
+
+def _remove_orphans(ctx: SandboxContext, record: SandboxRecord, orphans: set[str]) -> None:
+    """Removes containers the guest has and the record does not: made by a CreateContainer the
+    runtime did not live to record (one at most, creates hold the sandbox's lock). The list is the
+    guest's word: a few are removed, each within a short timeout, and the first failure ends it."""
+    for name in sorted(orphans)[:MAX_ORPHANS]:
+        log.warning("sandbox %s: removing container %r, unknown to its record", record.id, name[:80])
+        try:
+            ctx.client_for(record).remove_container(name, force=True, timeout=ORPHAN_REMOVE_SECONDS)
+        except KvmSandboxError as e:
+            log.warning("sandbox %s: container %r stays in the guest: %s", record.id, name[:80], e)
+            return
+        if ID_PATTERN.fullmatch(name):
+            # Its mounts go now; a tree the guest filled goes with the sandbox if not in time.
+            rootfs.release_container(ctx.sandbox_dir(record.id), name, [], seconds=ORPHAN_REMOVE_SECONDS)

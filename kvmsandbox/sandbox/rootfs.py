@@ -201,7 +201,9 @@ def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool) -> int:
             os.close(target)
 
 
-def release_container(sandbox_dir: Path, container_id: str, mount_ids: Sequence[int]) -> None:
+def release_container(
+    sandbox_dir: Path, container_id: str, mount_ids: Sequence[int], seconds: float = LIVE_REMOVE_SECONDS
+) -> None:
     """Detaches the container's mounts and deletes its dirs (idempotent).
 
     The mounts are the recorded ids, wherever the guest has moved them since, and any mount left
@@ -220,7 +222,7 @@ def release_container(sandbox_dir: Path, container_id: str, mount_ids: Sequence[
     # The guest still runs and may keep writing (through a file it holds open): the work is
     # bounded, and what is left goes with the sandbox.
     dirs = [*container_dirs(container_id), *_host_path_dirs(sandbox_dir, container_id)]
-    _remove(sandbox_dir, dirs, LIVE_REMOVE_SECONDS)
+    _remove(sandbox_dir, dirs, seconds)
 
 
 def _host_path_dirs(sandbox_dir: Path, container_id: str) -> list[str]:

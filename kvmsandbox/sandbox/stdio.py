@@ -4,6 +4,7 @@ and log writers of every container."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import Protocol
 from kvmsandbox.agent.client import AgentClient
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentError, DeadlineExceeded, Unavailable
-from kvmsandbox.sandbox.logs import CriLogWriter
+from kvmsandbox.sandbox.logs import CriLogWriter, LogClosed
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ STDIO_POLL_SECONDS = 5.0
 # An agent that answers a long poll at once with nothing is asked again after this long at the
 # earliest: no guest can make a pump spin.
 MIN_POLL_INTERVAL = 0.1
+# A log that cannot be written (a full disk) is tried again this often.
+STORE_RETRY_SECONDS = 1.0
 # ExecSync keeps this much of each stream (both together stay within gRPC's 16 MiB message
 # limit, which the kubelet uses too); the rest is read and dropped so the command does not block
 # on a full pipe.
@@ -83,6 +86,7 @@ class OutputPump:
         stop: threading.Event,
     ) -> None:
         failures = 0
+        ended = False
         while not stop.is_set():
             asked = time.monotonic()
             at = sink.position(name)
@@ -91,21 +95,35 @@ class OutputPump:
                 data = _aligned(at[0], answer)
                 if data:
                     sink.write(name, data)
-            except (AgentError, Unavailable, DeadlineExceeded, OSError) as e:
+            except OSError as e:
+                # The log cannot be written (a full disk): the guest keeps the output (its
+                # container blocks once enough waits), so try again for as long as it takes.
+                log.warning("output of %s %s cannot be stored: %s", container_id[:12], name, e)
+                stop.wait(STORE_RETRY_SECONDS)
+                continue
+            except LogClosed:
+                return  # the container is being removed
+            except (AgentError, Unavailable, DeadlineExceeded) as e:
                 # NotFound: the container is gone. Anything else: retry a few times, the agent
-                # may be reconnecting or the disk may have room again.
+                # may be reconnecting.
                 failures += 1
-                if (isinstance(e, AgentError) and e.grpc_code == "NOT_FOUND") or failures > 20:
+                ended = isinstance(e, AgentError) and e.grpc_code == "NOT_FOUND"
+                if ended or failures > 20:
                     log.warning("output of %s %s: giving up: %s", container_id[:12], name, e)
                     break
-                stop.wait(0.2 if not isinstance(e, OSError) else 1.0)
+                stop.wait(0.2)
                 continue
             failures = 0
             if answer.eof:
+                ended = True
                 break
             if not data:
                 stop.wait(max(0.0, MIN_POLL_INTERVAL - (time.monotonic() - asked)))
-        sink.end(name)
+        if ended:
+            # An unfinished last line is written as a whole one. When the pump is only stopped
+            # (the runtime shuts down) it stays unwritten: the next runtime reads it again whole.
+            with contextlib.suppress(OSError, LogClosed):
+                sink.end(name)
 
     def stop(self) -> None:
         """Stops copying after the current read (the runtime shuts down; the guest keeps the rest)."""
@@ -199,8 +217,8 @@ class StdioRegistry:
         with self._lock:
             pump = self._pumps.pop(key, None)
             writer = self._writers.pop(key, None)
-        if pump is not None:
-            pump.join(join_timeout)
+        if pump is not None and not pump.join(join_timeout):
+            pump.stop()  # it ends at its next read: the closed writer takes nothing more
         if writer is not None:
             writer.close()
 

@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,51 @@ def test_a_failed_write_changes_nothing_and_the_same_output_comes_again(tmp_path
     w.write("stdout", b"two\n")
     w.close()
     assert [c for _, _, c in parse_cri_log(log.read_text())] == ["one", "two"]
+
+
+def test_a_kill_inside_the_real_append_leaves_the_log_whole_and_positions_that_match(tmp_path: Path) -> None:
+    """The writer's own append, killed with SIGKILL after half of its block reached the log."""
+    log, positions = tmp_path / "c.log", tmp_path / "c.pos"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child dies by SIGKILL
+        w = CriLogWriter(log, positions)
+        w.write("stdout", b"first\n")
+        real_write = os.write
+
+        def half_then_die(fd: int, data: bytes) -> int:
+            real_write(fd, bytes(data[: len(data) // 2]))
+            os.kill(os.getpid(), signal.SIGKILL)
+            return 0
+
+        os.write = half_then_die  # type: ignore[assignment]
+        w.write("stdout", b"second\nthird\n")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert "second" not in log.read_text() or not log.read_text().endswith("\n")  # really torn
+    w = CriLogWriter(log, positions)
+    assert w.position("stdout") == (6, 6)
+    w.write("stdout", b"second\nthird\n")
+    w.close()
+    assert [c for _, _, c in parse_cri_log(log.read_text())] == ["first", "second", "third"]
+
+
+def test_a_reopen_that_fails_keeps_writing_to_the_open_log(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    w = CriLogWriter(logs / "c.log")
+    w.write("stdout", b"one\n")
+    logs.rename(tmp_path / "moved")  # the log's directory is gone: the new file cannot be made
+    with pytest.raises(FileNotFoundError):
+        w.reopen()
+    w.write("stdout", b"two\n")
+    w.close()
+    assert [c for _, _, c in parse_cri_log((tmp_path / "moved" / "c.log").read_text())] == ["one", "two"]
+
+
+def test_a_writer_that_cannot_start_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    (tmp_path / "pos").mkdir()  # a directory where the positions file should be
+    for _ in range(10):
+        with pytest.raises(OSError):
+            CriLogWriter(tmp_path / "c.log", tmp_path / "pos")
+    assert len(os.listdir("/proc/self/fd")) == before

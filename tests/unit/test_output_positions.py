@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 from kvmsandbox.agent.guest.process import STREAM_BUFFER_LIMIT, OutputBuffer
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.sandbox.stdio import _aligned
+from kvmsandbox.sandbox.logs import CriLogWriter, parse_cri_log
+from kvmsandbox.sandbox.stdio import LogSink, OutputPump, _aligned
 
 
 def _buffer_with(data: bytes, close: bool = True) -> tuple[OutputBuffer, int]:
@@ -80,3 +82,85 @@ def test_the_host_takes_only_what_continues_where_it_asked() -> None:
     assert _aligned(10, answer(b"abc", 12)) == b""  # a gap no honest agent makes
     assert _aligned(10, answer(b"abc", 2**64 - 1)) == b""
     assert _aligned(10, answer(b"abc", 0, positioned=False)) == b"abc"  # an agent without positions
+
+
+class ScriptedAgent:
+    """Answers ReadStdio like the agent does, from a fixed stdout, recording what it was asked."""
+
+    def __init__(self, stdout: bytes, eof: bool = False, chunk: int = 6) -> None:
+        self.stdout, self.eof, self.chunk = stdout, eof, chunk
+        self.asked: list[tuple[int, int]] = []
+
+    def read_stdio(
+        self, container_id: str, exec_id: str, stream: int, wait: float, at: tuple[int, int] = (0, 0)
+    ) -> pb.ReadStdioResponse:
+        if stream != pb.STDOUT:
+            time.sleep(0.05)
+            return pb.ReadStdioResponse(eof=True, positioned=True)
+        self.asked.append(at)
+        data = self.stdout[at[0] : at[0] + self.chunk]
+        if not data and not self.eof:
+            time.sleep(0.02)
+        ended = self.eof and at[0] + len(data) >= len(self.stdout)
+        return pb.ReadStdioResponse(data=data, offset=at[0], eof=ended, positioned=True)
+
+
+def _pump(agent: object, writer: CriLogWriter) -> OutputPump:
+    return OutputPump(agent, "c" * 64, "", LogSink(writer))  # type: ignore[arg-type]
+
+
+def test_the_pump_acknowledges_only_what_is_in_the_log(tmp_path: Path) -> None:
+    agent = ScriptedAgent(b"abc\ndef\nghi\njk", eof=True)
+    writer = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    assert _pump(agent, writer).join(5)
+    # "abc\nde": "abc\n" stored, "de" held; "f\nghi\n": all stored; then "jk" and the end.
+    assert agent.asked == [(0, 0), (6, 4), (12, 12)]
+    writer.close()
+    assert [c for _, _, c in parse_cri_log((tmp_path / "c.log").read_text())] == ["abc", "def", "ghi", "jk"]
+
+
+def test_a_stopped_pump_leaves_an_unfinished_line_for_the_next_runtime(tmp_path: Path) -> None:
+    agent = ScriptedAgent(b"hello wor")
+    writer = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    pump = _pump(agent, writer)
+    time.sleep(0.5)
+    pump.stop()
+    assert pump.join(5)
+    writer.close()
+    assert (tmp_path / "c.log").read_text() == ""
+    agent.stdout = b"hello world\n"
+    again = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    agent.eof = True
+    assert _pump(agent, again).join(5)
+    again.close()
+    assert parse_cri_log((tmp_path / "c.log").read_text()) == [("stdout", "F", "hello world")]
+
+
+def test_a_closed_log_ends_the_pump_even_if_the_guest_keeps_sending(tmp_path: Path) -> None:
+    agent = ScriptedAgent(b"x\n" * 10_000_000, chunk=2)
+    writer = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    pump = _pump(agent, writer)
+    time.sleep(0.2)
+    writer.close()
+    assert pump.join(2)
+
+
+def test_answers_from_a_position_never_asked_are_dropped_without_spinning(tmp_path: Path) -> None:
+    class Liar(ScriptedAgent):
+        def read_stdio(
+            self, container_id: str, exec_id: str, stream: int, wait: float, at: tuple[int, int] = (0, 0)
+        ) -> pb.ReadStdioResponse:
+            if stream == pb.STDOUT:
+                self.asked.append(at)
+                return pb.ReadStdioResponse(data=b"boo\n", offset=2**64 - 1, positioned=True)
+            return super().read_stdio(container_id, exec_id, stream, wait, at)
+
+    agent = Liar(b"")
+    writer = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    pump = _pump(agent, writer)
+    time.sleep(1.0)
+    pump.stop()
+    assert pump.join(2)
+    writer.close()
+    assert 5 <= len(agent.asked) <= 12  # one ask per MIN_POLL_INTERVAL, not a spin
+    assert set(agent.asked) == {(0, 0)} and (tmp_path / "c.log").read_text() == ""
