@@ -61,6 +61,10 @@ class SandboxDefaults:
     # Each VM's serial console log (the guest writes it at will) stays below this: the server
     # checks every log twice a second and cuts one past 3/4 of it back to its most recent half.
     console_log_max_bytes: int = 1 << 20
+    # Each stream of each container (and exec) is copied from the guest at most this fast; a
+    # container writing faster waits on its pipe. Bounds the host CPU a chatty or hostile
+    # container can make the runtime spend on its logs.
+    output_bytes_per_second: int = 16 << 20
 
 
 @dataclass(frozen=True)

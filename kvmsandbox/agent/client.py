@@ -36,6 +36,8 @@ LONG_POLL_SLACK = 15.0
 # this many; beyond, the agent misbehaves. Late answers to calls that timed out are expected, not
 # stray: the last ids given up are kept, each accepted once.
 MAX_STRAY_ANSWERS = 4096
+# ... and up to this many bytes of them (a replayed answer holds at most 1 MiB of output).
+MAX_STRAY_BYTES = 256 * 1024 * 1024
 FORGOTTEN_IDS_KEPT = 4096
 # The reader wakes this often to notice a closed connection; writes wait at most the call's deadline.
 SOCKET_POLL_SECONDS = 1.0
@@ -108,7 +110,7 @@ class _Connection:
 
     def _read_loop(self) -> None:
         decoder = wire.FrameDecoder(strict=True)
-        stray = 0
+        stray = stray_bytes = 0
         try:
             while not self.closed:
                 try:
@@ -129,8 +131,9 @@ class _Connection:
                             fut.set_result(frame.response)
                     elif not late:
                         stray += 1
-                        if stray > MAX_STRAY_ANSWERS:
-                            raise wire.FrameError(f"{stray} answers to requests never sent")
+                        stray_bytes += frame.ByteSize()
+                        if stray > MAX_STRAY_ANSWERS or stray_bytes > MAX_STRAY_BYTES:
+                            raise wire.FrameError(f"{stray} answers ({stray_bytes} bytes) to requests never sent")
         except OSError:
             pass
         except wire.FrameError as e:

@@ -46,7 +46,7 @@ class SandboxContext:
         self.cgroups_ok, self.cgroups_reason = cgroups_available()
         if not self.cgroups_ok:
             log.warning("VMMs are not placed in host cgroups: %s", self.cgroups_reason)
-        self.stdio = StdioRegistry()
+        self.stdio = StdioRegistry(config.sandbox.output_bytes_per_second)
         self.boot_timings: dict[str, BootTimings] = {}
         # Called (sandbox id, why) when an agent breaks the protocol; the manager marks it BROKEN.
         self.on_agent_violation: Callable[[str, str], None] = lambda sandbox_id, reason: None

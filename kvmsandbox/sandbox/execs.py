@@ -37,7 +37,7 @@ def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: lis
     process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
     client.exec_process(container_id, exec_id, process, timeout=max(1.0, timeout))
     collector = OutputCollector()
-    pump = OutputPump(client, container_id, exec_id, collector)
+    pump = OutputPump(client, container_id, exec_id, collector, ctx.stdio.bytes_per_second)
     try:
         status = client.wait_process(container_id, exec_id, max(0.0, deadline - time.monotonic()))
         if status is None:

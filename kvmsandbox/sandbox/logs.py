@@ -100,19 +100,31 @@ class CriLogWriter:
             return self._received[stream], self._stored[stream]
 
     @staticmethod
-    def _line(stream: str, tag: str, line: bytes) -> bytes:
-        return f"{timestamp()} {stream} {tag} ".encode() + line + b"\n"
+    def _prefix(stream: str, tag: str, ts: str) -> bytes:
+        return f"{ts} {stream} {tag} ".encode()
 
-    def _pieces(self, stream: str, line: bytes, complete: bool, out: bytearray) -> bytes:
-        """Adds ``line`` to ``out`` in pieces of at most MAX_LINE_BYTES; returns what is left
-        (the unfinished tail of an incomplete line)."""
-        while len(line) > MAX_LINE_BYTES:
-            out += self._line(stream, "P", line[:MAX_LINE_BYTES])
-            line = line[MAX_LINE_BYTES:]
+    def _pieces(self, stream: str, lines: list[bytes], rest: bytes, complete: bool) -> tuple[bytes, bytes]:
+        """The log entries for ``lines`` (complete) and ``rest`` (complete only if ``complete``),
+        lines longer than MAX_LINE_BYTES in pieces; and what is left of ``rest`` (the unfinished
+        tail of an incomplete line). One timestamp for all: they arrived together."""
+        ts = timestamp()
+        full = self._prefix(stream, "F", ts)
         if complete:
-            out += self._line(stream, "F", line)
-            return b""
-        return line
+            lines, rest = [*lines, rest], b""
+        out = bytearray()
+        for line in lines:
+            out += self._split(stream, ts, line) if len(line) > MAX_LINE_BYTES else full + line + b"\n"
+        if len(rest) > MAX_LINE_BYTES:
+            cut = len(rest) - len(rest) % MAX_LINE_BYTES or len(rest) - MAX_LINE_BYTES
+            out += self._split(stream, ts, rest[:cut], last="P")
+            rest = rest[cut:]
+        return bytes(out), rest
+
+    def _split(self, stream: str, ts: str, line: bytes, last: str = "F") -> bytes:
+        piece = self._prefix(stream, "P", ts)
+        chunks = [line[i : i + MAX_LINE_BYTES] for i in range(0, len(line), MAX_LINE_BYTES)]
+        out = b"".join(piece + c + b"\n" for c in chunks[:-1])
+        return out + self._prefix(stream, last, ts) + chunks[-1] + b"\n"
 
     def _append(self, block: bytes | bytearray, received: dict[str, int], partial: dict[str, bytes]) -> None:
         """Appends ``block``, then takes ``received`` and ``partial`` as the new state. On an error
@@ -140,11 +152,9 @@ class CriLogWriter:
     def write(self, stream: str, data: bytes) -> None:
         """Adds output of ``stream`` ("stdout" or "stderr"); complete lines are written at once."""
         with self._lock:
-            block = bytearray()
             *lines, rest = (self._partial[stream] + data).split(b"\n")
-            for line in lines:
-                self._pieces(stream, line, True, block)
-            partial = {**self._partial, stream: self._pieces(stream, rest, False, block)}
+            block, rest = self._pieces(stream, lines, rest, complete=False)
+            partial = {**self._partial, stream: rest}
             received = {**self._received, stream: self._received[stream] + len(data)}
             self._append(block, received, partial)
 
@@ -152,7 +162,7 @@ class CriLogWriter:
         """The stream ended: a last line without a newline is written as a full line."""
         with self._lock:
             if self._partial[stream]:
-                block = self._line(stream, "F", self._partial[stream])
+                block, _ = self._pieces(stream, [], self._partial[stream], complete=True)
                 self._append(block, self._received, {**self._partial, stream: b""})
 
     def reopen(self) -> None:

@@ -58,15 +58,34 @@ def _aligned(asked: int, answer: pb.ReadStdioResponse) -> bytes:
     return answer.data[asked - answer.offset :]
 
 
+class Pace:
+    """Keeps a stream's copying at most ``bytes_per_second`` on average, a second's worth in a burst."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        self.rate = bytes_per_second
+        self._credit = bytes_per_second
+        self._at = time.monotonic()
+
+    def spent(self, n: int, stop: threading.Event) -> None:
+        """Counts ``n`` bytes copied; waits (or until ``stop``) while the stream is over its rate."""
+        now = time.monotonic()
+        self._credit = min(self.rate, self._credit + (now - self._at) * self.rate) - n
+        self._at = now
+        if self._credit < 0:
+            stop.wait(-self._credit / self.rate)
+
+
 class OutputPump:
     """Copies a process's stdout and stderr from the agent to a sink until both end."""
 
-    def __init__(self, client: AgentClient, container_id: str, exec_id: str, sink: Sink) -> None:
+    def __init__(
+        self, client: AgentClient, container_id: str, exec_id: str, sink: Sink, bytes_per_second: float
+    ) -> None:
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(
                 target=self._pump,
-                args=(client, container_id, exec_id, stream, name, sink, self._stop),
+                args=(client, container_id, exec_id, stream, name, sink, self._stop, Pace(bytes_per_second)),
                 name=f"stdio-{container_id[:12]}-{name}",
                 daemon=True,
             )
@@ -84,6 +103,7 @@ class OutputPump:
         name: str,
         sink: Sink,
         stop: threading.Event,
+        pace: Pace,
     ) -> None:
         failures = 0
         ended = False
@@ -95,6 +115,7 @@ class OutputPump:
                 data = _aligned(at[0], answer)
                 if data:
                     sink.write(name, data)
+                    pace.spent(len(data), stop)
             except OSError as e:
                 # The log cannot be written (a full disk): the guest keeps the output (its
                 # container blocks once enough waits), so try again for as long as it takes.
@@ -181,7 +202,8 @@ Key = tuple[str, str]
 class StdioRegistry:
     """The log writer and the output pump of every container whose output the runtime copies."""
 
-    def __init__(self) -> None:
+    def __init__(self, bytes_per_second: float) -> None:
+        self.bytes_per_second = bytes_per_second
         self._lock = threading.Lock()
         self._pumps: dict[Key, OutputPump] = {}
         self._writers: dict[Key, CriLogWriter] = {}
@@ -210,7 +232,7 @@ class StdioRegistry:
                 return
             writer = self._writers.get(key) or CriLogWriter(log_path, positions)
             self._writers[key] = writer
-            self._pumps[key] = OutputPump(client, key[1], "", LogSink(writer))
+            self._pumps[key] = OutputPump(client, key[1], "", LogSink(writer), self.bytes_per_second)
 
     def release(self, key: Key, join_timeout: float) -> None:
         """Waits up to ``join_timeout`` for the pump to end and closes the log."""

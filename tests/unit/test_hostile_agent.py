@@ -131,7 +131,20 @@ def test_stray_answers_are_dropped_up_to_a_bound(agent_of: Callable[[Answer], Fa
     tolerated = agent_of(lambda r: strays(MAX_STRAY_ANSWERS) + answer(r.id, body=ok)).client()
     assert tolerated.call("Health", pb.HealthRequest(), pb.HealthResponse).agent_version == "1"
     flooding = agent_of(lambda r: strays(MAX_STRAY_ANSWERS + 1) + answer(r.id, body=ok)).client()
-    with pytest.raises(AgentMisbehaved, match="answers to requests never sent"):
+    with pytest.raises(AgentMisbehaved, match="4097 answers"):
+        flooding.call("Health", pb.HealthRequest(), pb.HealthResponse)
+
+
+def test_stray_answers_are_dropped_up_to_a_byte_bound_too(
+    agent_of: Callable[[Answer], FakeAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_STRAY_BYTES", 4 * 1024 * 1024)
+    big = lambda n: b"".join(answer(10**9 + i, body=b"x" * 1_000_000) for i in range(n))  # noqa: E731
+    ok = pb.HealthResponse(agent_version="1").SerializeToString()
+    tolerated = agent_of(lambda r: big(4) + answer(r.id, body=ok)).client()
+    assert tolerated.call("Health", pb.HealthRequest(), pb.HealthResponse).agent_version == "1"
+    flooding = agent_of(lambda r: big(5) + answer(r.id, body=ok)).client()
+    with pytest.raises(AgentMisbehaved, match="bytes"):
         flooding.call("Health", pb.HealthRequest(), pb.HealthResponse)
 
 

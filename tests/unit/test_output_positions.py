@@ -105,8 +105,8 @@ class ScriptedAgent:
         return pb.ReadStdioResponse(data=data, offset=at[0], eof=ended, positioned=True)
 
 
-def _pump(agent: object, writer: CriLogWriter) -> OutputPump:
-    return OutputPump(agent, "c" * 64, "", LogSink(writer))  # type: ignore[arg-type]
+def _pump(agent: object, writer: CriLogWriter, rate: float = 1e12) -> OutputPump:
+    return OutputPump(agent, "c" * 64, "", LogSink(writer), rate)  # type: ignore[arg-type]
 
 
 def test_the_pump_acknowledges_only_what_is_in_the_log(tmp_path: Path) -> None:
@@ -164,3 +164,17 @@ def test_answers_from_a_position_never_asked_are_dropped_without_spinning(tmp_pa
     writer.close()
     assert 5 <= len(agent.asked) <= 12  # one ask per MIN_POLL_INTERVAL, not a spin
     assert set(agent.asked) == {(0, 0)} and (tmp_path / "c.log").read_text() == ""
+
+
+def test_a_chatty_stream_is_copied_no_faster_than_its_rate(tmp_path: Path) -> None:
+    agent = ScriptedAgent(b"y" * 999 + b"\n", chunk=1000)
+    agent.stdout *= 10_000
+    writer = CriLogWriter(tmp_path / "c.log", tmp_path / "c.pos")
+    pump = _pump(agent, writer, rate=100_000)
+    time.sleep(1.5)
+    pump.stop()
+    assert pump.join(3)
+    copied = writer.position("stdout")[0]
+    writer.close()
+    # A second's burst, then 100 kB/s.
+    assert 150_000 <= copied <= 300_000
