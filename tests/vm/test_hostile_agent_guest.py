@@ -294,7 +294,7 @@ def play_endless_output(node: Node, pod: Pod) -> None:
 
 
 def play_flood(node: Node, pod: Pod) -> None:
-    """Answers to ids never sent, 1 MiB each, for 10 s: the host drops them (fewer than its bound),
+    """Answers to ids never sent, 60 KiB each, for 10 s: the host drops them (fewer than its bounds),
     the other pods are served meanwhile, and the trigger's answer still arrives."""
     node.settle()
     before, started = Usage.now(), time.monotonic()
@@ -310,7 +310,8 @@ def play_flood(node: Node, pod: Pod) -> None:
     over = wait_until(lambda: re.search(rb"flood-over .*frames=(\d+)", console.read_bytes()), 10, "the flood's end")
     frames = int(over.group(1))
     print(
-        f"\nflood of {frames} frames of 1 MiB ({frames / misbehave.FLOOD_SECONDS:.0f} MiB/s) over {seconds:.1f}s: "
+        f"\nflood of {frames} frames of {misbehave.FLOOD_BODY_BYTES // 1024} KiB "
+        f"({frames * misbehave.FLOOD_BODY_BYTES / MIB / misbehave.FLOOD_SECONDS:.0f} MiB/s) over {seconds:.1f}s: "
         f"runtime CPU {after.cpu - before.cpu:.1f}s, "
         f"RSS {before.rss / MIB:.0f} -> peak {peak / MIB:.0f} MiB, threads {before.threads} -> {after.threads}, "
         f"slowest node call {max(latencies):.2f}s"

@@ -18,8 +18,8 @@ scenario, and a trigger the scenario does not answer itself is answered OK (no l
 ``endless-output``  every ReadStdio answers at once with a full chunk of short lines, never the end
 ``stats-max``       every ContainerStats answer has the largest value in every figure
 ``silence``         no answer to anything any more; the connection stays open
-``flood``           answers to ids never sent, 1 MiB each, as fast as the channel takes them for
-                    FLOOD_SECONDS (fewer than the host drops quietly), then the trigger's answer
+``flood``           answers to ids never sent, 60 KiB each, spread over FLOOD_SECONDS (fewer, in
+                    count and bytes, than the host drops quietly), then the trigger's answer
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ UNKNOWN_STATE = 99
 STRAY_ANSWERS = 5000
 FLOOD_SECONDS = 10.0
 FLOOD_FRAMES = 4000
-FLOOD_BODY_BYTES = 1024 * 1024
+FLOOD_BODY_BYTES = 60 * 1024
 ENDLESS_CHUNK_BYTES = 1024 * 1024
 ENDLESS_LINE = b"endless output, never an end of file\n"
 
@@ -155,11 +155,13 @@ def _flood(handler: Handler, request: pb.Request, send: Send, first: bool) -> bo
 
     def flood() -> None:
         frame = _stray(0, b"\xab" * FLOOD_BODY_BYTES)
-        end = time.monotonic() + FLOOD_SECONDS
+        start = time.monotonic()
+        end = start + FLOOD_SECONDS
         sent = 0
         while time.monotonic() < end and sent < FLOOD_FRAMES:
             send(frame)
             sent += 1
+            time.sleep(max(0.0, start + sent * FLOOD_SECONDS / FLOOD_FRAMES - time.monotonic()))
         log.event("flood-over", frames=sent, frame_bytes=len(frame))
         send(_ok(request))
 
