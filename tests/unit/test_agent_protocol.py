@@ -95,3 +95,15 @@ def test_wait_ready_gives_up_when_the_vm_is_gone() -> None:
 
     with pytest.raises(Unavailable, match="stopped before its agent answered"):
         AgentClient(refuse, "sandbox-abc").wait_ready(5, alive=lambda: False)
+
+
+def test_a_crun_error_quotes_only_what_its_own_command_logged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runner = ContainerRunner(Reaper(), bundles=tmp_path / "bundles", crun="/nonexistent/crun")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "crun.log").write_text("an earlier failure\nanother one\n")
+    since = runner._crun_log_size(bundle)
+    with open(bundle / "crun.log", "a") as f:
+        f.write("the real reason\n")
+    error = runner._crun_error(bundle, "crun kill c 15 failed", "", since)
+    assert str(error).endswith("crun kill c 15 failed: the real reason")

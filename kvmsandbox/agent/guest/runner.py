@@ -93,12 +93,22 @@ class ContainerRunner:
     def _crun_cmd(self, bundle: Path, *args: str) -> list[str]:
         return [self._crun, f"--log=file:{bundle / 'crun.log'}", *args]
 
-    def _crun_error(self, bundle: Path, what: str, stderr: str) -> AgentFault:
+    @staticmethod
+    def _crun_log_size(bundle: Path) -> int:
+        """Where crun's log ends now: an error quotes only what its own command logged."""
         try:
-            log = (bundle / "crun.log").read_text(errors="replace").strip().splitlines()[-5:]
+            return (bundle / "crun.log").stat().st_size
+        except OSError:
+            return 0
+
+    def _crun_error(self, bundle: Path, what: str, stderr: str, since: int = 0) -> AgentFault:
+        try:
+            with open(bundle / "crun.log", "rb") as f:
+                f.seek(since)
+                log = f.read(64 * 1024).decode(errors="replace").strip().splitlines()[-5:]
         except OSError:
             log = []
-        detail = "; ".join(line for line in [*log, stderr.strip()] if line) or "no message"
+        detail = "; ".join(line for line in [*log, stderr.strip()[-4096:]] if line) or "no message"
         return AgentFault(f"{what}: {detail}")
 
     def get(self, container_id: str) -> Container:
@@ -192,9 +202,10 @@ class ContainerRunner:
         c = self.get(container_id)
         if c.state != pb.CREATED:
             raise FailedPrecondition(f"container {container_id} was started already")
+        since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "start", container_id), CRUN_TIMEOUT)
         if result.exit_code != 0:
-            raise self._crun_error(c.bundle, f"crun start {container_id} failed", result.stderr)
+            raise self._crun_error(c.bundle, f"crun start {container_id} failed", result.stderr, since)
         c.state = pb.RUNNING
         c.started_at_ns = time.time_ns()
 
@@ -278,9 +289,10 @@ class ContainerRunner:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, sig)
             return
+        since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, str(sig)))
         if result.exit_code != 0 and c.init.exit.info is None:
-            raise self._crun_error(c.bundle, f"crun kill {container_id} {sig} failed", result.stderr)
+            raise self._crun_error(c.bundle, f"crun kill {container_id} {sig} failed", result.stderr, since)
 
     def update(self, container_id: str, resources_json: str) -> None:
         """Applies new cgroup limits (an OCI ``linux.resources`` object) to a container.
@@ -300,9 +312,10 @@ class ContainerRunner:
             raise FailedPrecondition(f"container {container_id} has exited")
         path = c.bundle / "resources.json"
         path.write_text(json.dumps(resources))
+        since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "update", "--resources", str(path), container_id))
         if result.exit_code != 0:
-            raise self._crun_error(c.bundle, f"crun update {container_id} failed", result.stderr)
+            raise self._crun_error(c.bundle, f"crun update {container_id} failed", result.stderr, since)
 
     def remove(self, container_id: str, force: bool) -> None:
         """Deletes the container and its bundle.
@@ -315,9 +328,10 @@ class ContainerRunner:
             if c.state == pb.RUNNING and not force:
                 raise FailedPrecondition(f"container {container_id} is running: stop it first")
             run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, "9"))
+        since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "delete", "--force", container_id))
         if result.exit_code != 0:
-            raise self._crun_error(c.bundle, f"crun delete {container_id} failed", result.stderr)
+            raise self._crun_error(c.bundle, f"crun delete {container_id} failed", result.stderr, since)
         c.init.exit.wait(10)
         c.init.close()
         for p in c.execs.values():
