@@ -1,8 +1,9 @@
 """Turn a VMSpec into libvirt domain XML or a QEMU command line: pure functions, no I/O.
 
 Both describe the same machine: q35 (microvm hangs calibrating the TSC under TCG with QEMU 7.2),
--nodefaults, no display, no network, the root image as a read-only virtio-blk disk, ttyS0 appended to
-a file, the shared dir over virtio-9p, the agent on a virtio-serial port or vsock, no balloon.
+-nodefaults, no display, no network, the root image as a read-only virtio-blk disk, a virtio-scsi
+controller for container disks, ttyS0 appended to a file, the shared dir over virtio-9p, the agent on
+a virtio-serial port or vsock, no balloon.
 A guest reboot or crash ends the VM (the guest kernel panics with panic=-1 and reboots on failure).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from kvmsandbox.hypervisor.disks import SCSI_CONTROLLER_ID
 from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, QMP_SOCKET_NAME, SHARED_DIR_TAG, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -66,6 +68,9 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
         ET.SubElement(fs, "source", dir=str(spec.shared_dir))
         ET.SubElement(fs, "target", dir=SHARED_DIR_TAG)
 
+    # Container image and writable layers are hotplugged on it (hypervisor/disks.py).
+    ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
     ET.SubElement(serial, "target", type="isa-serial", port="0")
@@ -118,6 +123,8 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
         "-blockdev", f"driver=file,node-name=root-file,filename={_val(spec.root_disk)},read-only=on",
         "-blockdev", "driver=raw,node-name=root,file=root-file,read-only=on",
         "-device", "virtio-blk-pci,id=root-disk,drive=root",
+        # Container image and writable layers are hotplugged on it (hypervisor/disks.py).
+        "-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER_ID}",
         # The guest's first getrandom() (Python's hash seed) stalls about a second under TCG without it.
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-pci,id=rng-dev,rng=rng",

@@ -29,17 +29,18 @@ class Capabilities:
 
 
 # Both backends boot what builder.py describes: virtio-9p (no virtio-fs), the agent on a
-# virtio-serial port or vsock; neither adds devices to a running VM nor saves device state yet.
+# virtio-serial port or vsock; both hotplug SCSI disks (container layers); neither saves device
+# state yet.
 LIBVIRT_CAPABILITIES = Capabilities(
     shared_filesystems=frozenset({"virtio-9p"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
-    hotplug=frozenset(),
+    hotplug=frozenset({"block"}),
     snapshot_restore=False,
 )
 QEMU_CAPABILITIES = Capabilities(
     shared_filesystems=frozenset({"virtio-9p"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
-    hotplug=frozenset(),
+    hotplug=frozenset({"block"}),
     snapshot_restore=False,
 )
 

@@ -14,6 +14,7 @@ outlive us, and the next open of the same root finds them again. Limits found by
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -32,10 +33,13 @@ LIBVIRT_LOG_FILE = "/tmp/kvmsandbox-libvirt.log"
 os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"4:file:{LIBVIRT_LOG_FILE}")
 
 import libvirt  # noqa: E402
+import libvirt_qemu  # noqa: E402
 
 from kvmsandbox.errors import HypervisorError  # noqa: E402
+from kvmsandbox.hypervisor import disks  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
+from kvmsandbox.hypervisor.disks import Disk  # noqa: E402
 from kvmsandbox.hypervisor.process import read_pidfile, wait_gone  # noqa: E402
 from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec  # noqa: E402
 
@@ -67,6 +71,8 @@ CAPABILITIES_DIR = Path("cache/qemu/capabilities")
 
 # libvirt's destroy already waits for QEMU to exit (SIGTERM, then SIGKILL); this wait is a safety net.
 DESTROY_WAIT = 15.0
+# Seconds a disk's unplug may take in QEMU after libvirt's detach returned.
+DETACH_WAIT = 10.0
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -339,6 +345,58 @@ class LibvirtHypervisor:
         """The domain `name` if it is ours, else None. Raises HypervisorError with libvirt's message."""
         dom = self._find(name)
         return None if dom is None else self._describe(dom)
+
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        """Adds ``disk`` to the running domain (attach-device, live only); a target left attached by
+        an interrupted call is detached first.
+
+        Raises HypervisorError with libvirt's message.
+        """
+        dom = self._find(name)
+        if dom is None:
+            raise HypervisorError(f"libvirt: no VM {name!r} to attach a disk to")
+        self.detach_disk(name, disk.target)
+        try:
+            dom.attachDeviceFlags(disks.libvirt_xml(disk), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt: cannot attach {disk.path} to VM {name!r}: {e}") from e
+
+    def detach_disk(self, name: str, target: int) -> None:
+        """Removes the disk at ``target`` (SCSI: at once, no guest cooperation). Idempotent.
+
+        Raises HypervisorError with libvirt's message.
+        """
+        dom = self._find(name)
+        if dom is None:
+            return
+        alias = disks.libvirt_alias(target)
+        try:
+            in_qemu = alias in self._qemu_devices(dom)
+            # libvirt reports an unknown alias as an internal error: look first. A disk QEMU has
+            # dropped but libvirt still lists is a detach under way: not asked twice.
+            if in_qemu and f"'{alias}'" in dom.XMLDesc(0):
+                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            # libvirt returns before the unplug is over, and forgets the disk when QEMU's event
+            # reaches it: the target is free once neither has it (a disk attached again before
+            # that would be forgotten by libvirt in its place).
+            deadline = time.monotonic() + DETACH_WAIT
+            while alias in self._qemu_devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
+                if time.monotonic() > deadline:
+                    raise HypervisorError(
+                        f"libvirt: disk {target} of VM {name!r} still there {DETACH_WAIT:.0f} s after its detach"
+                    )
+                time.sleep(0.02)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() in (libvirt.VIR_ERR_DEVICE_MISSING, libvirt.VIR_ERR_NO_DOMAIN):
+                return
+            raise HypervisorError(f"libvirt: cannot detach disk {target} from VM {name!r}: {e}") from e
+
+    @staticmethod
+    def _qemu_devices(dom: Any) -> set[str]:
+        """The ids of the devices QEMU has (user-made ones: libvirt's aliases)."""
+        query = '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}'
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, query, 0))
+        return {str(c.get("name")) for c in reply.get("return", []) if isinstance(c, dict)}
 
     def close(self) -> None:
         """Close the connection; domains keep running. Raises nothing."""

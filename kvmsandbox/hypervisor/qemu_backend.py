@@ -19,12 +19,15 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from kvmsandbox.errors import HypervisorError
+from kvmsandbox.hypervisor import disks
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
+from kvmsandbox.hypervisor.disks import Disk
 from kvmsandbox.hypervisor.process import is_qemu_of, read_pidfile, wait_gone
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
 
@@ -35,6 +38,8 @@ STDERR_LOG_NAME = "qemu-stderr.log"
 STDERR_TAIL_CHARS = 4000
 # After SIGKILL only the kernel's teardown of QEMU's memory is left to wait for.
 KILL_WAIT = 10.0
+# Seconds one QMP exchange (connect, a disk's attach or detach) may take.
+QMP_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,44 @@ class QemuHypervisor:
     def close(self) -> None:
         """Nothing to release: every call reads the state dir afresh."""
 
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        """Adds ``disk`` to the running VM: the runtime opens the image and hands QEMU the fd (an fd
+        set numbered by the target), so QEMU needs no access to the path. A target left half
+        attached by an interrupted call is cleared first.
+
+        Raises HypervisorError with QEMU's message.
+        """
+        flags = os.O_RDONLY if disk.readonly else os.O_RDWR
+        try:
+            fd = os.open(disk.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise HypervisorError(f"cannot open disk image {disk.path} for VM {name!r}: {e.strerror}") from e
+        try:
+            _qmp_run(self._qmp_socket(name), disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
+            _qmp_run(self._qmp_socket(name), disks.qmp_attach(disk, disk.target), fd=(fd, disk.target))
+        except HypervisorError:
+            _qmp_run(self._qmp_socket(name), disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
+            raise
+        finally:
+            os.close(fd)
+
+    def detach_disk(self, name: str, target: int) -> None:
+        """Removes the disk at ``target`` (at once: SCSI needs no guest cooperation) and closes
+        QEMU's fd of it. Idempotent.
+
+        Raises HypervisorError with QEMU's message when QEMU refuses other than "not found".
+        """
+        info = self.info(name)
+        if info is None or not info.running:
+            return  # no VM, no disk
+        _qmp_run(self._qmp_socket(name), disks.qmp_detach(target, target), tolerate_all=False)
+
+    def _qmp_socket(self, name: str) -> Path:
+        files = self._read_files_record(name)
+        if files is None:
+            raise HypervisorError(f"VM {name!r} is not known to the qemu backend")
+        return Path(files.qmp_socket)
+
     def _stop(self, name: str, pid: int, qmp_socket: Path | None) -> None:
         try:
             pidfd = os.pidfd_open(pid)
@@ -250,6 +293,70 @@ def _qmp_quit(socket_path: Path, timeout: float) -> bool:
         log.info("qmp quit failed socket=%s error=%r", socket_path, e)
         return False
     return True
+
+
+# What QEMU answers when the object a removal names is not there (already removed, never made).
+_NOT_THERE = ("not found", "Failed to find", "Cannot find", "No fdset", "does not exist")
+
+
+def _qmp_run(
+    socket_path: Path, commands: list[dict[str, Any]], *, fd: tuple[int, int] | None = None, tolerate_all: bool = False
+) -> None:
+    """Runs ``commands`` in order on one QMP connection; with ``fd`` (an fd, an fd set number),
+    first hands the fd to QEMU and puts it in that fd set (``add-fd``). A command that fails stops
+    the run with HypervisorError, unless it failed because what it removes is not there (or
+    ``tolerate_all``).
+    """
+
+    async def run() -> None:
+        client = QMPClient()
+        try:
+            async with asyncio.timeout(QMP_TIMEOUT):
+                await client.connect(str(socket_path))
+                if fd is not None:
+                    client.send_fd_scm(fd[0])
+                    await client.execute("add-fd", {"fdset-id": fd[1]})
+                for command in commands:
+                    try:
+                        await _execute_when_free(client, command)
+                    except ExecuteError as e:
+                        if tolerate_all or any(t in str(e) for t in _NOT_THERE):
+                            continue
+                        raise HypervisorError(f"QEMU refused {command['execute']}: {e}") from None
+                    if command["execute"] == "device_del":
+                        await _device_gone(client, str(command["arguments"]["id"]))
+        finally:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await client.disconnect()
+
+    try:
+        asyncio.run(run())
+    except (QMPError, OSError, EOFError, TimeoutError) as e:
+        raise HypervisorError(f"QMP at {socket_path} failed: {e!r}") from None
+
+
+async def _execute_when_free(client: QMPClient, command: dict[str, Any]) -> None:
+    """Runs the command; a node still held by a device being finalised after its unplug is retried
+    until it is free (QMP_TIMEOUT bounds the whole exchange)."""
+    while True:
+        try:
+            await client.execute(command["execute"], command.get("arguments"))
+            return
+        except ExecuteError as e:
+            if command["execute"] != "blockdev-del" or "is in use" not in str(e):
+                raise
+        await asyncio.sleep(0.02)
+
+
+async def _device_gone(client: QMPClient, device_id: str) -> None:
+    """Waits until QEMU has removed the device (an unplug may finish after device_del returns)."""
+    while True:
+        children = await client.execute("qom-list", {"path": "/machine/peripheral"})
+        if not isinstance(children, list) or not any(
+            isinstance(c, dict) and c.get("name") == device_id for c in children
+        ):
+            return
+        await asyncio.sleep(0.02)
 
 
 def _signal(pidfd: int, sig: signal.Signals) -> bool:

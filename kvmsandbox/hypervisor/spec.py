@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from kvmsandbox.errors import InvalidArgument
 from kvmsandbox.hypervisor.accel import Accel
 from kvmsandbox.hypervisor.capabilities import Capabilities
+from kvmsandbox.hypervisor.disks import Disk
 
 AGENT_PORT_NAME = "org.kvmsandbox.agent.0"
 """Name of the guest's virtio-serial port for the agent (guest: /sys/class/virtio-ports/*/name)."""
@@ -190,6 +191,20 @@ class Hypervisor(Protocol):
         """One VM as list() would report it, or None.
 
         Raises HypervisorError when the backend cannot be asked.
+        """
+        ...
+
+    def attach_disk(self, name: str, disk: Disk) -> None:
+        """Add ``disk`` to the running VM ``name`` as a SCSI disk at ``disk.target``.
+
+        Raises HypervisorError with the VMM's message.
+        """
+        ...
+
+    def detach_disk(self, name: str, target: int) -> None:
+        """Remove the disk at ``target`` from the VM; no error when there is none.
+
+        Raises HypervisorError with the VMM's message.
         """
         ...
 

@@ -91,11 +91,11 @@ def test_shared_filesystem_fails_naming_both_sides_when_nothing_fits() -> None:
 @pytest.mark.parametrize(
     "reported", [LibvirtHypervisor.capabilities, QemuHypervisor.capabilities], ids=["libvirt", "qemu"]
 )
-def test_each_backend_offers_virtio_9p_both_transports_no_hotplug_and_no_snapshots(reported: Capabilities) -> None:
+def test_each_backend_offers_virtio_9p_both_transports_block_hotplug_and_no_snapshots(reported: Capabilities) -> None:
     assert reported == Capabilities(
         shared_filesystems=frozenset({"virtio-9p"}),
         agent_transports=frozenset({"virtio-serial", "vsock"}),
-        hotplug=frozenset(),
+        hotplug=frozenset({"block"}),
         snapshot_restore=False,
     )
 
