@@ -65,6 +65,13 @@ class SandboxDefaults:
     # container writing faster waits on its pipe. Bounds the host CPU a chatty or hostile
     # container can make the runtime spend on its logs.
     output_bytes_per_second: int = 16 << 20
+    # "block": each image layer is an erofs disk and each container's writable layer an ext4 disk
+    # (a sparse file on the host), both hotplugged into the guest; the host never mounts what a
+    # guest writes. "share": host overlays exported over virtio-9p (the previous design, kept to
+    # compare with; a guest writes into host directories through it).
+    container_rootfs: Literal["block", "share"] = "block"
+    # Size of each container's writable layer disk (sparse: the host holds what the guest wrote).
+    writable_layer_mib: int = 10240
 
 
 @dataclass(frozen=True)

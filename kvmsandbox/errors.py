@@ -54,6 +54,12 @@ class AgentMisbehaved(Unavailable):
     answer nobody asked for): it is no longer trusted, and its sandbox is BROKEN."""
 
 
+class ResourceExhausted(KvmSandboxError):
+    """A per-sandbox or per-node bound was reached (the message names it)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class HypervisorError(KvmSandboxError):
     """Booting, inspecting or destroying a VM failed; the message carries the VMM's words."""
 

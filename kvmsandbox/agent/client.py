@@ -314,8 +314,21 @@ class AgentClient:
     def destroy_sandbox(self, timeout: float | None = None) -> None:
         self.call("DestroySandbox", pb.DestroySandboxRequest(), pb.DestroySandboxResponse, timeout)
 
-    def create_container(self, container_id: str, spec: dict[str, Any], timeout: float | None = None) -> int:
+    def create_container(
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        timeout: float | None = None,
+        *,
+        layer_targets: list[int] | None = None,
+        writable_target: int = 0,
+    ) -> int:
+        """Creates the container; with ``layer_targets`` (disks, top first) and ``writable_target``
+        (0: none) the agent assembles its rootfs from disks at the spec's root path."""
         req = pb.CreateContainerRequest(container_id=container_id, oci_spec_json=json.dumps(spec))
+        if layer_targets is not None:
+            req.rootfs.layer_targets.extend(layer_targets)
+            req.rootfs.writable_target = writable_target
         return self.call("CreateContainer", req, pb.CreateContainerResponse, timeout).pid
 
     def start_container(self, container_id: str, timeout: float | None = None) -> None:

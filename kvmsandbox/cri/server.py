@@ -88,7 +88,12 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     # Before recovery may rewrite the records the previous release wrote.
     migrate_schema_0(manager.schema0_cri_facts(), store)
     manager.recover()
-    state = CriState(config=config, manager=manager, images=ImageStore(config.image_dir, config.registry), store=store)
+    state = CriState(
+        config=config,
+        manager=manager,
+        images=ImageStore(config.image_dir, config.registry, layer_images=config.sandbox.container_rootfs == "block"),
+        store=store,
+    )
     records = manager.list_sandboxes()
     unreadable = manager.unreadable_records()
     containers = {c for record in records for c in record.containers}

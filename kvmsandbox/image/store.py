@@ -33,6 +33,7 @@ from pathlib import Path
 from kvmsandbox.config import RegistryConfig
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
 from kvmsandbox.host.beneath import private_dir
+from kvmsandbox.image.blocks import erofs_image, layer_of
 from kvmsandbox.image.fetch import fetch_config, fetch_layer, fetch_manifest
 from kvmsandbox.image.manifest import Descriptor
 from kvmsandbox.image.records import ImageRecord, digest_hex, find_record, id_hex, load_records, save_record
@@ -70,12 +71,15 @@ class ImageStore:
         timeout: float = 30.0,
         platform: str = "linux/amd64",
         parallel_downloads: int = 3,
+        layer_images: bool = False,
     ) -> None:
         self.root = root
         self.registry = registry
         self.timeout = timeout
         self.os, _, self.architecture = platform.partition("/")
         self.parallel_downloads = parallel_downloads
+        # Make each layer's erofs image as it is pulled (containers get layers as disks).
+        self.layer_images = layer_images
         self._images = root / "images"
         self._layers = root / "layers"
         self._holds = root / "holds"
@@ -216,6 +220,12 @@ class ImageStore:
                     self._usage[name] = usage
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+            if self.layer_images:
+                try:
+                    erofs_image(final)
+                except KvmSandboxError as e:
+                    # Made again when a container first needs it (and that reports the failure).
+                    log.warning("image store: layer sha256:%s: %s", name, e)
 
     def _commit(self, ref: Reference, manifest_digest: str, record: ImageRecord) -> ImageRecord:
         with self._lock:
@@ -274,7 +284,7 @@ class ImageStore:
     def fs_usage(self) -> FsUsage:
         """Bytes and inodes the store takes, counted on disk (unpacked layers once each, as they are immutable)."""
         with self._lock:
-            names = [p.name for p in self._layers.iterdir()]
+            names = [p.name for p in self._layers.iterdir() if not p.name.startswith(".")]
         parts = [tree_usage(p) for p in self.root.iterdir() if p != self._layers]
         parts += [LayerUsage(0, 2)]  # the root and layers/ directories themselves
         parts += [self._layer_usage(name) for name in names]
@@ -398,7 +408,8 @@ class ImageStore:
         used = {digest_hex(d) for r in self._records.values() for d in r.layers} | set(self._pins)
         doomed = []
         for path in self._layers.iterdir():
-            if path.name not in used:
+            # A layer's erofs image (and one being made) goes with it.
+            if layer_of(path) not in used:
                 target = self._tmp / f"deleting-{path.name}-{time.monotonic_ns()}"
                 os.rename(path, target)
                 self._usage.pop(path.name, None)
@@ -409,7 +420,10 @@ class ImageStore:
     @staticmethod
     def _delete(paths: list[Path]) -> None:
         for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _layer_usage(self, name: str) -> LayerUsage:
         with self._lock:

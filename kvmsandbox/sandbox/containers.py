@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.agent.client import ExitStatus
+from kvmsandbox.agent.guest import storage as guest_storage
 from kvmsandbox.errors import AgentError, DeadlineExceeded, FailedPrecondition, NotFound
-from kvmsandbox.sandbox import oci_spec, rootfs
+from kvmsandbox.hypervisor.disks import Disk
+from kvmsandbox.sandbox import disks, oci_spec, rootfs
 from kvmsandbox.sandbox.boot import GUEST_SHARE
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.lifecycle import mark_exited
@@ -57,6 +59,63 @@ def _guest_mounts(
     return out
 
 
+class _Root:
+    """What a create made of the container's rootfs so far (undone on failure)."""
+
+    def __init__(self) -> None:
+        self.path = ""
+        self.layers: list[disks.Layer] = []
+        self.targets: list[int] = []
+        self.writable = 0
+        self.baseline = 0
+        self.mount_ids: list[int] = []
+
+    def record_fields(self) -> dict[str, Any]:
+        """What the container's record keeps of it."""
+        return {
+            "mount_ids": self.mount_ids,
+            "layer_keys": [layer.key for layer in self.layers],
+            "writable_target": self.writable,
+            "writable_baseline_bytes": self.baseline,
+        }
+
+
+def _prepare_rootfs(
+    ctx: SandboxContext,
+    record: SandboxRecord,
+    container_id: str,
+    lower_dirs: list[Path],
+    readonly: bool,
+    root: _Root,
+) -> None:
+    """Block rootfs: attaches the image layers (those the pod has not attached yet) and, unless
+    ``readonly``, a new writable layer. Share rootfs: mounts the host overlay. Fills ``root`` as
+    it goes."""
+    if ctx.config.sandbox.container_rootfs == "share":
+        root.mount_ids.append(rootfs.mount_rootfs(ctx.sandbox_dir(record.id), container_id, lower_dirs))
+        root.path = guest_rootfs_path(container_id)
+        return
+    root.layers = disks.layers_of(lower_dirs)
+    root.targets = disks.attach_layers(ctx, record, root.layers)
+    root.path = str(guest_storage.rootfs_path(container_id))
+    if readonly:
+        return
+    (target,) = disks.free_targets(record, 1)
+    path = disks.writable_path(ctx, record.id, container_id)
+    root.baseline = disks.make_writable(path, ctx.config.sandbox.writable_layer_mib)
+    root.writable = target
+    ctx.hypervisor.attach_disk(record.vm_name, Disk(target, path, readonly=False))
+
+
+def _undo(ctx: SandboxContext, record: SandboxRecord, container_id: str, root: _Root) -> None:
+    """Releases what a failed create made of the container's rootfs and host paths."""
+    rootfs.release_container(ctx.sandbox_dir(record.id), container_id, root.mount_ids)
+    if root.layers:
+        disks.remove_writable(ctx, record, container_id, root.writable)
+        disks.release_layers(ctx, record)
+        ctx.store.save(record)
+
+
 def _record_to_create_in(ctx: SandboxContext, sandbox_id: str, container_id: str) -> SandboxRecord:
     """Raises NotFound, or FailedPrecondition: the sandbox is not ready or has the container."""
     record = ctx.store.get(sandbox_id)
@@ -98,23 +157,24 @@ def create(
         client = ctx.ready_client(record)
         sdir = ctx.sandbox_dir(sandbox_id)
         log_file = log_path or sdir / "logs" / f"{container_id}.log"
-        mount_ids: list[int] = []
         writer = _open_log(log_file, positions := ctx.log_positions(sandbox_id, container_id))
+        root = _Root()
         try:
-            mount_ids.append(rootfs.mount_rootfs(sdir, container_id, lower_dirs))
+            _prepare_rootfs(ctx, record, container_id, lower_dirs, readonly_rootfs, root)
             spec = oci_spec.container_spec(
-                root_path=guest_rootfs_path(container_id),
+                root_path=root.path,
                 process=process,
                 hostname=record.hostname,
                 readonly_rootfs=readonly_rootfs,
-                mounts=_guest_mounts(sdir, record, container_id, mounts or [], mount_ids),
+                mounts=_guest_mounts(sdir, record, container_id, mounts or [], root.mount_ids),
                 cgroups_path=f"/kvmsandbox/{container_id}",
                 resources=resources,
             )
-            pid = client.create_container(container_id, spec)
+            targets = root.targets if root.layers else None
+            pid = client.create_container(container_id, spec, layer_targets=targets, writable_target=root.writable)
         except BaseException:
             writer.close(forget_positions=True)
-            rootfs.release_container(sdir, container_id, mount_ids)
+            _undo(ctx, record, container_id, root)
             raise
         container = ContainerRecord(
             id=container_id,
@@ -126,12 +186,11 @@ def create(
             log_path=str(log_file),
             pid=pid,
             created_at_ns=time.time_ns(),
-            mount_ids=mount_ids,
+            **root.record_fields(),
         )
         record.containers[container_id] = container
         ctx.store.save(record)
-        key = (sandbox_id, container_id)
-        ctx.stdio.add_writer(key, writer)
+        ctx.stdio.add_writer(key := (sandbox_id, container_id), writer)
         ctx.stdio.start_log_pump(key, log_file, positions, client)
         return container
 
@@ -218,6 +277,9 @@ def remove(ctx: SandboxContext, sandbox_id: str, container_id: str) -> None:
         ctx.stdio.release((sandbox_id, container_id), OUTPUT_DRAIN_SECONDS)
         ctx.log_positions(sandbox_id, container_id).unlink(missing_ok=True)
         rootfs.release_container(ctx.sandbox_dir(sandbox_id), container_id, container.mount_ids)
+        if container.layer_keys:
+            disks.remove_writable(ctx, record, container_id, container.writable_target)
+            disks.release_layers(ctx, record, keep_container=container_id)
         del record.containers[container_id]
         ctx.store.save(record)
 

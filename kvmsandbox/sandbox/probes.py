@@ -8,9 +8,10 @@ import logging
 import time
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.errors import FailedPrecondition, NotFound
 from kvmsandbox.host import beneath, proc
 from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.sandbox import disks
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.types import ContainerStats, FilesystemUsage, VmUsage
@@ -116,10 +117,21 @@ def container_stats(
 
 
 def writable_layer(ctx: SandboxContext, sandbox_id: str, container_id: str) -> FilesystemUsage:
-    """(bytes, inodes) of the container's writable layer, counted on the host (0 once it is gone):
-    a bounded walk through fds (``beneath.tree_usage``), so a guest's tree can neither lead the
-    host elsewhere nor make a stats call for the node expensive; past the bound it is a lower bound."""
+    """(bytes, inodes) of the container's writable layer, counted on the host (0 once it is gone).
+    A disk: the blocks its file holds. A host overlay ("share" rootfs): a bounded walk through fds
+    (``beneath.tree_usage``), so a guest's tree can neither lead the host elsewhere nor make a
+    stats call for the node expensive; past the bound it is a lower bound."""
     sdir = ctx.sandbox_dir(sandbox_id)
+    try:
+        c = ctx.store.get(sandbox_id).containers.get(container_id)
+    except NotFound:
+        c = None
+    if c is not None and c.layer_keys:
+        # A disk: what its file holds on the host beyond a fresh filesystem (the guest cannot lie
+        # about that). Inodes are the guest filesystem's business: not counted.
+        path = disks.writable_path(ctx, sandbox_id, container_id)
+        used = max(0, disks.allocated_bytes(path) - c.writable_baseline_bytes) if c.writable_target else 0
+        return FilesystemUsage(mountpoint=str(path.parent), used_bytes=used, inodes_used=0)
     usage = beneath.tree_usage(sdir, f"layers/{container_id}/upper")
     if not usage.complete:
         log.debug("sandbox %s container %s: writable layer counted in part", sandbox_id, container_id)

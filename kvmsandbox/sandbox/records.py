@@ -44,8 +44,14 @@ class ContainerRecord:
     oom_killed: bool = False
     # Why it ended when nobody saw it end ("sandbox stopped", "container lost by the guest").
     reason: str = ""
-    # The host mounts made for it (rootfs, host paths), by id: how they are found and detached.
+    # The host mounts made for it (host paths; the rootfs too on the "share" path), by id: how
+    # they are found and detached.
     mount_ids: list[int] = field(default_factory=list)
+    # Its rootfs as disks: the image layers it uses (keys of SandboxRecord.layer_disks, top first),
+    # its writable layer's SCSI target (0: none) and what that file held when it was made.
+    layer_keys: list[str] = field(default_factory=list)
+    writable_target: int = 0
+    writable_baseline_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}
@@ -91,6 +97,8 @@ class SandboxRecord:
     network_requested: bool = False
     network: PodNetwork | None = None
     network_released: bool = False
+    # Image layers attached to the VM as disks: layer key -> SCSI target.
+    layer_disks: dict[str, int] = field(default_factory=dict)
     # What the sandbox cost right after boot (kvmsandbox.sandbox.probes.memory_snapshot), bytes.
     overhead_at_boot: dict[str, int] = field(default_factory=dict)
     schema: int = SCHEMA

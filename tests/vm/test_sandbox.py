@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 
@@ -168,8 +169,13 @@ def test_destroy_releases_every_host_resource(manager: SandboxManager, busybox_l
     assert processes_mentioning(record.vm_name)
     # Everything the guest can write to on the host is inert for host processes.
     shared = sandbox_dir / "shared"
-    for mount_point in (shared, shared / "containers", shared / "mounts", shared / "containers" / c.id):
+    for mount_point in (shared, shared / "containers", shared / "mounts"):
         assert {"nodev", "nosuid"} <= mount_options(mount_point)
+    # The rootfs is disks: nothing of it is mounted on the host; the writable layer is a file
+    # only root can open.
+    assert not (shared / "containers" / c.id).exists()
+    disk = sandbox_dir / "disks" / f"{c.id}.ext4"
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o600 and disk.stat().st_blocks > 0
     manager.destroy_sandbox(record.id)
     assert processes_mentioning(record.vm_name) == []
     assert mounts_below(sandbox_dir) == []

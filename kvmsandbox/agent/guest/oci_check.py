@@ -57,8 +57,9 @@ def validate_process(process: Any, where: str) -> dict[str, Any]:
     return cast(dict[str, Any], process)
 
 
-def validate_spec(spec_json: str) -> dict[str, Any]:
-    """Parses and checks an OCI runtime spec sent by the host.
+def validate_spec(spec_json: str, root_made_here: bool = False) -> dict[str, Any]:
+    """Parses and checks an OCI runtime spec sent by the host (``root_made_here``: the agent
+    assembles the root later, so it need not exist yet).
 
     Raises:
         InvalidArgument: not JSON, or a required field is missing or malformed.
@@ -73,7 +74,7 @@ def validate_spec(spec_json: str) -> dict[str, Any]:
     root = spec.get("root")
     _require(isinstance(root, dict) and isinstance(root.get("path"), str), "root.path (a string) is required")
     _require(root["path"].startswith("/"), "root.path must be an absolute guest path")
-    _require(os.path.isdir(root["path"]), f"root.path {root['path']} is not a directory in the guest")
+    _require(root_made_here or os.path.isdir(root["path"]), f"root.path {root['path']} is not a directory in the guest")
     mounts = spec.get("mounts", [])
     _require(isinstance(mounts, list), "mounts must be a list")
     for i, m in enumerate(mounts):

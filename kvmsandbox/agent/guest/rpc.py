@@ -108,7 +108,8 @@ class AgentService:
         return pb.DestroySandboxResponse()
 
     def CreateContainer(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
-        return pb.CreateContainerResponse(pid=self.runner.create(req.container_id, req.oci_spec_json))
+        rootfs = req.rootfs if req.HasField("rootfs") else None
+        return pb.CreateContainerResponse(pid=self.runner.create(req.container_id, req.oci_spec_json, rootfs))
 
     def StartContainer(self, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
         self.runner.start(req.container_id)

@@ -20,6 +20,7 @@ from kvmsandbox.agent.guest.errors import (
 from kvmsandbox.agent.guest.oci_check import check_id, validate_process, validate_spec
 from kvmsandbox.agent.guest.process import Exit, ExitInfo, OutputBuffer, run_command, spawn
 from kvmsandbox.agent.guest.reaper import Reaper
+from kvmsandbox.agent.guest.storage import RootfsMounts, rootfs_path
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
 CRUN_TIMEOUT = 120.0
@@ -79,6 +80,7 @@ class ContainerRunner:
         self._cgroup_root = cgroup_root
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
+        self.rootfs = RootfsMounts()
 
     def crun_path(self) -> str:
         """Where the OCI runtime is, or "" when it is not installed."""
@@ -128,15 +130,18 @@ class ContainerRunner:
             raise NotFound(f"exec {exec_id} not found in container {container_id}")
         return p
 
-    def create(self, container_id: str, spec_json: str) -> int:
-        """Creates the container (its process waits for ``start``); returns the init pid.
+    def create(self, container_id: str, spec_json: str, rootfs: pb.Rootfs | None = None) -> int:
+        """Creates the container (its process waits for ``start``) on ``rootfs`` (assembled here
+        from the host's disks) or on the spec's root path; returns the init pid.
 
         Raises:
             InvalidArgument: bad id or spec. AlreadyExists: the id is taken.
-            AgentFault: crun refused; the message carries crun's words.
+            AgentFault: a disk did not mount, or crun refused; the message carries crun's words.
         """
         check_id("container id", container_id)
-        spec = validate_spec(spec_json)
+        spec = validate_spec(spec_json, root_made_here=rootfs is not None)
+        if rootfs is not None and spec["root"]["path"] != str(rootfs_path(container_id)):
+            raise InvalidArgument(f"the spec's root path must be {rootfs_path(container_id)} for a rootfs of disks")
         cgroups_path = spec.setdefault("linux", {}).setdefault("cgroupsPath", f"/kvmsandbox/{container_id}")
         bundle = self._bundles / container_id
         with self._lock:
@@ -145,11 +150,15 @@ class ContainerRunner:
             # A bundle without a container is a leftover of a failed create: start afresh.
             remove_dir(bundle)
             bundle.mkdir(parents=True)
+            self.rootfs.unmount(container_id)
         try:
+            if rootfs is not None:
+                self.rootfs.mount(container_id, rootfs)
             (bundle / "config.json").write_text(json.dumps(spec))
             init = self._crun_create(container_id, bundle)
         except BaseException:
             run_command(self._reaper, self._crun_cmd(bundle, "delete", "--force", container_id))
+            self.rootfs.unmount(container_id)
             remove_dir(bundle)
             raise
         container = Container(container_id, bundle, self._cgroup_root / str(cgroups_path).lstrip("/"), init)
@@ -338,6 +347,7 @@ class ContainerRunner:
             p.close()
         with self._lock:
             self._containers.pop(container_id, None)
+        self.rootfs.unmount(container_id)
         remove_dir(c.bundle)
 
     def remove_all(self) -> None:

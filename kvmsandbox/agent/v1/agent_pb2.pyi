@@ -551,23 +551,61 @@ class DestroySandboxResponse(_message.Message):
 Global___DestroySandboxResponse: _TypeAlias = DestroySandboxResponse  # noqa: Y015
 
 @_typing.final
+class Rootfs(_message.Message):
+    """A container's root filesystem from disks the host attached to the guest's virtio-scsi controller,
+    each named by its SCSI target (LUN 0): read-only erofs image layers, shared by the containers of a
+    pod that use them, and an ext4 writable layer of the container's own. The agent mounts them and
+    joins them in an overlay at the spec's root path.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_TARGETS_FIELD_NUMBER: _builtins.int
+    WRITABLE_TARGET_FIELD_NUMBER: _builtins.int
+    writable_target: _builtins.int
+    """0: none (a read-only rootfs)."""
+    @_builtins.property
+    def layer_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Image layers, top first."""
+
+    def __init__(
+        self,
+        *,
+        layer_targets: _abc.Iterable[_builtins.int] | None = ...,
+        writable_target: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer_targets", b"layer_targets", "writable_target", b"writable_target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rootfs: _TypeAlias = Rootfs  # noqa: Y015
+
+@_typing.final
 class CreateContainerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONTAINER_ID_FIELD_NUMBER: _builtins.int
     OCI_SPEC_JSON_FIELD_NUMBER: _builtins.int
+    ROOTFS_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     oci_spec_json: _builtins.str
     """The OCI runtime spec (config.json) as JSON; root.path is a guest path."""
+    @_builtins.property
+    def rootfs(self) -> Global___Rootfs:
+        """Absent: the spec's root path is already there (a host overlay shared over 9p)."""
+
     def __init__(
         self,
         *,
         container_id: _builtins.str = ...,
         oci_spec_json: _builtins.str = ...,
+        rootfs: Global___Rootfs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rootfs", b"rootfs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json", "rootfs", b"rootfs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
