@@ -9,8 +9,10 @@ import shutil
 from kvmsandbox.config import Config
 from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.guest_image import find_guest_image
+from kvmsandbox.host.confinement import running_vmms
 from kvmsandbox.host.tools import tool_version
 from kvmsandbox.hypervisor.accel import detect_accel
+from kvmsandbox.hypervisor.builder import SECCOMP_SANDBOX
 from kvmsandbox.hypervisor.capabilities import Capabilities, choose_transport
 from kvmsandbox.hypervisor.factory import backend_capabilities
 
@@ -29,6 +31,7 @@ def run_doctor(config: Config) -> int:
         _check_guest_image,
         _check_pod_network,
         _check_host_tools,
+        _check_confinement,
     ):
         problems += check(config)
     for p in problems:
@@ -129,6 +132,33 @@ def _check_host_tools(config: Config) -> list[str]:
     if not shutil.which("mount"):
         problems.append("mount(8) is missing")
     return problems
+
+
+# What each backend asks of QEMU (the running VMMs below show what it got).
+_CONFINEMENT = {
+    "qemu": f"runs as root, seccomp filter ({SECCOMP_SANDBOX}), the host's mount namespace",
+    "libvirt": "runs as root (embed qemu.conf: user root, security_driver none), libvirt's default "
+    "seccomp filter (the same denials), the host's mount namespace",
+}
+
+
+def _check_confinement(config: Config) -> list[str]:
+    problems = []
+    print(f"container rootfs: {config.sandbox.container_rootfs}")
+    if config.sandbox.container_rootfs == "block":
+        problems += [f"{tool} is missing: install {pkg}" for tool, pkg in _ROOTFS_TOOLS if not shutil.which(tool)]
+    else:
+        print("                  host overlays over virtio-9p: a guest writes host directories through them")
+    print(f"qemu confinement: {_CONFINEMENT.get(config.hypervisor.backend, 'unknown backend')}")
+    for vmm in running_vmms():
+        print(
+            f"  running {vmm.vm_name} pid {vmm.pid}: uid {vmm.uid}, seccomp mode {vmm.seccomp}, "
+            f"{'own' if vmm.own_mount_namespace else 'host'} mount namespace, capabilities {vmm.capabilities:#x}"
+        )
+    return problems
+
+
+_ROOTFS_TOOLS = (("mkfs.erofs", "erofs-utils"), ("mkfs.ext4", "e2fsprogs"))
 
 
 def _transport_reason(config: Config, caps: Capabilities, transport: str) -> str:

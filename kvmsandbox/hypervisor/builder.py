@@ -20,6 +20,7 @@ MACHINE = "q35"
 METADATA_NS = "https://kvmsandbox.dev/xmlns/vm/1"
 """Namespace of the <metadata> element that marks a libvirt domain as ours."""
 METADATA_PREFIX = "kvmsandbox"
+SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def domain_xml(spec: VMSpec) -> str:
@@ -101,7 +102,8 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
 
 
 def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list[str]:
-    """QEMU command line for `spec`: daemonizes, writes `pidfile`, QMP on run_dir/QMP_SOCKET_NAME.
+    """QEMU command line for `spec`: runs in the foreground (the backend detaches it), writes
+    `pidfile`, QMP on run_dir/QMP_SOCKET_NAME, under QEMU's strictest seccomp filter.
 
     Raises nothing.
     """
@@ -153,10 +155,11 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
     argv += [
         "-chardev", f"socket,id=qmp,path={_val(spec.run_dir / QMP_SOCKET_NAME)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        # libvirt also denies spawn and elevateprivileges; with those QEMU 7.2 fails to -daemonize.
-        "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
+        # As libvirt's default: no obsolete syscalls, no setuid/setgid (or setfsuid), no fork or
+        # exec, no scheduler or affinity changes. (-daemonize forks after the filter is in place,
+        # so the backend detaches QEMU itself.)
+        "-sandbox", SECCOMP_SANDBOX,
         "-pidfile", str(pidfile),
-        "-daemonize",
     ]  # fmt: skip
     return argv
 

@@ -122,26 +122,38 @@ class QemuHypervisor:
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
         try:
-            with stderr_path.open("wb") as stderr:
-                # QEMU's parent exits once the daemonized child has set up every device, so its exit
-                # status tells whether the VM started; stdio of the daemon goes to /dev/null after that.
-                proc = subprocess.run(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                    timeout=self._boot_timeout, check=False,
-                )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            self.destroy(spec.name)
-            raise HypervisorError(f"QEMU could not boot VM {spec.name!r}: {e}") from e
-        if proc.returncode != 0:
+            pid = _launch_detached(argv, stderr_path)
+            self._wait_ready(spec.name, pid, Path(files.qmp_socket), started + self._boot_timeout)
+        except HypervisorError as e:
             detail = _tail(stderr_path) or "no message on stderr"
             self.destroy(spec.name)
-            raise HypervisorError(f"QEMU could not boot VM {spec.name!r} (exit status {proc.returncode}): {detail}")
+            raise HypervisorError(f"QEMU could not boot VM {spec.name!r}: {e}: {detail}") from None
         info = self.info(spec.name) or VMInfo(spec.name, None, False)
         log.info(
             "vm booted backend=qemu vm=%s pid=%s seconds=%.3f",
             spec.name, info.pid, time.monotonic() - started,
         )  # fmt: skip
         return info
+
+    def _wait_ready(self, name: str, pid: int, qmp_socket: Path, deadline: float) -> None:
+        """Returns once QEMU answers on QMP (its devices are set up by then).
+
+        Raises:
+            HypervisorError: QEMU exited, or did not answer before ``deadline``.
+        """
+        while True:
+            if not is_qemu_of(pid, name):
+                raise HypervisorError(f"QEMU (pid {pid}) exited while starting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HypervisorError(f"QEMU (pid {pid}) did not answer on QMP within {self._boot_timeout:.0f} s")
+            if qmp_socket.exists():
+                try:
+                    _qmp_run(qmp_socket, [{"execute": "query-status"}], timeout=min(remaining, 2.0))
+                    return
+                except HypervisorError:
+                    pass
+            time.sleep(0.01)
 
     def destroy(self, name: str) -> None:
         """Stop the VM (QMP quit, then SIGTERM, then SIGKILL), wait for QEMU to exit, remove its files.
@@ -295,12 +307,40 @@ def _qmp_quit(socket_path: Path, timeout: float) -> bool:
     return True
 
 
+def _launch_detached(argv: list[str], stderr_path: Path) -> int:
+    """Starts ``argv`` in the background of a shell that exits at once, so QEMU is nobody's child
+    here and outlives the runtime (what -daemonize did, which forks once the seccomp filter that
+    denies spawning is in place); its stderr goes to ``stderr_path``. Returns its pid.
+
+    Raises:
+        HypervisorError: the shell could not start it.
+    """
+    try:
+        with stderr_path.open("wb") as stderr:
+            shell = subprocess.run(
+                ["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *argv],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                timeout=10, check=False, start_new_session=True,
+            )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HypervisorError(f"cannot start QEMU: {e}") from None
+    out = shell.stdout.decode().strip()
+    if shell.returncode != 0 or not out.isdigit():
+        raise HypervisorError(f"cannot start QEMU (launcher status {shell.returncode})")
+    return int(out)
+
+
 # What QEMU answers when the object a removal names is not there (already removed, never made).
 _NOT_THERE = ("not found", "Failed to find", "Cannot find", "No fdset", "does not exist")
 
 
 def _qmp_run(
-    socket_path: Path, commands: list[dict[str, Any]], *, fd: tuple[int, int] | None = None, tolerate_all: bool = False
+    socket_path: Path,
+    commands: list[dict[str, Any]],
+    *,
+    fd: tuple[int, int] | None = None,
+    tolerate_all: bool = False,
+    timeout: float = 0.0,
 ) -> None:
     """Runs ``commands`` in order on one QMP connection; with ``fd`` (an fd, an fd set number),
     first hands the fd to QEMU and puts it in that fd set (``add-fd``). A command that fails stops
@@ -311,7 +351,7 @@ def _qmp_run(
     async def run() -> None:
         client = QMPClient()
         try:
-            async with asyncio.timeout(QMP_TIMEOUT):
+            async with asyncio.timeout(timeout or QMP_TIMEOUT):
                 await client.connect(str(socket_path))
                 if fd is not None:
                     client.send_fd_scm(fd[0])

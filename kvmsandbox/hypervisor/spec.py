@@ -138,7 +138,7 @@ class VMSpec:
         if self.shared_dir is not None:
             paths["shared_dir"] = self.shared_dir
         for field, path in paths.items():
-            # QEMU's -daemonize changes directory to /, so a relative path would change meaning.
+            # QEMU runs with / as its working directory, so a relative path would change meaning.
             if not path.is_absolute():
                 raise InvalidArgument(f"VM {self.name}: {field} must be an absolute path, got {path}")
         _check_socket_path(self.run_dir / QMP_SOCKET_NAME, f"VM {self.name}: run_dir")

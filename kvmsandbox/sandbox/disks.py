@@ -65,6 +65,9 @@ def make_writable(path: Path, size_mib: int) -> int:
     """
     path.parent.mkdir(mode=0o700, exist_ok=True)
     try:
+        # A file there is a leftover of a create cut short (the container is not recorded): replaced.
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size_mib << 20)

@@ -132,3 +132,11 @@ def test_a_writable_layer_is_a_sparse_private_ext4_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     kind = subprocess.run(["dumpe2fs", "-h", str(path)], capture_output=True, text=True)
     assert "Filesystem magic number:  0xEF53" in kind.stdout
+
+
+def test_a_leftover_writable_layer_of_a_create_cut_short_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "disks" / "c.ext4"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(b"guest data from before")
+    disks.make_writable(path, 64)
+    assert path.stat().st_size == 64 << 20

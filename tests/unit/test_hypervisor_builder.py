@@ -145,13 +145,13 @@ def test_domain_xml_escapes_markup_in_the_kernel_command_line() -> None:
     assert parse(make_spec(cmdline="a=<b> & c")).findtext("os/cmdline") == "a=<b> & c"
 
 
-def test_qemu_argv_boots_the_same_machine_daemonized_with_qmp_in_the_run_dir() -> None:
+def test_qemu_argv_boots_the_same_machine_in_the_foreground_with_qmp_in_the_run_dir() -> None:
     argv = qemu_argv(make_spec(), pidfile=PIDFILE, binary="/usr/bin/qemu-system-x86_64")
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert option_values(argv, "-name") == ["guest=pod-1,debug-threads=on"]
     assert option_values(argv, "-machine") == ["q35"]
     assert option_values(argv, "-accel") == ["tcg,tb-size=64"]
-    assert {"-nodefaults", "-no-user-config", "-daemonize", "-no-reboot"} <= set(argv)
+    assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv) and "-daemonize" not in argv
     assert option_values(argv, "-display") == ["none"]
     assert option_values(argv, "-m") == ["384"]
     assert option_values(argv, "-smp") == ["2"]
@@ -159,7 +159,9 @@ def test_qemu_argv_boots_the_same_machine_daemonized_with_qmp_in_the_run_dir() -
     assert option_values(argv, "-initrd") == ["/cache/initrd.img"]
     assert option_values(argv, "-append") == ["console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda"]
     assert option_values(argv, "-pidfile") == [str(PIDFILE)]
-    assert option_values(argv, "-sandbox") == ["on,obsolete=deny,resourcecontrol=deny"]
+    assert option_values(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
     assert "socket,id=qmp,path=/run/ks/1/qmp.sock,server=on,wait=off" in option_values(argv, "-chardev")
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert "-netdev" not in argv and "-nic" not in argv

@@ -3,7 +3,6 @@ QEMU itself is replaced by a stand-in that records its command line: no VM boots
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,24 +23,19 @@ def short_dir() -> Iterator[Path]:
         yield Path(short)
 
 
-@pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Command lines the backend started; each one "succeeds" without running anything."""
-    argvs: list[list[str]] = []
-
-    def run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[bytes]:
-        argvs.append(list(argv))
-        return subprocess.CompletedProcess(argv, 0)
-
-    monkeypatch.setattr("kvmsandbox.hypervisor.qemu_backend.subprocess.run", run)
-    return argvs
-
-
 def fake_qemu(directory: Path) -> str:
+    """A stand-in that records how it was started in ``started`` next to it and fails."""
     path = directory / "qemu-custom"
-    path.write_text("#!/bin/sh\nexit 1\n")
+    path.write_text(
+        f'#!/bin/sh\necho "$0" >> {directory}/started\necho "qemu-custom: failing on purpose" >&2\nexit 1\n'
+    )
     path.chmod(0o755)
     return str(path)
+
+
+def started(directory: Path) -> list[str]:
+    log = directory / "started"
+    return log.read_text().split() if log.exists() else []
 
 
 def make_spec(run_dir: Path, **changes: Any) -> VMSpec:
@@ -63,44 +57,46 @@ def make_spec(run_dir: Path, **changes: Any) -> VMSpec:
     )
 
 
-def test_boot_runs_the_configured_qemu_binary(short_dir: Path, started: list[list[str]]) -> None:
+def test_boot_runs_the_configured_qemu_binary_and_reports_its_stderr(short_dir: Path) -> None:
     binary = fake_qemu(short_dir)
     hv = QemuHypervisor(short_dir / "state", qemu_binary=binary)
-    hv.boot(make_spec(short_dir / "run"))
-    assert [argv[0] for argv in started] == [binary]
-
-
-def test_boot_in_cgroups_execs_the_configured_qemu_binary(short_dir: Path, started: list[list[str]]) -> None:
-    binary = fake_qemu(short_dir)
-    hv = QemuHypervisor(short_dir / "state", qemu_binary=binary)
-    hv.boot(make_spec(short_dir / "run", cgroup_procs=(Path("/sys/fs/cgroup/kvmsandbox/cgroup.procs"),)))
-    (argv,) = started
-    assert argv[0] == "/bin/sh"
-    assert argv[argv.index("--") + 1] == binary
-
-
-def test_open_hypervisor_gives_the_qemu_backend_its_binary(short_dir: Path, started: list[list[str]]) -> None:
-    binary = fake_qemu(short_dir)
-    hv = open_hypervisor("qemu", state_dir=short_dir / "state", qemu_binary=binary)
-    hv.boot(make_spec(short_dir / "run"))
-    assert [argv[0] for argv in started] == [binary]
-
-
-@pytest.mark.parametrize("binary", ["/nonexistent/qemu-system-x86_64", "qemu-system-kvmsandbox-missing"])
-def test_boot_with_a_missing_qemu_binary_names_it_and_starts_nothing(
-    binary: str, short_dir: Path, started: list[list[str]]
-) -> None:
-    hv = QemuHypervisor(short_dir / "state", qemu_binary=binary)
-    with pytest.raises(HypervisorError, match=rf"pod-1.*QEMU binary '{binary}' not found.*hypervisor\.qemu_binary"):
+    with pytest.raises(HypervisorError, match=r"pod-1.*exited while starting.*failing on purpose"):
         hv.boot(make_spec(short_dir / "run"))
-    assert started == []
+    assert started(short_dir) == [binary]
     assert hv.list() == []
 
 
-def test_boot_with_a_qemu_binary_that_is_not_executable_names_it(short_dir: Path, started: list[list[str]]) -> None:
+def test_boot_in_cgroups_execs_the_configured_qemu_binary(short_dir: Path) -> None:
+    binary = fake_qemu(short_dir)
+    procs = short_dir / "cgroup.procs"
+    procs.write_text("")
+    hv = QemuHypervisor(short_dir / "state", qemu_binary=binary)
+    with pytest.raises(HypervisorError, match="failing on purpose"):
+        hv.boot(make_spec(short_dir / "run", cgroup_procs=(procs,)))
+    assert started(short_dir) == [binary]
+    assert procs.read_text().strip().isdigit()
+
+
+def test_open_hypervisor_gives_the_qemu_backend_its_binary(short_dir: Path) -> None:
+    binary = fake_qemu(short_dir)
+    hv = open_hypervisor("qemu", state_dir=short_dir / "state", qemu_binary=binary)
+    with pytest.raises(HypervisorError):
+        hv.boot(make_spec(short_dir / "run"))
+    assert started(short_dir) == [binary]
+
+
+@pytest.mark.parametrize("binary", ["/nonexistent/qemu-system-x86_64", "qemu-system-kvmsandbox-missing"])
+def test_boot_with_a_missing_qemu_binary_names_it_and_starts_nothing(binary: str, short_dir: Path) -> None:
+    hv = QemuHypervisor(short_dir / "state", qemu_binary=binary)
+    with pytest.raises(HypervisorError, match=rf"pod-1.*QEMU binary '{binary}' not found.*hypervisor\.qemu_binary"):
+        hv.boot(make_spec(short_dir / "run"))
+    assert hv.list() == []
+
+
+def test_boot_with_a_qemu_binary_that_is_not_executable_names_it(short_dir: Path) -> None:
     binary = short_dir / "qemu-not-executable"
     binary.write_text("")
     hv = QemuHypervisor(short_dir / "state", qemu_binary=str(binary))
     with pytest.raises(HypervisorError, match=str(binary)):
         hv.boot(make_spec(short_dir / "run"))
-    assert started == []
+    assert hv.list() == []

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from kvmsandbox.errors import InvalidArgument
+from kvmsandbox.host import confinement
+from kvmsandbox.hypervisor.builder import SECCOMP_SANDBOX
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import SandboxRecord
@@ -131,3 +133,20 @@ def test_a_failed_create_leaves_no_disk_and_no_attached_layer(
     # The targets it had are free and usable again.
     c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("true"))
     manager.remove_container(sandbox.id, c.id)
+
+
+def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime(
+    manager: SandboxManager, sandbox: SandboxRecord
+) -> None:
+    pid = manager.hypervisor.info(sandbox.vm_name).pid  # type: ignore[union-attr]
+    vmm = confinement.of_process(pid)
+    assert vmm is not None and vmm.vm_name == sandbox.vm_name
+    assert vmm.seccomp == 2
+    if manager.config.hypervisor.backend == "qemu":
+        # The strictest filter QEMU has (no fork, no exec, no setuid), and nobody's child here.
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"-sandbox") + 1] == SECCOMP_SANDBOX.encode()
+        assert b"-daemonize" not in argv
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid != os.getpid()
+    assert vmm in confinement.running_vmms()

@@ -1,0 +1,64 @@
+"""How the VMMs on this host are confined, read from /proc: what ``kvmsandbox doctor`` reports
+and the tests check."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+# Both backends start QEMU with ``-name guest=<vm name>,...`` and VM names start with this.
+VM_NAME_PREFIX = "kvmsandbox-"
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """One QEMU process: its real uid, its seccomp mode (0 none, 1 strict, 2 filter), whether it
+    shares this process's mount namespace, and its effective capabilities (a bit mask)."""
+
+    pid: int
+    vm_name: str
+    uid: int
+    seccomp: int
+    own_mount_namespace: bool
+    capabilities: int
+
+
+def of_process(pid: int, proc: Path = PROC) -> Confinement | None:
+    """The confinement of ``pid`` if it is a QEMU of ours, else None. Raises nothing."""
+    try:
+        args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+        status = (proc / str(pid) / "status").read_text()
+        mnt = os.readlink(proc / str(pid) / "ns" / "mnt")
+        ours = os.readlink(proc / "self" / "ns" / "mnt")
+    except OSError:
+        return None
+    name = ""
+    for flag, value in itertools.pairwise(args):
+        if flag == b"-name" and value.startswith(f"guest={VM_NAME_PREFIX}".encode()):
+            name = value.decode(errors="replace").split(",", 1)[0].removeprefix("guest=")
+    if not name:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        return Confinement(
+            pid=pid,
+            vm_name=name,
+            uid=int(fields["Uid"].split()[0]),
+            seccomp=int(fields.get("Seccomp", "0").strip()),
+            own_mount_namespace=mnt != ours,
+            capabilities=int(fields["CapEff"].strip(), 16),
+        )
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+def running_vmms(proc: Path = PROC) -> list[Confinement]:
+    """Every QEMU of ours running on this host. Raises nothing."""
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit() and (c := of_process(int(entry.name), proc)) is not None:
+            found.append(c)
+    return sorted(found, key=lambda c: c.vm_name)
