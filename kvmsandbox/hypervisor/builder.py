@@ -155,9 +155,8 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
     argv += [
         "-chardev", f"socket,id=qmp,path={_val(spec.run_dir / QMP_SOCKET_NAME)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        # As libvirt's default: no obsolete syscalls, no setuid/setgid (or setfsuid), no fork or
-        # exec, no scheduler or affinity changes. (-daemonize forks after the filter is in place,
-        # so the backend detaches QEMU itself.)
+        # As libvirt's default: no obsolete syscalls, setuid/setgid, fork, exec or scheduler changes
+        # (so no -daemonize, which forks once the filter is in place: the backend detaches QEMU).
         "-sandbox", SECCOMP_SANDBOX,
         "-pidfile", str(pidfile),
     ]  # fmt: skip

@@ -52,7 +52,8 @@ def libvirt_xml(disk: Disk) -> str:
     """The <disk> element libvirt's attach-device takes. Raises nothing."""
     el = ET.Element("disk", type="file", device="disk")
     # error_policy='report': a full host filesystem is an I/O error in the guest, not a paused VM.
-    ET.SubElement(el, "driver", name="qemu", type="raw", error_policy="report")
+    # discard='unmap': blocks the guest frees are freed in the file too (its usage can shrink).
+    ET.SubElement(el, "driver", name="qemu", type="raw", error_policy="report", discard="unmap")
     ET.SubElement(el, "source", file=str(disk.path))
     ET.SubElement(el, "target", dev=_sd_name(disk.target), bus="scsi")
     ET.SubElement(el, "address", type="drive", controller="0", bus="0", target=str(disk.target), unit="0")
@@ -85,11 +86,19 @@ def qmp_attach(disk: Disk, fdset: int) -> list[dict[str, Any]]:
                 "node-name": f"{node}-file",
                 "filename": f"/dev/fdset/{fdset}",
                 "read-only": disk.readonly,
+                # Blocks the guest frees are freed in the file too (its usage can shrink).
+                "discard": "unmap",
             },
         },
         {
             "execute": "blockdev-add",
-            "arguments": {"driver": "raw", "node-name": node, "file": f"{node}-file", "read-only": disk.readonly},
+            "arguments": {
+                "driver": "raw",
+                "node-name": node,
+                "file": f"{node}-file",
+                "read-only": disk.readonly,
+                "discard": "unmap",
+            },
         },
         {
             "execute": "device_add",

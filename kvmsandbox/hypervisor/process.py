@@ -1,4 +1,4 @@
-"""Finding and waiting for a VM's QEMU process by pid, shared by both backends.
+"""Starting QEMU detached, finding and waiting for a VM's QEMU process by pid.
 
 A pid alone is not proof: pids are reused. A process counts as the QEMU of VM `name` only while its
 command line carries `-name guest=<name>,...` (both backends start QEMU that way).
@@ -7,10 +7,16 @@ command line carries `-name guest=<name>,...` (both backends start QEMU that way
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import time
 from pathlib import Path
 
+from kvmsandbox.errors import HypervisorError
+
 PROC = Path("/proc")
+# What is kept of QEMU's stderr over the VM's life (the rest is dropped).
+STDERR_MAX_BYTES = 64 << 10
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -50,3 +56,68 @@ def wait_gone(pid: int, name: str, timeout: float) -> bool:
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
     return True
+
+
+def launch_detached(argv: list[str], stderr_path: Path) -> tuple[int, int]:
+    """Starts ``argv`` in the background of a shell that exits at once, so QEMU is nobody's child
+    here and outlives the runtime (what -daemonize did, which forks once the seccomp filter that
+    denies spawning is in place); its working directory is /. Its stderr goes through a pipe to
+    ``head``, which keeps the first STDERR_MAX_BYTES in ``stderr_path`` and then exits: a guest that
+    makes QEMU report errors forever cannot fill the host's disk (QEMU ignores SIGPIPE; later
+    messages are dropped). Returns QEMU's pid and head's.
+
+    Raises:
+        HypervisorError: the shell could not start it.
+    """
+    read_end, write_end = os.pipe()
+    pid_file = stderr_path.with_name("launch.pid")
+    try:
+        with stderr_path.open("wb") as log_file:
+            _detached(["head", "-c", str(STDERR_MAX_BYTES)], read_end, log_file.fileno(), None, pid_file)
+        head = pid_file.read_text().strip()
+        _detached(argv, subprocess.DEVNULL, subprocess.DEVNULL, write_end, pid_file)
+        qemu = pid_file.read_text().strip()
+    except OSError as e:
+        raise HypervisorError(f"cannot start QEMU: {e}") from None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        pid_file.unlink(missing_ok=True)
+    if not (qemu.isdigit() and head.isdigit()):
+        raise HypervisorError("cannot start QEMU: the launcher gave no pid")
+    return int(qemu), int(head)
+
+
+def wait_exited(pid: int, timeout: float) -> None:
+    """Waits up to ``timeout`` s until ``pid`` has exited (or is a zombie). Raises nothing."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes():
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
+
+
+def _detached(argv: list[str], stdin: int, stdout: int, stderr: int | None, pid_file: Path) -> None:
+    """Runs ``argv`` with that stdio in the background of a shell that exits at once, writing the
+    background pid to ``pid_file``.
+
+    Raises:
+        HypervisorError: the shell could not start it.
+    """
+    # A background command of a non-interactive shell gets /dev/null as stdin unless it says
+    # otherwise: the shell's stdin is kept on fd 3 and given back.
+    script = 'exec 3<&0; "$@" <&3 3<&- & echo $! > "$KVMSANDBOX_PID_FILE"'
+    env = {"PATH": os.environ.get("PATH", os.defpath), "KVMSANDBOX_PID_FILE": str(pid_file)}
+    try:
+        shell = subprocess.run(
+            ["/bin/sh", "-c", script, "sh", *argv],
+            stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL if stderr is None else stderr,
+            env=env, cwd="/", timeout=10, check=False, start_new_session=True,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HypervisorError(f"cannot start {argv[0]}: {e}") from None
+    if shell.returncode != 0:
+        raise HypervisorError(f"cannot start {argv[0]} (launcher status {shell.returncode})")

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from kvmsandbox.hypervisor import disks
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.disks import Disk
-from kvmsandbox.hypervisor.process import is_qemu_of, read_pidfile, wait_gone
+from kvmsandbox.hypervisor.process import is_qemu_of, launch_detached, read_pidfile, wait_exited, wait_gone
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,15 @@ class QemuHypervisor:
             argv = in_cgroups(spec.cgroup_procs, argv)
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
+        pid = head = 0
         try:
-            pid = _launch_detached(argv, stderr_path)
+            pid, head = launch_detached(argv, stderr_path)
             self._wait_ready(spec.name, pid, Path(files.qmp_socket), started + self._boot_timeout)
         except HypervisorError as e:
+            if pid and is_qemu_of(pid, spec.name):
+                self._stop(spec.name, pid, None)  # by its pid: it may not have written its pidfile yet
+            if head:
+                wait_exited(head, 2.0)  # what QEMU said is in the log once head has it all
             detail = _tail(stderr_path) or "no message on stderr"
             self.destroy(spec.name)
             raise HypervisorError(f"QEMU could not boot VM {spec.name!r}: {e}: {detail}") from None
@@ -307,29 +311,7 @@ def _qmp_quit(socket_path: Path, timeout: float) -> bool:
     return True
 
 
-def _launch_detached(argv: list[str], stderr_path: Path) -> int:
-    """Starts ``argv`` in the background of a shell that exits at once, so QEMU is nobody's child
-    here and outlives the runtime (what -daemonize did, which forks once the seccomp filter that
-    denies spawning is in place); its stderr goes to ``stderr_path``. Returns its pid.
-
-    Raises:
-        HypervisorError: the shell could not start it.
-    """
-    try:
-        with stderr_path.open("wb") as stderr:
-            shell = subprocess.run(
-                ["/bin/sh", "-c", '"$@" </dev/null >/dev/null & echo $!', "sh", *argv],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                timeout=10, check=False, start_new_session=True,
-            )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HypervisorError(f"cannot start QEMU: {e}") from None
-    out = shell.stdout.decode().strip()
-    if shell.returncode != 0 or not out.isdigit():
-        raise HypervisorError(f"cannot start QEMU (launcher status {shell.returncode})")
-    return int(out)
-
-
+_REMOVALS = ("device_del", "blockdev-del", "remove-fd")
 # What QEMU answers when the object a removal names is not there (already removed, never made).
 _NOT_THERE = ("not found", "Failed to find", "Cannot find", "No fdset", "does not exist")
 
@@ -360,7 +342,8 @@ def _qmp_run(
                     try:
                         await _execute_when_free(client, command)
                     except ExecuteError as e:
-                        if tolerate_all or any(t in str(e) for t in _NOT_THERE):
+                        removal = command["execute"] in _REMOVALS
+                        if tolerate_all or (removal and any(t in str(e) for t in _NOT_THERE)):
                             continue
                         raise HypervisorError(f"QEMU refused {command['execute']}: {e}") from None
                     if command["execute"] == "device_del":

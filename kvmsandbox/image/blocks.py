@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+import threading
 from pathlib import Path
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument
@@ -29,7 +30,8 @@ def layer_of(path: Path) -> str:
 
 def erofs_image(layer_dir: Path) -> Path:
     """The erofs image of an unpacked layer (``<layer_dir>.erofs``), made on first use. A layer
-    directory is immutable once a container used it: the image is never remade.
+    directory is immutable once a container used it: the image is never remade. Made under a lock
+    per image, so concurrent first uses build it once.
 
     Raises:
         InvalidArgument: the layer directory does not exist.
@@ -40,6 +42,23 @@ def erofs_image(layer_dir: Path) -> Path:
         return image
     if not layer_dir.is_dir():
         raise InvalidArgument(f"image layer {layer_dir} does not exist")
+    with _lock_for(str(image)):  # two containers of a new image: one build, the other waits
+        if image.is_file():
+            return image
+        _build(layer_dir, image)
+    return image
+
+
+_locks: dict[str, threading.Lock] = {}
+_locks_lock = threading.Lock()
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _locks_lock:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def _build(layer_dir: Path, image: Path) -> None:
     tmp = layer_dir.with_name(f".{layer_dir.name}.{secrets.token_hex(4)}.tmp")
     # --preserve-mtime: files keep the layer's times; owners, modes, xattrs (overlay whiteouts and
     # opaque dirs), device nodes and links are copied as they are, never opened or followed.
@@ -51,10 +70,20 @@ def erofs_image(layer_dir: Path) -> Path:
                 f"cannot make the erofs image of layer {layer_dir}: {result.stderr.strip()[-500:]}"
             )
         os.chmod(tmp, 0o600)
+        # Durable before it has its name: an image that exists is never made again.
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, image)
+        dfd = os.open(image.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FailedPrecondition(f"cannot make the erofs image of layer {layer_dir}: {e}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return image

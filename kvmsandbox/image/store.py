@@ -33,7 +33,7 @@ from pathlib import Path
 from kvmsandbox.config import RegistryConfig
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
 from kvmsandbox.host.beneath import private_dir
-from kvmsandbox.image.blocks import erofs_image, layer_of
+from kvmsandbox.image.blocks import EROFS_SUFFIX, erofs_image, layer_of
 from kvmsandbox.image.fetch import fetch_config, fetch_layer, fetch_manifest
 from kvmsandbox.image.manifest import Descriptor
 from kvmsandbox.image.records import ImageRecord, digest_hex, find_record, id_hex, load_records, save_record
@@ -96,6 +96,8 @@ class ImageStore:
             d.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir()
+        for leftover in self._layers.glob(".*.tmp"):  # layer images cut short by a stop
+            leftover.unlink(missing_ok=True)
         self._records = load_records(self._images)
         with self._lock:
             doomed = self._collect_unused_layers()
@@ -213,6 +215,7 @@ class ImageStore:
         with self._layer_lock(name):
             if final.is_dir():
                 return
+            final.with_name(name + EROFS_SUFFIX).unlink(missing_ok=True)  # left by a removal cut short
             work = Path(tempfile.mkdtemp(prefix=f"layer-{name[:12]}-", dir=self._tmp))
             try:
                 usage = fetch_layer(client, ref, layer, diff_id, work, final, self.registry.limits)
@@ -419,11 +422,8 @@ class ImageStore:
 
     @staticmethod
     def _delete(paths: list[Path]) -> None:
-        for path in paths:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        for path in paths:  # layer dirs, and their erofs images
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _layer_usage(self, name: str) -> LayerUsage:
         with self._lock:

@@ -62,9 +62,9 @@ def _guest_mounts(
 class _Root:
     """What a create made of the container's rootfs so far (undone on failure)."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: list[disks.Layer]) -> None:
         self.path = ""
-        self.layers: list[disks.Layer] = []
+        self.layers = layers
         self.targets: list[int] = []
         self.writable = 0
         self.baseline = 0
@@ -91,11 +91,11 @@ def _prepare_rootfs(
     """Block rootfs: attaches the image layers (those the pod has not attached yet) and, unless
     ``readonly``, a new writable layer. Share rootfs: mounts the host overlay. Fills ``root`` as
     it goes."""
-    if ctx.config.sandbox.container_rootfs == "share":
+    if ctx.config.sandbox.container_rootfs == "share" or not record.scsi_disks:
+        root.layers = []  # a pod booted by an earlier release has no SCSI controller
         root.mount_ids.append(rootfs.mount_rootfs(ctx.sandbox_dir(record.id), container_id, lower_dirs))
         root.path = guest_rootfs_path(container_id)
         return
-    root.layers = disks.layers_of(lower_dirs)
     root.targets = disks.attach_layers(ctx, record, root.layers)
     root.path = str(guest_storage.rootfs_path(container_id))
     if readonly:
@@ -147,18 +147,17 @@ def create(
     resources: dict[str, Any] | None = None,
 ) -> ContainerRecord:
     """Prepares the rootfs on the host and creates the container in the guest (not started).
-
     Output goes to ``log_path`` in the CRI log format (default: the container's dir). On failure
-    nothing of the container is left.
-    """
+    nothing of the container is left."""
     container_id = check_id("container id", container_id or secrets.token_hex(32))
+    # Layer images are made (once per layer, seconds for a large one) before the pod's lock.
+    root = _Root(disks.layers_of(lower_dirs) if ctx.config.sandbox.container_rootfs == "block" else [])
     with ctx.lock_for(sandbox_id):
         record = _record_to_create_in(ctx, sandbox_id, container_id)
         client = ctx.ready_client(record)
         sdir = ctx.sandbox_dir(sandbox_id)
         log_file = log_path or sdir / "logs" / f"{container_id}.log"
         writer = _open_log(log_file, positions := ctx.log_positions(sandbox_id, container_id))
-        root = _Root()
         try:
             _prepare_rootfs(ctx, record, container_id, lower_dirs, readonly_rootfs, root)
             spec = oci_spec.container_spec(

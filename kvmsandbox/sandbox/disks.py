@@ -63,8 +63,8 @@ def make_writable(path: Path, size_mib: int) -> int:
     Raises:
         FailedPrecondition: the file or mkfs.ext4 failed.
     """
-    path.parent.mkdir(mode=0o700, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         # A file there is a leftover of a create cut short (the container is not recorded): replaced.
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -95,17 +95,22 @@ def allocated_bytes(path: Path) -> int:
 
 
 def free_targets(record: SandboxRecord, count: int) -> list[int]:
-    """``count`` SCSI targets no layer or container of the sandbox uses, lowest first.
+    """``count`` SCSI targets no layer or container of the sandbox uses, the first free ones after
+    the last handed out (round robin: a target freed a moment ago, whose disk the guest may not
+    have seen go yet, is the last to be reused). Updates ``record.last_target``.
 
     Raises:
         ResourceExhausted: the VM's controller has no more.
     """
     used = set(record.layer_disks.values()) | {c.writable_target for c in record.containers.values()}
-    free = [t for t in range(MIN_TARGET, MAX_TARGET + 1) if t not in used][:count]
+    span = MAX_TARGET - MIN_TARGET + 1
+    order = [MIN_TARGET + (record.last_target - MIN_TARGET + 1 + i) % span for i in range(span)]
+    free = [t for t in order if t not in used][:count]
     if len(free) < count:
         raise ResourceExhausted(
             f"sandbox {record.id} has no room for {count} more disks ({len(used)} of {MAX_TARGET} attached)"
         )
+    record.last_target = free[-1]
     return free
 
 

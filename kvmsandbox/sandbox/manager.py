@@ -159,6 +159,7 @@ class SandboxManager:
                 hostname=hostname or sandbox_id[:12],
                 state=SandboxState.BOOTING,
                 created_at_ns=time.time_ns(),
+                scsi_disks=True,
             )
             SandboxBoot(
                 ctx,

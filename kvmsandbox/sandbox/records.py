@@ -97,8 +97,14 @@ class SandboxRecord:
     network_requested: bool = False
     network: PodNetwork | None = None
     network_released: bool = False
+    # The VM has the SCSI controller container disks go on (pods booted by an earlier release do
+    # not: their containers keep the host overlay over 9p).
+    scsi_disks: bool = False
     # Image layers attached to the VM as disks: layer key -> SCSI target.
     layer_disks: dict[str, int] = field(default_factory=dict)
+    # The last SCSI target handed out: the next is the first free one after it, so a target just
+    # freed is not reused at once (the guest may not have seen its disk go yet).
+    last_target: int = 0
     # What the sandbox cost right after boot (kvmsandbox.sandbox.probes.memory_snapshot), bytes.
     overhead_at_boot: dict[str, int] = field(default_factory=dict)
     schema: int = SCHEMA

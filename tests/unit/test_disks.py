@@ -140,3 +140,12 @@ def test_a_leftover_writable_layer_of_a_create_cut_short_is_replaced(tmp_path: P
     path.write_bytes(b"guest data from before")
     disks.make_writable(path, 64)
     assert path.stat().st_size == 64 << 20
+
+
+def test_targets_go_round_so_a_target_just_freed_is_reused_last() -> None:
+    r = record_with({"a": 1}, [])
+    assert disks.free_targets(r, 2) == [2, 3] and r.last_target == 3
+    # 2 and 3 were freed again at once: the next disks go after them, and the count wraps.
+    assert disks.free_targets(r, 1) == [4]
+    r.last_target = 253
+    assert disks.free_targets(r, 3) == [254, 2, 3]

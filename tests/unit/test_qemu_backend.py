@@ -3,6 +3,7 @@ QEMU itself is replaced by a stand-in that records its command line: no VM boots
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.hypervisor.factory import open_hypervisor
+from kvmsandbox.hypervisor.process import STDERR_MAX_BYTES, launch_detached, wait_exited
 from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
 from kvmsandbox.hypervisor.spec import AgentChannel, VMSpec
 
@@ -100,3 +102,17 @@ def test_boot_with_a_qemu_binary_that_is_not_executable_names_it(short_dir: Path
     with pytest.raises(HypervisorError, match=str(binary)):
         hv.boot(make_spec(short_dir / "run"))
     assert hv.list() == []
+
+
+def test_what_qemu_writes_to_stderr_is_capped_and_it_is_nobodys_child(short_dir: Path) -> None:
+    log = short_dir / "stderr.log"
+    chatty = ["/bin/sh", "-c", "yes 'virtio: bogus request from the guest' | head -c 4000000 >&2; echo done >&2"]
+    pid, head = launch_detached(chatty, log)
+    wait_exited(pid, 30)
+    wait_exited(head, 5)
+    assert log.stat().st_size == STDERR_MAX_BYTES
+    assert log.read_text().startswith("virtio: bogus request")
+    assert (
+        not Path(f"/proc/{pid}/cmdline").exists()
+        or int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid()
+    )

@@ -22,9 +22,9 @@ from tests.waiting import wait_until
 # As root in the container: a setuid-root shell, a world-writable copy of /dev/mem and of a disk,
 # a FIFO, a link out of the tree and 8 MiB of data, each in the container's writable layer.
 PLANT = (
-    "cp /bin/busybox /suid && chmod 4755 /suid && "
-    "mknod -m 666 /mem c 1 1 && mknod -m 666 /disk b 8 0 && mkfifo /fifo && ln -s / /root-link && "
-    "dd if=/dev/zero of=/data bs=1M count=8 2>/dev/null && sync && echo planted; sleep 600"
+    "cp /bin/busybox /suid; chmod 4755 /suid; mknod -m 666 /mem c 1 1; mknod -m 666 /disk b 8 0; "
+    "mkfifo /fifo; ln -s / /root-link; dd if=/dev/zero of=/data bs=1M count=8 2>/dev/null; sync; "
+    "touch /planted; sleep 600"
 )
 
 
@@ -51,11 +51,11 @@ def test_what_a_container_writes_stays_inside_its_disk_image(
     c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh(PLANT))
     try:
         manager.start_container(sandbox.id, c.id)
-        listing = manager.exec_sync(sandbox.id, c.id, ["ls", "-l", "/suid", "/mem", "/disk"], timeout=30)
         wait_until(
-            lambda: manager.exec_sync(sandbox.id, c.id, ["test", "-s", "/data"]).exit_code == 0, 30, "the data file"
+            lambda: manager.exec_sync(sandbox.id, c.id, ["test", "-e", "/planted"]).exit_code == 0, 60, "the plants"
         )
-        assert listing.exit_code == 0, listing.stderr
+        listing = manager.exec_sync(sandbox.id, c.id, ["ls", "-l", "/suid", "/mem", "/disk", "/fifo"], timeout=30)
+        assert listing.exit_code == 0, listing.stderr  # root in the container made them all
         sdir = manager.sandbox_dir(sandbox.id)
         # On the host there is the disk image, 0600, and nothing the guest made.
         assert special_files_below(sdir) == []
@@ -150,3 +150,23 @@ def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime(
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid != os.getpid()
     assert vmm in confinement.running_vmms()
+
+
+def test_a_pod_booted_without_the_scsi_controller_keeps_the_host_overlay(
+    manager: SandboxManager, busybox_layer: Path
+) -> None:
+    record = manager.create_sandbox(hostname="earlier-release")
+    try:
+        # As an earlier release recorded its pods (and booted their VMs): no SCSI controller.
+        old = manager.ctx.store.get(record.id)
+        old.scsi_disks = False
+        manager.ctx.store.save(old)
+        c = manager.create_container(record.id, lower_dirs=[busybox_layer], process=sh("echo still-works"))
+        assert manager.get_sandbox(record.id).containers[c.id].layer_keys == []
+        assert (manager.sandbox_dir(record.id) / "shared" / "containers" / c.id / "bin").is_dir()
+        manager.start_container(record.id, c.id)
+        status = manager.wait_container(record.id, c.id, 60)
+        assert status is not None and status.exit_code == 0
+        manager.remove_container(record.id, c.id)
+    finally:
+        manager.destroy_sandbox(record.id)

@@ -1,6 +1,6 @@
 """Container root filesystems from the disks the host attaches (``pb.Rootfs``).
 
-Each image layer is an erofs disk, mounted read-only once per guest at ``LAYERS_DIR/<target>`` and
+Each image layer is an erofs disk, mounted read-only once per guest at ``LAYERS_DIR/<target>-<dev>`` and
 shared by every container of the pod that uses it (counted); a container's writable layer is an
 ext4 disk of its own (a 1 MiB tmpfs for a read-only rootfs, which crun makes read-only once its
 mount points are made), mounted at ``ROOTFS_DIR/<id>/rw``; the overlay of both is the container's
@@ -26,7 +26,8 @@ SCSI_DEVICES = Path("/sys/bus/scsi/devices")
 DEVICE_WAIT_SECONDS = 10.0
 MAX_TARGET = 254
 # ext4 over a disk the host made with uninitialised inode tables: nothing for the guest to zero.
-EXT4_OPTIONS = "noinit_itable"
+# discard: what a container deletes is freed in the host's file too (its usage shrinks).
+EXT4_OPTIONS = "noinit_itable,discard"
 # Readahead of image layer disks. The default (128 KiB) makes a container at its memory limit
 # thrash instead of meeting the OOM killer: every refault of its binaries reads 128 KiB into page
 # cache charged to its cgroup, which evicts more of them (a 32 MiB memory hog spun for minutes).
@@ -70,8 +71,11 @@ class RootfsMounts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._layer_users: dict[int, int] = {}
-        self._containers: dict[str, list[int]] = {}
+        # Layer mounts by "<target>-<major>_<minor>": the host reuses targets, so a disk is known by
+        # the device now at its target, never by the target alone (a mount of a disk the host took
+        # away is never handed to a new container).
+        self._layer_users: dict[str, int] = {}
+        self._containers: dict[str, list[str]] = {}
 
     def mount(self, container_id: str, rootfs: pb.Rootfs) -> Path:
         """Mounts the layers (those not mounted yet) and the writable layer, and the container's
@@ -86,25 +90,29 @@ class RootfsMounts:
                 raise InvalidArgument(f"container {container_id} has a rootfs already")
             self._containers[container_id] = []
         try:
-            for target in rootfs.layer_targets:
-                self._acquire_layer(container_id, target)
-            lowers = ":".join(str(LAYERS_DIR / str(t)) for t in rootfs.layer_targets)
+            lowers = ":".join(str(self._acquire_layer(container_id, t)) for t in rootfs.layer_targets)
             return self._mount_rootfs(container_id, lowers, rootfs.writable_target)
         except BaseException:
             self.unmount(container_id)
             raise
 
-    def _acquire_layer(self, container_id: str, target: int) -> None:
+    def _acquire_layer(self, container_id: str, target: int) -> Path:
+        device = find_disk(target)
+        try:
+            rdev = os.stat(device).st_rdev
+        except OSError as e:
+            raise AgentFault(f"disk {device} at SCSI target {target} went away: {e.strerror}") from None
+        key = f"{target}-{os.major(rdev)}_{os.minor(rdev)}"
+        where = LAYERS_DIR / key
         with self._lock:
-            users = self._layer_users.get(target, 0)
+            users = self._layer_users.get(key, 0)
             if users == 0:
-                where = LAYERS_DIR / str(target)
                 where.mkdir(parents=True, exist_ok=True)
-                device = find_disk(target)
                 _set_readahead(device)
                 _mount(str(device), str(where), "erofs", MS_RDONLY | MS_NODEV)
-            self._layer_users[target] = users + 1
-            self._containers[container_id].append(target)
+            self._layer_users[key] = users + 1
+            self._containers[container_id].append(key)
+        return where
 
     def _mount_rootfs(self, container_id: str, lowers: str, writable: int) -> Path:
         top = ROOTFS_DIR / container_id
@@ -136,14 +144,16 @@ class RootfsMounts:
                     os.rmdir(top / name)
             os.rmdir(top)
         with self._lock:
-            for target in self._containers.pop(container_id, []):
-                users = self._layer_users.get(target, 0) - 1
+            for key in self._containers.pop(container_id, []):
+                users = self._layer_users.get(key, 0) - 1
                 if users > 0:
-                    self._layer_users[target] = users
+                    self._layer_users[key] = users
                     continue
-                self._layer_users.pop(target, None)
+                self._layer_users.pop(key, None)
                 with contextlib.suppress(OSError):
-                    umount(str(LAYERS_DIR / str(target)), MNT_DETACH)
+                    umount(str(LAYERS_DIR / key), MNT_DETACH)
+                with contextlib.suppress(OSError):
+                    os.rmdir(LAYERS_DIR / key)
 
 
 def _set_readahead(device: Path) -> None:
