@@ -203,11 +203,18 @@ class QemuHypervisor:
             fd = os.open(disk.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
             raise HypervisorError(f"cannot open disk image {disk.path} for VM {name!r}: {e.strerror}") from e
+        socket = self._qmp_socket(name)
         try:
-            _qmp_run(self._qmp_socket(name), disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
-            _qmp_run(self._qmp_socket(name), disks.qmp_attach(disk, disk.target), fd=(fd, disk.target))
+            try:
+                _qmp_run(socket, disks.qmp_attach(disk, disk.target), fd=(fd, disk.target))
+            except HypervisorError as e:
+                if not any(word in str(e) for word in ("Duplicate", "already", "in use")):
+                    raise
+                # What an interrupted attach or detach left at the target: cleared, then again.
+                _qmp_run(socket, disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
+                _qmp_run(socket, disks.qmp_attach(disk, disk.target), fd=(fd, disk.target))
         except HypervisorError:
-            _qmp_run(self._qmp_socket(name), disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
+            _qmp_run(socket, disks.qmp_detach(disk.target, disk.target), tolerate_all=True)
             raise
         finally:
             os.close(fd)

@@ -2,8 +2,9 @@
 
 Each image layer directory becomes a read-only erofs image once (``<layer dir>.erofs``, next to
 it: the image store deletes it with the layer) and is attached to a pod's VM the first time a
-container of the pod uses it, at a SCSI target the sandbox record keeps (``layer_disks``); it goes
-when the last such container does. Each container gets a writable layer: a sparse file holding an
+container of the pod uses it, at a SCSI target the sandbox record keeps (``layer_disks``), and
+stays attached while the pod lives (the next container of the image needs no hotplug) unless the
+pod runs short of targets. Each container gets a writable layer: a sparse file holding an
 empty ext4 filesystem, made here (``<sandbox dir>/disks/<container id>.ext4``, mode 0600, in a
 directory no guest can write), attached at its own target and deleted with the container. The
 agent mounts them and builds the overlay inside the guest. The host never mounts, opens as a
@@ -132,11 +133,20 @@ def attach_layers(ctx: SandboxContext, record: SandboxRecord, layers: list[Layer
     return [record.layer_disks[layer.key] for layer in layers]
 
 
+# Unused layer disks stay attached (the pod's next container of the same image then needs no
+# hotplug) until fewer targets than this are free.
+SPARE_TARGETS = 32
+
+
 def release_layers(ctx: SandboxContext, record: SandboxRecord, keep_container: str = "") -> None:
     """Detaches the layers no container of the sandbox uses any more (``keep_container`` aside, one
-    being removed) and forgets them; the caller saves the record. Raises nothing: a VM that is gone
-    has no disks left."""
-    used = {key for c in record.containers.values() if c.id != keep_container for key in c.layer_keys}
+    being removed) once fewer than SPARE_TARGETS targets are free, and forgets them; the caller
+    saves the record. Raises nothing: a VM that is gone has no disks left."""
+    containers = [c for c in record.containers.values() if c.id != keep_container]
+    used = {key for c in containers for key in c.layer_keys}
+    taken = len(record.layer_disks) + sum(1 for c in containers if c.writable_target)
+    if MAX_TARGET - MIN_TARGET + 1 - taken >= SPARE_TARGETS:
+        return
     for key, target in list(record.layer_disks.items()):
         if key not in used:
             detach(ctx, record, target)

@@ -149,3 +149,30 @@ def test_targets_go_round_so_a_target_just_freed_is_reused_last() -> None:
     assert disks.free_targets(r, 1) == [4]
     r.last_target = 253
     assert disks.free_targets(r, 3) == [254, 2, 3]
+
+
+class DetachRecorder:
+    def __init__(self) -> None:
+        self.detached: list[int] = []
+
+    def detach_disk(self, name: str, target: int) -> None:
+        self.detached.append(target)
+
+
+def test_unused_layers_stay_attached_until_the_pod_runs_short_of_targets() -> None:
+    from types import SimpleNamespace
+
+    hv = DetachRecorder()
+    ctx = SimpleNamespace(hypervisor=hv)
+    r = record_with({"used": 1, "unused": 2}, [3])
+    disks.release_layers(ctx, r)  # type: ignore[arg-type]
+    assert hv.detached == [] and set(r.layer_disks) == {"used", "unused"}
+    r.containers["c0"].layer_keys = ["used"]
+    for t in range(4, 4 + 254 - 3 - disks.SPARE_TARGETS + 1):
+        r.layer_disks[f"busy{t}"] = t
+        r.containers[f"x{t}"] = ContainerRecord(
+            id=f"x{t}", sandbox_id="s", name="x", state=ContainerState.CREATED, args=[], lower_dirs=[],
+            layer_keys=[f"busy{t}"],
+        )  # fmt: skip
+    disks.release_layers(ctx, r)  # type: ignore[arg-type]
+    assert hv.detached == [2] and "unused" not in r.layer_disks and "used" in r.layer_disks

@@ -78,23 +78,24 @@ def test_what_a_container_writes_stays_inside_its_disk_image(
     assert not (manager.sandbox_dir(sandbox.id) / "disks" / f"{c.id}.ext4").exists()
 
 
-def test_a_layer_is_attached_once_per_pod_and_detached_with_its_last_container(
+def test_a_layer_is_attached_once_per_pod_and_stays_for_the_next_container(
     manager: SandboxManager, sandbox: SandboxRecord, busybox_layer: Path
 ) -> None:
     a = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("sleep 600"))
     b = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("sleep 600"))
     record = manager.get_sandbox(sandbox.id)
-    assert list(record.layer_disks.values()) == [record.layer_disks[os.path.realpath(busybox_layer)]]
+    layer_target = record.layer_disks[os.path.realpath(busybox_layer)]
+    assert list(record.layer_disks.values()) == [layer_target]
     targets = {record.containers[a.id].writable_target, record.containers[b.id].writable_target}
-    assert len(targets) == 2 and not targets & set(record.layer_disks.values())
+    assert len(targets) == 2 and layer_target not in targets
     manager.remove_container(sandbox.id, a.id)
-    assert manager.get_sandbox(sandbox.id).layer_disks  # b still uses it
     manager.start_container(sandbox.id, b.id)
     assert manager.exec_sync(sandbox.id, b.id, ["cat", "/etc/passwd"]).exit_code == 0
     manager.stop_container(sandbox.id, b.id, grace=0)
     manager.remove_container(sandbox.id, b.id)
-    assert manager.get_sandbox(sandbox.id).layer_disks == {}
-    # Targets are reused, and a layer detached from the VM attaches again.
+    # No container uses it: it stays attached (the guest unmounted it), and the next container of
+    # the image mounts it again from the same disk.
+    assert manager.get_sandbox(sandbox.id).layer_disks == {os.path.realpath(busybox_layer): layer_target}
     c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("cat /etc/passwd"))
     manager.start_container(sandbox.id, c.id)
     status = manager.wait_container(sandbox.id, c.id, 60)
@@ -128,7 +129,7 @@ def test_a_failed_create_leaves_no_disk_and_no_attached_layer(
     with pytest.raises(InvalidArgument, match="does not exist"):
         manager.create_container(sandbox.id, "doomed", lower_dirs=[busybox_layer], process=sh("true"), mounts=missing)
     record = manager.get_sandbox(sandbox.id)
-    assert "doomed" not in record.containers and record.layer_disks == {}
+    assert "doomed" not in record.containers
     assert not (manager.sandbox_dir(sandbox.id) / "disks" / "doomed.ext4").exists()
     # The targets it had are free and usable again.
     c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("true"))
