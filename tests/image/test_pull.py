@@ -318,6 +318,28 @@ def test_remove_is_idempotent_and_deletes_only_unused_layers(
     assert_store_is_empty(store)
 
 
+def test_layer_images_are_made_at_pull_shared_and_removed_with_their_last_image(
+    registry: Registry, busybox_image_layer: Layer, busybox_image: PushedImage, tmp_path: Path
+) -> None:
+    store = ImageStore(tmp_path / "blocks", RegistryConfig(), layer_images=True)
+    extra = unique_layer(tmp_path)
+    push_image(registry, "with-erofs", "1", [busybox_image_layer, extra])
+    small = store.pull(f"{registry.host}/busybox:1.0")
+    big = store.pull(f"{registry.host}/with-erofs:1")
+    own, shared = (d.with_name(d.name + ".erofs") for d in store.layer_dirs(big.id))
+    assert own.is_file() and shared.is_file() and stat.S_IMODE(shared.stat().st_mode) == 0o600
+    mtime = shared.stat().st_mtime_ns
+    store.remove(big.id)
+    # The layer only the removed image used goes with its image; the shared one stays as it was.
+    assert not own.exists() and shared.stat().st_mtime_ns == mtime
+    # A layer image cut short by a stop is deleted when the store opens again.
+    (shared.parent / f".{shared.stem}.abcd.tmp").write_bytes(b"half")
+    again = ImageStore(store.root, RegistryConfig(), layer_images=True)
+    assert not (shared.parent / f".{shared.stem}.abcd.tmp").exists()
+    again.remove(small.id)
+    assert sorted(p.name for p in (store.root / "layers").iterdir()) == []
+
+
 def test_a_held_image_cannot_be_removed_until_released(
     store: ImageStore, registry: Registry, busybox_image: PushedImage, tmp_path: Path
 ) -> None:
