@@ -64,6 +64,8 @@ security_driver = "none"
 namespaces = []
 # Resource control of the VMs is ours, not libvirt's (and no systemd/machined is assumed).
 cgroup_controllers = []
+# QEMU's seccomp filter with every denial (obsolete, elevateprivileges, spawn, resourcecontrol).
+seccomp_sandbox = 1
 """
 
 # Where an embed root keeps libvirt's probe of QEMU's capabilities.

@@ -88,6 +88,19 @@ def launch_detached(argv: list[str], stderr_path: Path) -> tuple[int, int]:
     return int(qemu), int(head)
 
 
+def start_time(pid: int, proc: Path = PROC) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None once it has exited (gone or a zombie):
+    with the pid, it names one process (a pid is reused, the pair is not). Unlike the command line,
+    it is there while the process execs. Raises nothing."""
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
 def wait_exited(pid: int, timeout: float) -> None:
     """Waits up to ``timeout`` s until ``pid`` has exited (or is a zombie). Raises nothing."""
     deadline = time.monotonic() + timeout

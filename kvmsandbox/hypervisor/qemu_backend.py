@@ -27,7 +27,14 @@ from kvmsandbox.hypervisor import disks
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.disks import Disk
-from kvmsandbox.hypervisor.process import is_qemu_of, launch_detached, read_pidfile, wait_exited, wait_gone
+from kvmsandbox.hypervisor.process import (
+    is_qemu_of,
+    launch_detached,
+    read_pidfile,
+    start_time,
+    wait_exited,
+    wait_gone,
+)
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
 
 log = logging.getLogger(__name__)
@@ -145,8 +152,11 @@ class QemuHypervisor:
         Raises:
             HypervisorError: QEMU exited, or did not answer before ``deadline``.
         """
+        # Its command line is empty for a moment while it execs (the cgroup-joining shell becomes
+        # QEMU): whether it lives is read from its start time instead.
+        started = start_time(pid)
         while True:
-            if not is_qemu_of(pid, name):
+            if started is None or start_time(pid) != started:
                 raise HypervisorError(f"QEMU (pid {pid}) exited while starting")
             remaining = deadline - time.monotonic()
             if remaining <= 0:

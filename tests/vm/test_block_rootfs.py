@@ -143,10 +143,11 @@ def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime(
     vmm = confinement.of_process(pid)
     assert vmm is not None and vmm.vm_name == sandbox.vm_name
     assert vmm.seccomp == 2
+    # The strictest filter QEMU has (no fork, no exec, no setuid) on both backends.
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"-sandbox") + 1] == SECCOMP_SANDBOX.encode()
     if manager.config.hypervisor.backend == "qemu":
-        # The strictest filter QEMU has (no fork, no exec, no setuid), and nobody's child here.
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[argv.index(b"-sandbox") + 1] == SECCOMP_SANDBOX.encode()
+        # Without -daemonize (it forks once the filter is in place), and nobody's child here.
         assert b"-daemonize" not in argv
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid != os.getpid()
