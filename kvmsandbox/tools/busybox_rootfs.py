@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.image.blocks import EROFS_SUFFIX
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -52,4 +53,6 @@ def make_busybox_rootfs(dest: Path, busybox: Path = BUSYBOX) -> Path:
     (tmp / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+    # A layer's erofs image stands for the directory it was made from: this is a new one.
+    dest.with_name(dest.name + EROFS_SUFFIX).unlink(missing_ok=True)
     return dest
