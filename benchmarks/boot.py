@@ -68,7 +68,7 @@ def bare_boot(
         initrd=image.initrd,
         cmdline=image.cmdline(bare=True),
         root_disk=image.rootfs,
-        shared_dir=None,
+        shared_fs_socket=None,
         agent=None,
         console_log=console,
         run_dir=vm_dir,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pwd
 import shutil
 
@@ -11,12 +10,11 @@ from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.guest_image import find_guest_image
 from kvmsandbox.host.confinement import running_vmms
 from kvmsandbox.host.tools import tool_version
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.accel import detect_accel
 from kvmsandbox.hypervisor.builder import SECCOMP_SANDBOX
 from kvmsandbox.hypervisor.capabilities import Capabilities, choose_transport
 from kvmsandbox.hypervisor.factory import backend_capabilities
-
-VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 
 
 def run_doctor(config: Config) -> int:
@@ -64,8 +62,11 @@ def _check_transport(config: Config) -> list[str]:
 
 
 def _check_shared_fs(config: Config) -> list[str]:
-    virtiofsd = shutil.which("virtiofsd") or next((p for p in VIRTIOFSD_PATHS if os.path.exists(p)), None)
-    print(f"shared fs:        virtio-9p{'' if virtiofsd is None else f' (virtiofsd at {virtiofsd} is not used yet)'}")
+    binary = virtiofsd.find()
+    if binary is None:
+        print("shared fs:        virtio-fs, but no virtiofsd")
+        return [f"virtiofsd is missing (looked in PATH and at {', '.join(virtiofsd.PATHS)}): install qemu-system-x86"]
+    print(f"shared fs:        virtio-fs ({binary}: root, its own mount, pid and network namespaces, seccomp)")
     return []
 
 
@@ -148,7 +149,7 @@ def _check_confinement(config: Config) -> list[str]:
     if config.sandbox.container_rootfs == "block":
         problems += [f"{tool} is missing: install {pkg}" for tool, pkg in _ROOTFS_TOOLS if not shutil.which(tool)]
     else:
-        print("                  host overlays over virtio-9p: a guest writes host directories through them")
+        print("                  host overlays over virtio-fs: a guest writes host directories through them")
     print(f"qemu confinement: {_CONFINEMENT.get(config.hypervisor.backend, 'unknown backend')}")
     for vmm in running_vmms():
         print(

@@ -41,6 +41,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MNT_DETACH = 2
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 
 # Whatever a guest writes must stay inert for host processes: no device nodes, no setuid.
 GUEST_WRITABLE = MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID
@@ -85,6 +86,18 @@ def set_attrs(fd: int, attrs: int = 0, *, private: bool = False) -> None:
     attr = _MountAttr(attrs, 0, MS_PRIVATE if private else 0, 0)
     flags = AT_EMPTY_PATH | AT_RECURSIVE
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
+
+
+def share(fd: int) -> None:
+    """Makes the mount ``fd`` is the root of (not those below it) shared: a mount made or removed
+    on it later is made or removed on its copies in other mount namespaces too (the virtio-fs
+    daemon's, which sees the shared dir as a slave of the host's).
+
+    Raises:
+        OSError: the kernel refused.
+    """
+    attr = _MountAttr(0, 0, MS_SHARED, 0)
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)), "share")
 
 
 def overlay(lower_dirs: list[Path], upper: Path, work: Path, attrs: int = GUEST_WRITABLE) -> int:

@@ -2,8 +2,8 @@
 
 Both describe the same machine: q35 (microvm hangs calibrating the TSC under TCG with QEMU 7.2),
 -nodefaults, no display, no network, the root image as a read-only virtio-blk disk, a virtio-scsi
-controller for container disks, ttyS0 appended to a file, the shared dir over virtio-9p, the agent on
-a virtio-serial port or vsock, no balloon.
+controller for container disks, ttyS0 appended to a file, the shared dir over virtio-fs (guest RAM
+then a shared memfd, which virtiofsd maps), the agent on a virtio-serial port or vsock, no balloon.
 A guest reboot or crash ends the VM (the guest kernel panics with panic=-1 and reboots on failure).
 """
 
@@ -21,6 +21,7 @@ METADATA_NS = "https://kvmsandbox.dev/xmlns/vm/1"
 """Namespace of the <metadata> element that marks a libvirt domain as ours."""
 METADATA_PREFIX = "kvmsandbox"
 SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+VIRTIO_FS_QUEUE = 1024
 
 
 def domain_xml(spec: VMSpec) -> str:
@@ -30,6 +31,10 @@ def domain_xml(spec: VMSpec) -> str:
     metadata = ET.SubElement(domain, "metadata")
     ET.SubElement(metadata, f"{METADATA_PREFIX}:vm", {f"xmlns:{METADATA_PREFIX}": METADATA_NS})
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mib)
+    if spec.shared_fs_socket is not None:
+        backing = ET.SubElement(domain, "memoryBacking")
+        ET.SubElement(backing, "source", type="memfd")
+        ET.SubElement(backing, "access", mode="shared")
     ET.SubElement(domain, "vcpu", placement="static").text = str(spec.vcpus)
 
     os_ = ET.SubElement(domain, "os")
@@ -63,10 +68,11 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
     ET.SubElement(disk, "readonly")
 
-    if spec.shared_dir is not None:
-        fs = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough", multidevs="remap")
-        ET.SubElement(fs, "driver", type="path")
-        ET.SubElement(fs, "source", dir=str(spec.shared_dir))
+    if spec.shared_fs_socket is not None:
+        # virtiofsd is the runtime's (started before the VM): libvirt only connects QEMU to it.
+        fs = ET.SubElement(devices, "filesystem", type="mount")
+        ET.SubElement(fs, "driver", type="virtiofs", queue=str(VIRTIO_FS_QUEUE))
+        ET.SubElement(fs, "source", socket=str(spec.shared_fs_socket))
         ET.SubElement(fs, "target", dir=SHARED_DIR_TAG)
 
     # Container image and writable layers are hotplugged on it (hypervisor/disks.py).
@@ -110,12 +116,11 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
     argv = [
         binary,
         "-name", f"guest={spec.name},debug-threads=on",
-        "-machine", MACHINE,
+        *_machine_args(spec),
         *_accel_args(spec),
         "-nodefaults", "-no-user-config", "-display", "none",
         # Mirrors libvirt's on_reboot=destroy: a guest reboot (panic=-1, reboot on failure) ends QEMU.
         "-no-reboot",
-        "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
@@ -131,11 +136,11 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
         "-object", "rng-random,id=rng,filename=/dev/urandom",
         "-device", "virtio-rng-pci,id=rng-dev,rng=rng",
     ]  # fmt: skip
-    if spec.shared_dir is not None:
+    if spec.shared_fs_socket is not None:
         argv += [
-            "-fsdev", f"local,id=shared,path={_val(spec.shared_dir)},"
-            "security_model=passthrough,multidevs=remap",
-            "-device", f"virtio-9p-pci,id=shared-fs,fsdev=shared,mount_tag={SHARED_DIR_TAG}",
+            "-chardev", f"socket,id=shared-fs-sock,path={_val(spec.shared_fs_socket)}",
+            "-device", f"vhost-user-fs-pci,id=shared-fs,chardev=shared-fs-sock,tag={SHARED_DIR_TAG},"
+            f"queue-size={VIRTIO_FS_QUEUE}",
         ]  # fmt: skip
     if spec.agent is not None and spec.agent.transport == "virtio-serial":
         assert spec.agent.socket_path is not None  # AgentChannel.__post_init__ guarantees it
@@ -161,6 +166,16 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
         "-pidfile", str(pidfile),
     ]  # fmt: skip
     return argv
+
+
+def _machine_args(spec: VMSpec) -> list[str]:
+    if spec.shared_fs_socket is None:
+        return ["-machine", MACHINE, "-m", str(spec.memory_mib)]
+    return [
+        "-object", f"memory-backend-memfd,id=ram,size={spec.memory_mib}M,share=on",
+        "-machine", f"{MACHINE},memory-backend=ram",
+        "-m", str(spec.memory_mib),
+    ]  # fmt: skip
 
 
 def _accel_args(spec: VMSpec) -> list[str]:

@@ -28,17 +28,17 @@ class Capabilities:
     """Device-state save and restore (VM templates)."""
 
 
-# Both backends boot what builder.py describes: virtio-9p (no virtio-fs), the agent on a
-# virtio-serial port or vsock; both hotplug SCSI disks (container layers); neither saves device
-# state yet.
+# Both backends boot what builder.py describes: the shared dir over virtio-fs (virtiofsd, started
+# by the runtime), the agent on a virtio-serial port or vsock; both hotplug SCSI disks (container
+# layers); neither saves device state yet.
 LIBVIRT_CAPABILITIES = Capabilities(
-    shared_filesystems=frozenset({"virtio-9p"}),
+    shared_filesystems=frozenset({"virtio-fs"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
     hotplug=frozenset({"block"}),
     snapshot_restore=False,
 )
 QEMU_CAPABILITIES = Capabilities(
-    shared_filesystems=frozenset({"virtio-9p"}),
+    shared_filesystems=frozenset({"virtio-fs"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
     hotplug=frozenset({"block"}),
     snapshot_restore=False,
@@ -75,7 +75,7 @@ def choose_transport(configured: str, caps: Capabilities, vsock_usable: bool | N
     return configured
 
 
-def choose_shared_filesystem(caps: Capabilities, supported: tuple[str, ...] = ("virtio-9p",)) -> str:
+def choose_shared_filesystem(caps: Capabilities, supported: tuple[str, ...] = ("virtio-fs",)) -> str:
     """The first of `supported` (what the runtime can drive, in order of preference) the backend offers.
 
     Raises FailedPrecondition, naming both sides, when the backend offers none of them.

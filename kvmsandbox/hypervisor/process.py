@@ -58,13 +58,26 @@ def wait_gone(pid: int, name: str, timeout: float) -> bool:
     return True
 
 
-def launch_detached(argv: list[str], stderr_path: Path) -> tuple[int, int]:
+# Joins every cgroup given before "--" (writing its own pid to each cgroup.procs), then execs the
+# command after it: the process is accounted in those cgroups from its first allocation on.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def in_cgroups(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
+    """``argv`` run by a shell that first joins the cgroups of ``procs_files`` (none: ``argv``)."""
+    if not procs_files:
+        return argv
+    return ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *(str(p) for p in procs_files), "--", *argv]
+
+
+def launch_detached(argv: list[str], stderr_path: Path, pass_fds: tuple[int, ...] = ()) -> tuple[int, int]:
     """Starts ``argv`` in the background of a shell that exits at once, so QEMU is nobody's child
     here and outlives the runtime (what -daemonize did, which forks once the seccomp filter that
     denies spawning is in place); its working directory is /. Its stderr goes through a pipe to
     ``head``, which keeps the first STDERR_MAX_BYTES in ``stderr_path`` and then exits: a guest that
     makes QEMU report errors forever cannot fill the host's disk (QEMU ignores SIGPIPE; later
-    messages are dropped). Returns QEMU's pid and head's.
+    messages are dropped). ``pass_fds`` stay open, at their numbers, in the command. Returns its pid
+    and head's.
 
     Raises:
         HypervisorError: the shell could not start it.
@@ -75,16 +88,16 @@ def launch_detached(argv: list[str], stderr_path: Path) -> tuple[int, int]:
         with stderr_path.open("wb") as log_file:
             _detached(["head", "-c", str(STDERR_MAX_BYTES)], read_end, log_file.fileno(), None, pid_file)
         head = pid_file.read_text().strip()
-        _detached(argv, subprocess.DEVNULL, subprocess.DEVNULL, write_end, pid_file)
+        _detached(argv, subprocess.DEVNULL, subprocess.DEVNULL, write_end, pid_file, pass_fds)
         qemu = pid_file.read_text().strip()
     except OSError as e:
-        raise HypervisorError(f"cannot start QEMU: {e}") from None
+        raise HypervisorError(f"cannot start {argv[0]}: {e}") from None
     finally:
         os.close(read_end)
         os.close(write_end)
         pid_file.unlink(missing_ok=True)
     if not (qemu.isdigit() and head.isdigit()):
-        raise HypervisorError("cannot start QEMU: the launcher gave no pid")
+        raise HypervisorError(f"cannot start {argv[0]}: the launcher gave no pid")
     return int(qemu), int(head)
 
 
@@ -113,7 +126,9 @@ def wait_exited(pid: int, timeout: float) -> None:
         time.sleep(0.01)
 
 
-def _detached(argv: list[str], stdin: int, stdout: int, stderr: int | None, pid_file: Path) -> None:
+def _detached(
+    argv: list[str], stdin: int, stdout: int, stderr: int | None, pid_file: Path, pass_fds: tuple[int, ...] = ()
+) -> None:
     """Runs ``argv`` with that stdio in the background of a shell that exits at once, writing the
     background pid to ``pid_file``.
 
@@ -121,14 +136,15 @@ def _detached(argv: list[str], stdin: int, stdout: int, stderr: int | None, pid_
         HypervisorError: the shell could not start it.
     """
     # A background command of a non-interactive shell gets /dev/null as stdin unless it says
-    # otherwise: the shell's stdin is kept on fd 3 and given back.
-    script = 'exec 3<&0; "$@" <&3 3<&- & echo $! > "$KVMSANDBOX_PID_FILE"'
+    # otherwise: the shell's stdin is kept on a spare fd (one not passed on) and given back.
+    spare = next(n for n in range(3, 10) if n not in pass_fds)
+    script = f'exec {spare}<&0; "$@" <&{spare} {spare}<&- & echo $! > "$KVMSANDBOX_PID_FILE"'
     env = {"PATH": os.environ.get("PATH", os.defpath), "KVMSANDBOX_PID_FILE": str(pid_file)}
     try:
         shell = subprocess.run(
             ["/bin/sh", "-c", script, "sh", *argv],
             stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL if stderr is None else stderr,
-            env=env, cwd="/", timeout=10, check=False, start_new_session=True,
+            env=env, cwd="/", timeout=10, check=False, start_new_session=True, pass_fds=pass_fds,
         )  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as e:
         raise HypervisorError(f"cannot start {argv[0]}: {e}") from None

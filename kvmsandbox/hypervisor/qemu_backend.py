@@ -28,6 +28,7 @@ from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.disks import Disk
 from kvmsandbox.hypervisor.process import (
+    in_cgroups,
     is_qemu_of,
     launch_detached,
     read_pidfile,
@@ -56,16 +57,6 @@ class _VMFiles:
     run_dir: str
     qmp_socket: str
     agent_socket: str | None
-
-
-# Joins every cgroup given before "--" (writing its own pid to each cgroup.procs), then execs the
-# command after it: the process is accounted in those cgroups from its first allocation on.
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
-
-
-def in_cgroups(procs_files: tuple[Path, ...], argv: list[str]) -> list[str]:
-    """``argv`` run by a shell that first joins the cgroups of ``procs_files``."""
-    return ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *(str(p) for p in procs_files), "--", *argv]
 
 
 class QemuHypervisor:
@@ -123,8 +114,7 @@ class QemuHypervisor:
         # Recorded before QEMU starts, so a crash of ours right after the start still leaves a trace.
         self._write_files_record(files)
         argv = qemu_argv(spec, pidfile=self._pidfile(spec.name), binary=self._qemu_binary)
-        if spec.cgroup_procs:
-            argv = in_cgroups(spec.cgroup_procs, argv)
+        argv = in_cgroups(spec.cgroup_procs, argv)
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
         pid = head = 0

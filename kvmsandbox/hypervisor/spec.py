@@ -23,7 +23,7 @@ AGENT_VSOCK_PORT = 1024
 """AF_VSOCK port the agent listens on where vsock exists (as Kata)."""
 
 SHARED_DIR_TAG = "kvmshared"
-"""virtio-9p mount tag of VMSpec.shared_dir."""
+"""virtio-fs tag of the pod's shared dir (served by virtiofsd on VMSpec.shared_fs_socket)."""
 
 QMP_SOCKET_NAME = "qmp.sock"
 """File name of the qemu backend's QMP socket inside VMSpec.run_dir."""
@@ -95,8 +95,9 @@ class VMSpec:
     cmdline: str
     root_disk: Path
     """Read-only raw image, attached as the first virtio-blk disk (guest /dev/vda)."""
-    shared_dir: Path | None
-    """Exported over virtio-9p with mount tag SHARED_DIR_TAG."""
+    shared_fs_socket: Path | None
+    """vhost-user socket of the virtiofsd serving the pod's shared dir (virtio-fs, tag
+    SHARED_DIR_TAG); with it the guest's RAM is a shared memfd, which virtiofsd maps."""
     agent: AgentChannel | None
     """None for the bare-boot benchmark."""
     console_log: Path
@@ -135,8 +136,8 @@ class VMSpec:
             "console_log": self.console_log,
             "run_dir": self.run_dir,
         }
-        if self.shared_dir is not None:
-            paths["shared_dir"] = self.shared_dir
+        if self.shared_fs_socket is not None:
+            _check_socket_path(self.shared_fs_socket, f"VM {self.name}: shared_fs_socket")
         for field, path in paths.items():
             # QEMU runs with / as its working directory, so a relative path would change meaning.
             if not path.is_absolute():

@@ -16,6 +16,7 @@ from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentMisbehaved, DeadlineExceeded, FailedPrecondition, KvmSandboxError, Unavailable
 from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, AgentChannel, VMSpec
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
 from kvmsandbox.sandbox.console import console_tail
@@ -27,6 +28,7 @@ from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest
 log = logging.getLogger(__name__)
 
 GUEST_SHARE = "/run/kvmsandbox/shared"
+VIRTIOFSD_SOCKET = "fs.sock"
 
 
 def cgroup_path(ctx: SandboxContext, sandbox_id: str, cgroup_parent: str) -> str:
@@ -159,7 +161,7 @@ class SandboxBoot:
             initrd=ctx.image.initrd,
             cmdline=ctx.image.cmdline(extra=self.cmdline_extra),
             root_disk=ctx.image.rootfs,
-            shared_dir=ctx.sandbox_dir(record.id) / "shared",
+            shared_fs_socket=self._start_virtiofsd(),
             agent=self._channel,
             console_log=ctx.console_log(record.id),
             run_dir=ctx.run_dir(record.id),
@@ -202,7 +204,7 @@ class SandboxBoot:
                 sandbox_id=record.id,
                 hostname=record.hostname,
                 dns=pb.DNSConfig(servers=self.dns.servers, searches=self.dns.searches, options=self.dns.options),
-                storages=[pb.Storage(driver="9p", source=SHARED_DIR_TAG, mount_point=GUEST_SHARE)],
+                storages=[pb.Storage(driver="virtiofs", source=SHARED_DIR_TAG, mount_point=GUEST_SHARE)],
                 interfaces=net.guest_interfaces() if net else [],
                 routes=net.guest_routes() if net else [],
             )
@@ -221,6 +223,14 @@ class SandboxBoot:
         except KvmSandboxError as e:
             log.warning("sandbox %s: could not measure its overhead at boot: %s", record.id, e)
         ctx.store.save(record)
+
+    def _start_virtiofsd(self) -> Path:
+        """The daemon serving the shared dir (in the VMM's cgroup); returns the socket QEMU connects to."""
+        shared = self.ctx.sandbox_dir(self.record.id) / rootfs.SHARED
+        socket_path = self.ctx.run_dir(self.record.id) / VIRTIOFSD_SOCKET
+        self._undo.append(("the virtio-fs daemon", lambda: virtiofsd.stop(shared)))
+        virtiofsd.start(shared, socket_path, self._cgroup_procs)
+        return socket_path
 
     # -- undo --------------------------------------------------------------------------------
 

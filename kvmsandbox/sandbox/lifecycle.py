@@ -14,6 +14,7 @@ from kvmsandbox.agent.client import ExitStatus
 from kvmsandbox.errors import KvmSandboxError, NotFound, Unavailable
 from kvmsandbox.host.cgroupfs import find_cgroups
 from kvmsandbox.host.cgroups import HostCgroup
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.sandbox import rootfs
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
@@ -91,7 +92,7 @@ def release_vm(
     Returns what could not be released (the caller saves ``record``, which says what is done).
     """
     problems: list[str] = []
-    ctx.hypervisor.destroy(vm_name)
+    destroy_vm(ctx, sandbox_id, vm_name)
     if record is not None and record.network_requested and (remove_netns or not record.network_released):
         try:
             release_network(ctx, record, remove_netns=remove_netns, retry_later=retry_later)
@@ -107,6 +108,13 @@ def release_vm(
     ctx.drop_client(sandbox_id)
     ctx.stdio.release_sandbox(sandbox_id, PUMP_JOIN_SECONDS)
     return problems
+
+
+def destroy_vm(ctx: SandboxContext, sandbox_id: str, vm_name: str) -> None:
+    """The VM, then the virtio-fs daemon serving its shared dir (gone by itself once QEMU is,
+    unless QEMU never connected to it). Raises HypervisorError."""
+    ctx.hypervisor.destroy(vm_name)
+    virtiofsd.stop(ctx.sandbox_dir(sandbox_id) / rootfs.SHARED)
 
 
 def release_pending(record: SandboxRecord) -> bool:
@@ -210,7 +218,7 @@ def stop(ctx: SandboxContext, sandbox_id: str) -> None:
     with ctx.lock_for(sandbox_id):
         if ctx.store.is_unreadable(sandbox_id):
             # Nothing is known of it but its name: its VM goes; the rest goes with the removal.
-            ctx.hypervisor.destroy(vm_name_of(sandbox_id))
+            destroy_vm(ctx, sandbox_id, vm_name_of(sandbox_id))
             return
         record = ctx.store.get(sandbox_id)
         if record.state is SandboxState.STOPPED:

@@ -1,6 +1,9 @@
 """Container root filesystems on the host: an overlay of read-only image layers and a writable
-per-container layer, mounted below the sandbox's shared dir so the guest sees it over 9p, and the
-host paths a container asks for, bind-mounted next to it.
+per-container layer, mounted below the sandbox's shared dir so the guest sees it over virtio-fs, and
+the host paths a container asks for, bind-mounted next to it.
+
+The shared dir and its pinned dirs are shared mounts: virtiofsd (pivoted into the shared dir in its
+own mount namespace, a slave of ours) sees every mount made or removed below them afterwards.
 
 The guest writes to ``<sandbox>/shared`` as root and can replace any name in it with a link at any
 time, so every operation below it goes through ``host.beneath`` (no link followed, never out of
@@ -10,7 +13,7 @@ or remove a mount point, so the guest cannot move a mount away from where it was
 writable layer (``<sandbox>/layers/<id>``) is filled by the guest through the overlay: it is
 removed the same way. Layout of a sandbox dir, relative to it::
 
-    shared/                     the 9p export (a nodev, nosuid bind of itself)
+    shared/                     the virtio-fs export (a nodev, nosuid bind of itself)
     shared/containers/          a bind of itself
     shared/containers/<id>      the container's overlay (its rootfs)
     shared/mounts/              a bind of itself
@@ -66,8 +69,9 @@ def container_dirs(container_id: str) -> list[str]:
 
 
 def seal_shared_dir(sandbox_dir: Path) -> None:
-    """Creates the shared dir and makes it a nodev, nosuid, private bind mount of itself, with
-    ``containers`` and ``mounts`` binds of themselves in it, before any guest can write to it.
+    """Creates the shared dir and makes it a nodev, nosuid bind mount of itself, with ``containers``
+    and ``mounts`` binds of themselves in it, before any guest can write to it. Each is a peer
+    group of its own (shared with no other mount of the host): virtiofsd's copies follow them.
 
     Raises:
         FailedPrecondition: the kernel refused (its reason in the message).
@@ -90,7 +94,9 @@ def _self_bind(dir_fd: int, name: str) -> int:
     try:
         tree = mounts.clone_tree(Path(beneath.fd_path(target)), mounts.GUEST_WRITABLE)
         try:
-            return mounts.attach(tree, target)
+            mid = mounts.attach(tree, target)
+            mounts.share(tree)
+            return mid
         finally:
             os.close(tree)
     finally:

@@ -205,13 +205,30 @@ def test_links_planted_at_every_name_the_host_uses_reach_nothing_outside(
     assert canary_intact(canary) and os.listdir(canary) == ["precious"]
 
 
-def test_the_shared_dir_is_nodev_nosuid_and_private_to_root(sdir: Path) -> None:
+def test_the_shared_dir_is_nodev_nosuid_shared_with_no_other_host_mount_and_private_to_root(sdir: Path) -> None:
     rootfs.seal_shared_dir(sdir)
-    (entry,) = [m for m in mounts.mount_table() if m.mount_point == str(sdir / "shared")]
-    assert {"nodev", "nosuid"} <= _mount_options(entry.id)
+    groups = []
+    for rel in ("shared", "shared/containers", "shared/mounts"):
+        (entry,) = [m for m in mounts.mount_table() if m.mount_point == str(sdir / rel)]
+        assert {"nodev", "nosuid"} <= _mount_options(entry.id)
+        (group,) = [f for f in _optional_fields(entry.id) if f.startswith("shared:")]
+        groups.append(group)
+    # Each is its own peer group: a mount made below it shows up in virtiofsd's namespace only.
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    peers = [f for line in mountinfo for f in line.split(" - ")[0].split()[6:]]
+    assert all(peers.count(g) == 1 for g in groups) and len(set(groups)) == 3
     assert os.stat(sdir).st_mode & 0o777 == 0o700
     rootfs.remove_sandbox_dir(sdir)
     assert not sdir.exists() and mounts.mounts_below(sdir) == []
+
+
+def _optional_fields(mount_id: int) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ")[0].split()
+            if int(fields[0]) == mount_id:
+                return fields[6:]
+    raise AssertionError(f"no mount {mount_id}")
 
 
 def _mount_options(mount_id: int) -> set[str]:

@@ -29,7 +29,7 @@ def make_spec(**changes: Any) -> VMSpec:
         initrd=Path("/cache/initrd.img"),
         cmdline="console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda",
         root_disk=Path("/cache/root.erofs"),
-        shared_dir=Path("/var/lib/kvmsandbox/pods/1/shared"),
+        shared_fs_socket=Path("/run/ks/1/fs.sock"),
         agent=AgentChannel("virtio-serial", socket_path=Path("/run/ks/1/agent.sock")),
         console_log=Path("/var/log/ks/1/console.log"),
         run_dir=Path("/run/ks/1"),
@@ -89,12 +89,17 @@ def test_domain_xml_root_disk_is_the_first_read_only_virtio_disk() -> None:
     assert attrs(disk, "driver")["type"] == "raw"
 
 
-def test_domain_xml_shares_the_dir_over_9p_with_remapped_devices() -> None:
-    fs = parse(make_spec()).find("devices/filesystem")
+def test_domain_xml_connects_virtio_fs_to_the_runtimes_virtiofsd_and_shares_guest_ram() -> None:
+    dom = parse(make_spec())
+    fs = dom.find("devices/filesystem")
     assert fs is not None
-    assert fs.get("accessmode") == "passthrough" and fs.get("multidevs") == "remap"
-    assert attrs(fs, "source")["dir"] == "/var/lib/kvmsandbox/pods/1/shared"
+    assert attrs(fs, "driver") == {"type": "virtiofs", "queue": "1024"}
+    # The daemon is the runtime's: libvirt gets its socket, never a host dir to export itself.
+    assert attrs(fs, "source") == {"socket": "/run/ks/1/fs.sock"}
     assert attrs(fs, "target")["dir"] == SHARED_DIR_TAG
+    assert attrs(dom, "memoryBacking/source") == {"type": "memfd"}
+    assert attrs(dom, "memoryBacking/access") == {"mode": "shared"}
+    assert parse(make_spec(shared_fs_socket=None)).find("memoryBacking") is None
 
 
 def test_domain_xml_agent_channel_is_a_virtio_serial_port_on_a_unix_socket_qemu_listens_on() -> None:
@@ -133,12 +138,13 @@ def test_domain_xml_marks_the_domain_as_ours() -> None:
 
 
 def test_bare_boot_spec_has_neither_agent_device_nor_shared_dir() -> None:
-    spec = make_spec(agent=None, shared_dir=None)
+    spec = make_spec(agent=None, shared_fs_socket=None)
     devices = parse(spec).find("devices")
     assert devices is not None
     assert devices.find("channel") is None and devices.find("vsock") is None and devices.find("filesystem") is None
     argv = " ".join(qemu_argv(spec, pidfile=PIDFILE))
-    assert "virtserialport" not in argv and "vsock" not in argv and "9p" not in argv
+    assert "virtserialport" not in argv and "vsock" not in argv and "vhost-user-fs" not in argv
+    assert option_values(qemu_argv(spec, pidfile=PIDFILE), "-machine") == ["q35"]
 
 
 def test_domain_xml_escapes_markup_in_the_kernel_command_line() -> None:
@@ -149,7 +155,9 @@ def test_qemu_argv_boots_the_same_machine_in_the_foreground_with_qmp_in_the_run_
     argv = qemu_argv(make_spec(), pidfile=PIDFILE, binary="/usr/bin/qemu-system-x86_64")
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert option_values(argv, "-name") == ["guest=pod-1,debug-threads=on"]
-    assert option_values(argv, "-machine") == ["q35"]
+    # virtiofsd maps the guest's RAM: a shared memfd, nothing on a host path.
+    assert option_values(argv, "-machine") == ["q35,memory-backend=ram"]
+    assert option_values(argv, "-object")[0] == "memory-backend-memfd,id=ram,size=384M,share=on"
     assert option_values(argv, "-accel") == ["tcg,tb-size=64"]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv) and "-daemonize" not in argv
     assert option_values(argv, "-display") == ["none"]
@@ -182,10 +190,9 @@ def test_qemu_argv_devices_match_the_domain_xml() -> None:
     assert "driver=file,node-name=root-file,filename=/cache/root.erofs,read-only=on" in option_values(argv, "-blockdev")
     # The root disk is the first virtio-blk device, so the guest calls it /dev/vda.
     assert [d for d in devices if d.startswith("virtio-blk")] == ["virtio-blk-pci,id=root-disk,drive=root"]
-    assert option_values(argv, "-fsdev") == [
-        "local,id=shared,path=/var/lib/kvmsandbox/pods/1/shared,security_model=passthrough,multidevs=remap"
-    ]
-    assert f"virtio-9p-pci,id=shared-fs,fsdev=shared,mount_tag={SHARED_DIR_TAG}" in devices
+    assert "-fsdev" not in argv
+    assert "socket,id=shared-fs-sock,path=/run/ks/1/fs.sock" in chardevs
+    assert f"vhost-user-fs-pci,id=shared-fs,chardev=shared-fs-sock,tag={SHARED_DIR_TAG},queue-size=1024" in devices
     assert "socket,id=agent,path=/run/ks/1/agent.sock,server=on,wait=off" in chardevs
     assert f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}" in devices
     assert not [d for d in devices if "vsock" in d]

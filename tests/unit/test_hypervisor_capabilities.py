@@ -76,7 +76,8 @@ def test_auto_transport_looks_at_the_host_only_when_the_backend_offers_vsock(
 
 def test_shared_filesystem_is_the_first_supported_one_the_backend_offers() -> None:
     both = caps(filesystems=("virtio-9p", "virtio-fs"))
-    assert choose_shared_filesystem(both) == "virtio-9p"
+    assert choose_shared_filesystem(both) == "virtio-fs"
+    assert choose_shared_filesystem(both, supported=("virtio-9p", "virtio-fs")) == "virtio-9p"
     assert choose_shared_filesystem(both, supported=("virtio-fs", "virtio-9p")) == "virtio-fs"
     assert choose_shared_filesystem(caps(filesystems=("virtio-9p",)), supported=("virtio-fs", "virtio-9p")) == (
         "virtio-9p"
@@ -84,16 +85,16 @@ def test_shared_filesystem_is_the_first_supported_one_the_backend_offers() -> No
 
 
 def test_shared_filesystem_fails_naming_both_sides_when_nothing_fits() -> None:
-    with pytest.raises(FailedPrecondition, match=r"offers: virtio-fs; the runtime uses: virtio-9p"):
-        choose_shared_filesystem(caps(filesystems=("virtio-fs",)))
+    with pytest.raises(FailedPrecondition, match=r"offers: virtio-9p; the runtime uses: virtio-fs"):
+        choose_shared_filesystem(caps(filesystems=("virtio-9p",)))
 
 
 @pytest.mark.parametrize(
     "reported", [LibvirtHypervisor.capabilities, QemuHypervisor.capabilities], ids=["libvirt", "qemu"]
 )
-def test_each_backend_offers_virtio_9p_both_transports_block_hotplug_and_no_snapshots(reported: Capabilities) -> None:
+def test_each_backend_offers_virtio_fs_both_transports_block_hotplug_and_no_snapshots(reported: Capabilities) -> None:
     assert reported == Capabilities(
-        shared_filesystems=frozenset({"virtio-9p"}),
+        shared_filesystems=frozenset({"virtio-fs"}),
         agent_transports=frozenset({"virtio-serial", "vsock"}),
         hotplug=frozenset({"block"}),
         snapshot_restore=False,

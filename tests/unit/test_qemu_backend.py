@@ -51,7 +51,7 @@ def make_spec(run_dir: Path, **changes: Any) -> VMSpec:
         initrd=Path("/cache/initrd.img"),
         cmdline="console=ttyS0",
         root_disk=Path("/cache/root.erofs"),
-        shared_dir=None,
+        shared_fs_socket=None,
         agent=AgentChannel("virtio-serial", socket_path=run_dir / "agent.sock"),
         console_log=run_dir / "console.log",
         run_dir=run_dir,

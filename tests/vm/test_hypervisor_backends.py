@@ -1,8 +1,9 @@
 """Both hypervisor backends boot the same VMSpec into a real guest (TCG here) and clean up after it.
 
 The guest is the guest image's kernel and initramfs with our own /init appended: it loads the
-image's modules, mounts the shared dir over 9p, opens the agent's virtio-serial port and answers
-one line per line, so these tests exercise the backends without the agent.
+image's modules, mounts the shared dir over virtio-fs (the test starts virtiofsd), opens the agent's
+virtio-serial port and answers one line per line, so these tests exercise the backends without the
+agent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.factory import open_hypervisor
 from kvmsandbox.hypervisor.libvirt_backend import (
     CAPABILITIES_DIR,
@@ -64,7 +66,7 @@ while read m; do insmod /lib/modules/$m.ko; done < /lib/modules/load-order
 i=0; while [ ! -e /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 ro=$(cat /sys/block/vda/ro 2>/dev/null || echo missing)
 share=none
-if mount -t 9p -o trans=virtio,version=9p2000.L {SHARED_DIR_TAG} /mnt; then
+if mount -t virtiofs {SHARED_DIR_TAG} /mnt; then
   echo from-guest > /mnt/guest-wrote && share=ok
 fi
 port=""
@@ -134,6 +136,7 @@ def vm_dir() -> Iterator[Path]:
     # Short, for unix socket paths; pytest's tmp_path can be too long.
     path = Path(tempfile.mkdtemp(prefix="ks-hv-", dir="/tmp"))
     yield path
+    virtiofsd.stop(path / "shared")
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -152,8 +155,12 @@ def boot(hypervisor: Hypervisor) -> Iterator[Callable[[VMSpec], None]]:
 
 
 def make_spec(guest: EchoGuest, vm_dir: Path, **changes: Any) -> VMSpec:
-    (vm_dir / "shared").mkdir(exist_ok=True)
-    (vm_dir / "run").mkdir(exist_ok=True)
+    """A spec for the echo guest, with a virtiofsd serving ``vm_dir/shared`` (the sandbox layer
+    starts it in the runtime; the vm_dir fixture stops it)."""
+    for d in ("shared", "run", "fs"):
+        (vm_dir / d).mkdir(exist_ok=True)
+    if not virtiofsd.running_for(vm_dir / "shared"):
+        virtiofsd.start(vm_dir / "shared", vm_dir / "fs" / "fs.sock")
     spec = VMSpec(
         name=f"hvt-{uuid.uuid4().hex[:10]}",
         vcpus=1,
@@ -163,7 +170,7 @@ def make_spec(guest: EchoGuest, vm_dir: Path, **changes: Any) -> VMSpec:
         initrd=guest.initrd,
         cmdline="console=ttyS0 panic=-1 reboot=t",
         root_disk=guest.root_disk,
-        shared_dir=vm_dir / "shared",
+        shared_fs_socket=vm_dir / "fs" / "fs.sock",
         agent=AgentChannel("virtio-serial", socket_path=vm_dir / "run" / "agent.sock"),
         console_log=vm_dir / "console.log",
         run_dir=vm_dir / "run",
@@ -199,7 +206,20 @@ def qemu_pids(name: str) -> list[int]:
 def test_guest_boots_answers_over_the_agent_socket_and_sees_the_shared_dir(
     hypervisor: Hypervisor, boot: Callable[[VMSpec], None], echo_guest: EchoGuest, vm_dir: Path
 ) -> None:
+    # The runtime's shared dir is a shared mount, so virtiofsd (a slave copy in its own mount
+    # namespace) sees what is mounted below it after it started.
+    shared = vm_dir / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    subprocess.run(["mount", "--make-shared", str(shared)], check=True)
     spec = make_spec(echo_guest, vm_dir)
+    try:
+        _check_guest_and_share(hypervisor, boot, spec, vm_dir)
+    finally:
+        subprocess.run(["umount", "-l", str(shared)], check=True)
+
+
+def _check_guest_and_share(hypervisor: Hypervisor, boot: Callable[[VMSpec], None], spec: VMSpec, vm_dir: Path) -> None:
     boot(spec)
     info = hypervisor.info(spec.name)
     assert info is not None and info.running and info.pid is not None
@@ -212,7 +232,7 @@ def test_guest_boots_answers_over_the_agent_socket_and_sees_the_shared_dir(
     assert (vm_dir / "shared" / "guest-wrote").read_text() == "from-guest\n"
     assert "hvtest: ready ro=1 share=ok port=/dev/vport" in spec.console_log.read_text()
 
-    # The runtime mounts container roots below the shared dir while the VM runs: QEMU must see them.
+    # The runtime mounts host paths below the shared dir while the VM runs: the guest must see them.
     late = vm_dir / "shared" / "late"
     late.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "late", str(late)], check=True)
@@ -220,8 +240,8 @@ def test_guest_boots_answers_over_the_agent_socket_and_sees_the_shared_dir(
         (late / "hello").write_text("from-host")
         assert ask(spec, "cat late/hello") == "file from-host"
     finally:
-        hypervisor.destroy(spec.name)  # QEMU holds the mount busy until then
-        subprocess.run(["umount", str(late)], check=True)
+        hypervisor.destroy(spec.name)
+        subprocess.run(["umount", "-l", str(late)], check=True)
 
 
 def test_destroy_leaves_no_qemu_process_socket_log_or_record_and_is_idempotent(

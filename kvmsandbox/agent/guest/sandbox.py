@@ -13,7 +13,7 @@ from kvmsandbox.agent.linux import MNT_DETACH, mount, umount
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
 SANDBOX_DIR = Path("/run/kvmsandbox/sandbox")
-NINE_P_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=262144", "cache=mmap")
+STORAGE_DRIVERS = ("virtiofs",)
 
 
 def resolv_conf(dns: pb.DNSConfig) -> str:
@@ -89,15 +89,13 @@ class SandboxSetup:
     def _mount_storage(self, storage: pb.Storage) -> None:
         if not storage.mount_point.startswith("/") or not storage.source:
             raise InvalidArgument(f"storage needs a source and an absolute mount point, got {storage}")
+        if storage.driver not in STORAGE_DRIVERS:
+            raise InvalidArgument(f"storage driver {storage.driver!r} is not one of {', '.join(STORAGE_DRIVERS)}")
         if storage.mount_point in self.mounted:
             return
         Path(storage.mount_point).mkdir(parents=True, exist_ok=True)
-        fstype = storage.driver
-        options = list(storage.options)
-        if fstype == "9p":
-            options = [*NINE_P_OPTIONS, *options]
         try:
-            mount(storage.source, storage.mount_point, fstype, 0, ",".join(options))
+            mount(storage.source, storage.mount_point, storage.driver, 0, ",".join(storage.options))
         except OSError as e:
             raise AgentFault(str(e.strerror or e)) from None
         self.mounted.append(storage.mount_point)
