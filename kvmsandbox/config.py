@@ -35,6 +35,10 @@ class HypervisorConfig:
     tb_cache_mib: int = 64
     # The QEMU the qemu backend runs (a name looked up in PATH, or a path); libvirt finds its own.
     qemu_binary: str = "qemu-system-x86_64"
+    # qemu backend: each QEMU runs jailed (its own mount namespace, no capabilities) as a uid and
+    # gid of its own from [vmm_uid_base, vmm_uid_base + 2^20). 0 runs QEMU as root, unconfined
+    # but for seccomp: for debugging only.
+    vmm_uid_base: int = 2_000_000_000
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ def open_hypervisor_for(config: Config, backend: str | None = None) -> Hyperviso
         state_dir=config.state_dir,
         libvirt_uri=config.libvirt_uri if chosen == "libvirt" else None,
         qemu_binary=config.hypervisor.qemu_binary,
+        vmm_uid_base=config.hypervisor.vmm_uid_base,
     )
 
 

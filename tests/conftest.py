@@ -109,6 +109,7 @@ def manager(
         state_dir=config.state_dir,
         libvirt_uri=config.libvirt_uri if backend == "libvirt" else None,
         qemu_binary=config.hypervisor.qemu_binary,
+        vmm_uid_base=config.hypervisor.vmm_uid_base,
     )
     mgr = SandboxManager(config, hv, guest_image)
     yield mgr

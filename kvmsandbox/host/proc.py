@@ -1,6 +1,7 @@
 """What a VMM process costs the host, read from /proc.
 
-QEMU maps the guest's RAM as one anonymous mapping of the VM's memory size, and under TCG its
+QEMU maps the guest's RAM as one mapping of the VM's memory size (anonymous, or a shared memfd when
+virtiofsd has to map it too), and under TCG its
 translation cache as one anonymous rwx mapping of ``tb-size``. The proportional set size (PSS) of
 the whole process minus the PSS of the guest RAM mapping is what the VMM costs beyond the memory
 the guest touched; file pages shared between VMMs (the kernel image every QEMU maps) are divided
@@ -60,9 +61,11 @@ def vmm_memory(pid: int, guest_ram_bytes: int, tcg_cache_bytes: int = 0, proc: P
             start, end = (int(x, 16) for x in fields[0].split("-"))
             size = end - start
             anonymous = len(fields) < 6 and fields[4] == "0"
+            memfd = len(fields) >= 6 and fields[5].startswith("/memfd:")
             perms = fields[1]
             kind = ""
-            if anonymous and guest_ram_bytes <= size <= guest_ram_bytes + _MAPPING_SLACK and perms == "rw-p":
+            ram_sized = guest_ram_bytes <= size <= guest_ram_bytes + _MAPPING_SLACK
+            if ram_sized and ((anonymous and perms == "rw-p") or (memfd and perms == "rw-s")):
                 kind = "ram"
             elif anonymous and tcg_cache_bytes and tcg_cache_bytes - _MAPPING_SLACK <= size <= tcg_cache_bytes:
                 kind = "tcg" if perms == "rwxp" else ""

@@ -10,10 +10,10 @@ A guest reboot or crash ends the VM (the guest kernel panics with panic=-1 and r
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from dataclasses import dataclass
 
 from kvmsandbox.hypervisor.disks import SCSI_CONTROLLER_ID
-from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, QMP_SOCKET_NAME, SHARED_DIR_TAG, VMSpec
+from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE = "q35"
@@ -101,15 +101,43 @@ def _add_devices(devices: ET.Element, spec: VMSpec) -> None:
 
     # The guest's first getrandom() (Python's hash seed) stalls about a second under TCG without it.
     rng = ET.SubElement(devices, "rng", model="virtio")
-    ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+    ET.SubElement(rng, "backend", model="builtin")
 
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
 
 
-def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list[str]:
-    """QEMU command line for `spec`: runs in the foreground (the backend detaches it), writes
-    `pidfile`, QMP on run_dir/QMP_SOCKET_NAME, under QEMU's strictest seccomp filter.
+@dataclass(frozen=True)
+class QemuFds:
+    """What the qemu backend opened for QEMU (fd numbers QEMU inherits), so that QEMU opens no
+    host path but its kernel and initrd (given here as QEMU will see them: inside its jail)."""
+
+    qmp: int
+    """A listening unix socket."""
+    console: int
+    """The console log, opened for appending."""
+    root_disk: int
+    """The root image, read-only."""
+    kernel: str
+    initrd: str
+    agent: int | None = None
+    """A listening unix socket, for a virtio-serial agent channel."""
+    vhost_vsock: int | None = None
+    """/dev/vhost-vsock, for a vsock agent channel."""
+    shared_fs: int | None = None
+    """A unix socket connected to the pod's virtiofsd."""
+    tap: int | None = None
+    """The NIC's tap device, attached (TUNSETIFF) with a virtio-net header."""
+
+
+ROOT_DISK_FDSET = 0
+CONSOLE_FDSET = 255
+"""fd sets of the root disk and the console log (container disks use 1-254, their SCSI targets)."""
+
+
+def qemu_argv(spec: VMSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[str]:
+    """QEMU command line for `spec` with everything it uses passed as ``fds``: runs in the
+    foreground (the backend detaches it), QMP on ``fds.qmp``, under QEMU's strictest seccomp filter.
 
     Raises nothing.
     """
@@ -122,48 +150,48 @@ def qemu_argv(spec: VMSpec, *, pidfile: Path, binary: str = QEMU_BINARY) -> list
         # Mirrors libvirt's on_reboot=destroy: a guest reboot (panic=-1, reboot on failure) ends QEMU.
         "-no-reboot",
         "-smp", str(spec.vcpus),
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
+        "-kernel", fds.kernel,
+        "-initrd", fds.initrd,
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={_val(spec.console_log)},append=on",
+        "-add-fd", f"fd={fds.console},set={CONSOLE_FDSET}",
+        "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on",
         "-serial", "chardev:console",
-        "-blockdev", f"driver=file,node-name=root-file,filename={_val(spec.root_disk)},read-only=on",
+        "-add-fd", f"fd={fds.root_disk},set={ROOT_DISK_FDSET}",
+        "-blockdev", f"driver=file,node-name=root-file,filename=/dev/fdset/{ROOT_DISK_FDSET},read-only=on",
         "-blockdev", "driver=raw,node-name=root,file=root-file,read-only=on",
         "-device", "virtio-blk-pci,id=root-disk,drive=root",
         # Container image and writable layers are hotplugged on it (hypervisor/disks.py).
         "-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER_ID}",
         # The guest's first getrandom() (Python's hash seed) stalls about a second under TCG without it.
-        "-object", "rng-random,id=rng,filename=/dev/urandom",
+        "-object", "rng-builtin,id=rng",
         "-device", "virtio-rng-pci,id=rng-dev,rng=rng",
     ]  # fmt: skip
-    if spec.shared_fs_socket is not None:
+    if spec.shared_fs_socket is not None and fds.shared_fs is not None:
         argv += [
-            "-chardev", f"socket,id=shared-fs-sock,path={_val(spec.shared_fs_socket)}",
+            "-chardev", f"socket,id=shared-fs-sock,fd={fds.shared_fs}",
             "-device", f"vhost-user-fs-pci,id=shared-fs,chardev=shared-fs-sock,tag={SHARED_DIR_TAG},"
             f"queue-size={VIRTIO_FS_QUEUE}",
         ]  # fmt: skip
-    if spec.agent is not None and spec.agent.transport == "virtio-serial":
-        assert spec.agent.socket_path is not None  # AgentChannel.__post_init__ guarantees it
+    if spec.agent is not None and spec.agent.transport == "virtio-serial" and fds.agent is not None:
         argv += [
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=agent,path={_val(spec.agent.socket_path)},server=on,wait=off",
+            "-chardev", f"socket,id=agent,fd={fds.agent},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         ]  # fmt: skip
-    elif spec.agent is not None:
-        argv += ["-device", f"vhost-vsock-pci,id=vsock,guest-cid={spec.agent.guest_cid}"]
-    if spec.nic is not None:
+    elif spec.agent is not None and spec.agent.transport == "vsock" and fds.vhost_vsock is not None:
+        argv += ["-device", f"vhost-vsock-pci,id=vsock,guest-cid={spec.agent.guest_cid},vhostfd={fds.vhost_vsock}"]
+    if spec.nic is not None and fds.tap is not None:
         mtu = f",host_mtu={spec.nic.mtu}" if spec.nic.mtu else ""
         argv += [
-            "-netdev", f"tap,id=net0,ifname={spec.nic.tap},script=no,downscript=no",
+            "-netdev", f"tap,id=net0,fd={fds.tap}",
             "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={spec.nic.mac}{mtu}",
         ]  # fmt: skip
     argv += [
-        "-chardev", f"socket,id=qmp,path={_val(spec.run_dir / QMP_SOCKET_NAME)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         # As libvirt's default: no obsolete syscalls, setuid/setgid, fork, exec or scheduler changes
         # (so no -daemonize, which forks once the filter is in place: the backend detaches QEMU).
         "-sandbox", SECCOMP_SANDBOX,
-        "-pidfile", str(pidfile),
     ]  # fmt: skip
     return argv
 
@@ -182,8 +210,3 @@ def _accel_args(spec: VMSpec) -> list[str]:
     if spec.accel == "kvm":
         return ["-accel", "kvm", "-cpu", "host"]
     return ["-accel", f"tcg,tb-size={spec.tb_cache_mib}"]
-
-
-def _val(path: Path) -> str:
-    # QEMU option values are comma-separated; a literal comma is written twice.
-    return str(path).replace(",", ",,")

@@ -13,6 +13,11 @@ from kvmsandbox.hypervisor.builder import QEMU_BINARY
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES, QEMU_CAPABILITIES, Capabilities
 from kvmsandbox.hypervisor.spec import Hypervisor
 
+DEFAULT_VMM_UID_BASE = 2_000_000_000
+"""First uid of the qemu backend's VMMs (one each, up to 2^20 of them): far above the uids of
+people, system users and the usual subordinate-id ranges, below 2^31 (tools that take ids as
+signed integers)."""
+
 
 def open_hypervisor(
     backend: str,
@@ -20,11 +25,13 @@ def open_hypervisor(
     state_dir: Path,
     libvirt_uri: str | None = None,
     qemu_binary: str = QEMU_BINARY,
+    vmm_uid_base: int = DEFAULT_VMM_UID_BASE,
 ) -> Hypervisor:
     """Open the named backend ("libvirt" or "qemu") with its state under `state_dir`.
 
     libvirt: `libvirt_uri` defaults to the embedded driver rooted at `state_dir/libvirt`; libvirt
-    finds its QEMU itself. qemu: runs `qemu_binary` (a name looked up in PATH, or a path).
+    finds its QEMU itself. qemu: runs `qemu_binary` (a name looked up in PATH, or a path), jailed
+    as a uid of its own from `vmm_uid_base` (0: unconfined, as root).
     Raises InvalidArgument for an unknown backend name and HypervisorError when the backend cannot start.
     """
     if backend == "libvirt":
@@ -34,7 +41,7 @@ def open_hypervisor(
     if backend == "qemu":
         from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
 
-        return QemuHypervisor(state_dir / "qemu", qemu_binary=qemu_binary)
+        return QemuHypervisor(state_dir / "qemu", qemu_binary=qemu_binary, uid_base=vmm_uid_base)
     raise _unknown(backend)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from kvmsandbox.errors import HypervisorError
-from kvmsandbox.hypervisor import disks
+from kvmsandbox.hypervisor import disks, qemu_launch
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.disks import Disk
@@ -72,9 +72,11 @@ class QemuHypervisor:
         qemu_binary: str = QEMU_BINARY,
         boot_timeout: float = 30.0,
         stop_grace: float = 3.0,
+        uid_base: int = 0,
     ) -> None:
         """Keep VM state under `state_dir` (created if missing); boot VMs with `qemu_binary`, a name
-        looked up in PATH or a path.
+        looked up in PATH or a path. With `uid_base`, each QEMU runs jailed (qemu_launch.py,
+        jail.py) as a uid of its own from there; 0 runs it as this process's user (root).
 
         `stop_grace` is how long destroy() waits after each of QMP quit and SIGTERM before escalating.
         Raises HypervisorError when `state_dir` cannot be created.
@@ -83,6 +85,7 @@ class QemuHypervisor:
         self._qemu_binary = qemu_binary
         self._boot_timeout = boot_timeout
         self._stop_grace = stop_grace
+        self._uid_base = uid_base
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -94,7 +97,8 @@ class QemuHypervisor:
         Raises HypervisorError with QEMU's stderr when it does not start, when a VM of that name runs,
         or when the QEMU binary cannot be found.
         """
-        if shutil.which(self._qemu_binary) is None:
+        binary = shutil.which(self._qemu_binary)
+        if binary is None:
             raise HypervisorError(
                 f"cannot boot VM {spec.name!r}: QEMU binary {self._qemu_binary!r} not found "
                 "(install the qemu-system-x86 package or set hypervisor.qemu_binary to its path)"
@@ -113,14 +117,20 @@ class QemuHypervisor:
         )
         # Recorded before QEMU starts, so a crash of ours right after the start still leaves a trace.
         self._write_files_record(files)
-        argv = qemu_argv(spec, pidfile=self._pidfile(spec.name), binary=self._qemu_binary)
-        argv = in_cgroups(spec.cgroup_procs, argv)
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
         pid = head = 0
         try:
-            pid, head = launch_detached(argv, stderr_path)
-            self._wait_ready(spec.name, pid, Path(files.qmp_socket), started + self._boot_timeout)
+            with contextlib.ExitStack() as held:
+                opened = held.enter_context(qemu_launch.opened_for(spec, jailed=bool(self._uid_base)))
+                argv = qemu_argv(spec, opened.fds, binary=os.path.abspath(binary))
+                if self._uid_base:
+                    uid = held.enter_context(qemu_launch.vmm_uid(self._uid_base))
+                    argv = qemu_launch.jail_argv(spec, uid, argv)
+                pid, head = launch_detached(in_cgroups(spec.cgroup_procs, argv), stderr_path, tuple(opened.owned))
+                self._write_pidfile(spec.name, pid)
+                opened.close()  # QEMU has its copies: a QEMU that dies now closes the sockets
+                self._wait_ready(spec.name, pid, Path(files.qmp_socket), started + self._boot_timeout)
         except HypervisorError as e:
             if pid and is_qemu_of(pid, spec.name):
                 self._stop(spec.name, pid, None)  # by its pid: it may not have written its pidfile yet
@@ -262,6 +272,8 @@ class QemuHypervisor:
         if files is not None:
             run_dir = Path(files.run_dir)
             paths += [Path(files.qmp_socket), run_dir / STDERR_LOG_NAME]
+            with contextlib.suppress(OSError):
+                (run_dir / qemu_launch.JAIL_DIR_NAME).rmdir()
             if files.agent_socket:
                 paths.append(Path(files.agent_socket))
         # The record goes last: while it exists, a later destroy() can still find the other files.
@@ -269,6 +281,12 @@ class QemuHypervisor:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def _write_pidfile(self, name: str, pid: int) -> None:
+        try:
+            self._pidfile(name).write_text(f"{pid}\n")
+        except OSError as e:
+            raise HypervisorError(f"cannot record QEMU's pid in {self._dir}: {e.strerror}") from None
 
     def _pidfile(self, name: str) -> Path:
         return self._dir / f"{name}.pid"

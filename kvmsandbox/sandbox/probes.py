@@ -11,7 +11,8 @@ from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import FailedPrecondition, NotFound
 from kvmsandbox.host import beneath, proc
 from kvmsandbox.host.cgroups import HostCgroup
-from kvmsandbox.sandbox import disks
+from kvmsandbox.hypervisor import virtiofsd
+from kvmsandbox.sandbox import disks, rootfs
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.types import ContainerStats, FilesystemUsage, VmUsage
@@ -39,14 +40,22 @@ def vmm_pid(ctx: SandboxContext, record: SandboxRecord) -> int:
 
 
 def vmm_memory(ctx: SandboxContext, record: SandboxRecord) -> dict[str, int]:
-    """The host side of a sample: the VMM's memory beyond the guest's RAM, with its parts."""
+    """The host side of a sample: the VMM's memory beyond the guest's RAM, with its parts. The
+    virtio-fs daemon serving the pod is part of its VMM: its PSS beyond the guest RAM it maps counts."""
+    ram = record.memory_mib * MIB
     tcg_cache = ctx.config.hypervisor.tb_cache_mib * MIB if record.accel == "tcg" else 0
-    mem = proc.vmm_memory(vmm_pid(ctx, record), record.memory_mib * MIB, tcg_cache)
+    mem = proc.vmm_memory(vmm_pid(ctx, record), ram, tcg_cache)
+    daemons = 0
+    for pid in virtiofsd.running_for(ctx.sandbox_dir(record.id) / rootfs.SHARED):
+        try:
+            daemons += proc.vmm_memory(pid, ram).beyond_guest_ram
+        except NotFound:
+            continue
     return {
-        "vmm_beyond_guest_ram": mem.beyond_guest_ram,
+        "vmm_beyond_guest_ram": mem.beyond_guest_ram + daemons,
         "vmm_tcg_cache": mem.tcg_cache_pss,
         "vmm_guest_ram_touched": mem.guest_ram_rss,
-        "vmm_pss": mem.pss,
+        "vmm_pss": mem.pss + daemons,
     }
 
 

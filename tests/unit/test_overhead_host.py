@@ -60,6 +60,19 @@ def test_guest_ram_and_tcg_cache_are_found_and_the_rest_is_the_vmm(tmp_path: Pat
     assert mem.beyond_guest_ram == (1240 + 29664 + 65532 + 1000) * 1024
 
 
+def test_guest_ram_in_a_shared_memfd_is_found_too(tmp_path: Path) -> None:
+    # With virtio-fs the guest RAM is a shared memfd that virtiofsd maps as well.
+    smaps = SMAPS.replace(
+        "7fd4a7e00000-7fd4b7e00000 rw-p 00000000 00:00 0\n",
+        "7fd4a7e00000-7fd4b7e00000 rw-s 00000000 00:01 1043                       /memfd:ram (deleted)\n",
+    )
+    proc = fake_proc(tmp_path)
+    (proc / "42" / "smaps").write_text(smaps)
+    mem = host.vmm_memory(42, 256 * MIB, 64 * MIB, proc=proc)
+    assert mem.guest_ram_rss == 108544 * 1024
+    assert mem.beyond_guest_ram == (1240 + 29664 + 65532 + 1000) * 1024
+
+
 def test_without_tcg_the_rwx_mapping_is_not_singled_out(tmp_path: Path) -> None:
     mem = host.vmm_memory(42, 256 * MIB, 0, proc=fake_proc(tmp_path))
     assert mem.tcg_cache_pss == 0

@@ -42,15 +42,17 @@ def started(directory: Path) -> list[str]:
 
 def make_spec(run_dir: Path, **changes: Any) -> VMSpec:
     run_dir.mkdir(exist_ok=True)
+    for name in ("vmlinuz", "initrd.img", "root.img"):
+        (run_dir / name).touch()
     return VMSpec(
         name="pod-1",
         vcpus=1,
         memory_mib=128,
         accel="tcg",
-        kernel=Path("/cache/vmlinuz"),
-        initrd=Path("/cache/initrd.img"),
+        kernel=run_dir / "vmlinuz",
+        initrd=run_dir / "initrd.img",
         cmdline="console=ttyS0",
-        root_disk=Path("/cache/root.erofs"),
+        root_disk=run_dir / "root.img",
         shared_fs_socket=None,
         agent=AgentChannel("virtio-serial", socket_path=run_dir / "agent.sock"),
         console_log=run_dir / "console.log",
@@ -81,7 +83,7 @@ def test_boot_in_cgroups_execs_the_configured_qemu_binary(short_dir: Path) -> No
 
 def test_open_hypervisor_gives_the_qemu_backend_its_binary(short_dir: Path) -> None:
     binary = fake_qemu(short_dir)
-    hv = open_hypervisor("qemu", state_dir=short_dir / "state", qemu_binary=binary)
+    hv = open_hypervisor("qemu", state_dir=short_dir / "state", qemu_binary=binary, vmm_uid_base=0)
     with pytest.raises(HypervisorError):
         hv.boot(make_spec(short_dir / "run"))
     assert started(short_dir) == [binary]
@@ -102,6 +104,36 @@ def test_boot_with_a_qemu_binary_that_is_not_executable_names_it(short_dir: Path
     with pytest.raises(HypervisorError, match=str(binary)):
         hv.boot(make_spec(short_dir / "run"))
     assert hv.list() == []
+
+
+def test_a_jailed_qemu_runs_as_its_own_uid_without_capabilities_and_sees_only_its_jail(short_dir: Path) -> None:
+    # The stand-in reports what it can see on stderr, which the boot error quotes.
+    probe = short_dir / "qemu-probe"
+    probe.write_text(
+        "#!/bin/sh\n"
+        'echo "ids $(id -u) $(id -g) groups $(id -G)" >&2\n'
+        'echo "root $(ls / | tr "\\n" " ")" >&2\n'
+        'echo "vm $(ls /vm | tr "\\n" " ")" >&2\n'
+        'echo "dev $(ls /dev | tr "\\n" " ")" >&2\n'
+        '[ -e /proc/self ] && echo "proc visible" >&2\n'
+        'touch /vm/x 2>/dev/null && echo "vm writable" >&2\n'
+        f'[ -e {short_dir} ] && echo "host dir visible" >&2\n'
+        "exit 1\n"
+    )
+    probe.chmod(0o755)
+    hv = QemuHypervisor(short_dir / "state", qemu_binary=str(probe), uid_base=3_000_000)
+    with pytest.raises(HypervisorError) as failure:
+        hv.boot(make_spec(short_dir / "run"))
+    said = str(failure.value)
+    (uid, gid) = [int(x) for x in said.split("ids ")[1].split()[:2]]
+    assert 3_000_000 <= uid < 3_000_000 + (1 << 20) and gid == uid
+    assert "groups " + str(gid) in said
+    assert "root bin dev etc lib lib64 sbin usr vm " in said
+    assert "vm initrd kernel qemu " in said
+    assert "dev null random urandom zero" in said
+    assert "proc visible" not in said and "vm writable" not in said and "host dir visible" not in said
+    assert hv.list() == []
+    assert sorted(p.name for p in (short_dir / "run").iterdir()) == ["console.log", "initrd.img", "root.img", "vmlinuz"]
 
 
 def test_what_qemu_writes_to_stderr_is_capped_and_it_is_nobodys_child(short_dir: Path) -> None:

@@ -136,7 +136,7 @@ def test_a_failed_create_leaves_no_disk_and_no_attached_layer(
     manager.remove_container(sandbox.id, c.id)
 
 
-def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime(
+def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime_and_jailed_on_the_qemu_backend(
     manager: SandboxManager, sandbox: SandboxRecord
 ) -> None:
     pid = manager.hypervisor.info(sandbox.vm_name).pid  # type: ignore[union-attr]
@@ -151,6 +151,15 @@ def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime(
         assert b"-daemonize" not in argv
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid != os.getpid()
+        # Jailed: a uid of its own, no capabilities, a root holding only /usr, devices and its kernel.
+        base = manager.config.hypervisor.vmm_uid_base
+        assert base <= vmm.uid < base + (1 << 20) and vmm.capabilities == 0 and vmm.own_mount_namespace
+        seen = set(os.listdir(f"/proc/{pid}/root"))
+        allowed = {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "sbin", "usr", "vm"}
+        assert {"dev", "usr", "vm"} <= seen <= allowed
+        assert sorted(os.listdir(f"/proc/{pid}/root/vm")) == ["initrd", "kernel"]
+        others = [v for v in confinement.running_vmms() if v.pid != pid]
+        assert vmm.uid not in {v.uid for v in others}
     assert vmm in confinement.running_vmms()
 
 
