@@ -23,6 +23,12 @@ class ConfigError(InvalidArgument):
     """The configuration file is unreadable or has a wrong key or value."""
 
 
+# Above system users and the first user's subordinate ids; the whole range below 2^31 (some tools
+# take ids as signed 32-bit integers).
+VMM_UID_MIN = 1 << 17
+VMM_UID_MAX = (1 << 31) - (1 << 20)
+
+
 @dataclass(frozen=True)
 class HypervisorConfig:
     # "libvirt" (embedded driver by default) or "qemu" (a QEMU process driven over QMP).
@@ -35,10 +41,17 @@ class HypervisorConfig:
     tb_cache_mib: int = 64
     # The QEMU the qemu backend runs (a name looked up in PATH, or a path); libvirt finds its own.
     qemu_binary: str = "qemu-system-x86_64"
-    # qemu backend: each QEMU runs jailed (its own mount namespace, no capabilities) as a uid and
-    # gid of its own from [vmm_uid_base, vmm_uid_base + 2^20). 0 runs QEMU as root, unconfined
-    # but for seccomp: for debugging only.
+    # qemu backend: each QEMU runs jailed (its own mount and network namespaces, no capabilities)
+    # as a uid and gid of its own from [vmm_uid_base, vmm_uid_base + 2^20), a range no user or
+    # user-namespaced pod of the node may use.
     vmm_uid_base: int = 2_000_000_000
+
+    def __post_init__(self) -> None:
+        if not VMM_UID_MIN <= self.vmm_uid_base <= VMM_UID_MAX:
+            raise ConfigError(
+                f"config key 'hypervisor.vmm_uid_base' must be between {VMM_UID_MIN} and {VMM_UID_MAX} "
+                f"(the range of 2^20 uids after it must be free), got {self.vmm_uid_base}"
+            )
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def _check_host_tools(config: Config) -> list[str]:
 # What each backend asks of QEMU (the running VMMs below show what it got).
 _CONFINEMENT = {
     "qemu": f"jailed: a uid of its own, no capabilities, its own mount namespace (only /usr, its kernel "
-    f"and a few devices), every file passed as an fd, seccomp filter ({SECCOMP_SANDBOX})",
+    f"and a few devices) and network namespace, every file passed as an fd, seccomp filter ({SECCOMP_SANDBOX})",
     "libvirt": "runs as root (embed qemu.conf: user root, security_driver none), libvirt's default "
     "seccomp filter (the same denials), the host's mount namespace",
 }
@@ -151,11 +151,7 @@ def _check_confinement(config: Config) -> list[str]:
         problems += [f"{tool} is missing: install {pkg}" for tool, pkg in _ROOTFS_TOOLS if not shutil.which(tool)]
     else:
         print("                  host overlays over virtio-fs: a guest writes host directories through them")
-    what = _CONFINEMENT.get(config.hypervisor.backend, "unknown backend")
-    if config.hypervisor.backend == "qemu" and not config.hypervisor.vmm_uid_base:
-        what = f"runs as root (hypervisor.vmm_uid_base is 0), seccomp filter ({SECCOMP_SANDBOX})"
-        problems.append("hypervisor.vmm_uid_base is 0: QEMU runs as root with every capability")
-    print(f"qemu confinement: {what}")
+    print(f"qemu confinement: {_CONFINEMENT.get(config.hypervisor.backend, 'unknown backend')}")
     for vmm in running_vmms():
         print(
             f"  running {vmm.vm_name} pid {vmm.pid}: uid {vmm.uid}, seccomp mode {vmm.seccomp}, "

@@ -55,6 +55,25 @@ def of_process(pid: int, proc: Path = PROC) -> Confinement | None:
         return None
 
 
+def uids_in_use(low: int, high: int, proc: Path = PROC) -> set[int]:
+    """The real uids in [low, high) of every process on this host (whatever its command line
+    says, which a process can rewrite). Raises nothing."""
+    found = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                    if low <= uid < high:
+                        found.add(uid)
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def running_vmms(proc: Path = PROC) -> list[Confinement]:
     """Every QEMU of ours running on this host. Raises nothing."""
     found = []

@@ -1,6 +1,7 @@
 """Starts a VMM in a jail: its own mount namespace whose root is an empty, read-only tmpfs holding
-only /usr (read-only), the device nodes it needs and the files it is given, then with no
-capabilities, as an unprivileged uid and gid of its own, with no_new_privs, exec.
+only /usr (read-only), the device nodes it needs and the files it is given, its own network (only
+loopback), IPC and UTS namespaces; then with no capabilities, as an unprivileged uid and gid of its
+own, with no_new_privs, exec.
 
 Run by the qemu backend as ``python3 -I -S jail.py JSON`` (root, already in the VM's cgroups), so
 this file uses the standard library only. JSON holds:
@@ -21,7 +22,10 @@ import os
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+NO_ID = 0xFFFFFFFF
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -59,7 +63,8 @@ def _bind(source: str, target: str, *, readonly: bool, directory: bool) -> None:
         os.mkdir(target, 0o755)
     else:
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-    _mount(source, target, None, MS_BIND | (MS_REC if directory else 0))
+    # Not recursive: a mount below /usr would keep its own flags (and nothing needs one).
+    _mount(source, target, None, MS_BIND)
     if readonly:
         _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
@@ -108,21 +113,30 @@ def drop_privileges(uid: int, gid: int, groups: list[int], last_cap: int) -> Non
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    if (
+        os.getresuid() != (uid, uid, uid)
+        or os.getresgid() != (gid, gid, gid)
+        or sorted(os.getgroups()) != sorted(groups)
+    ):
+        raise OSError(1, "the ids did not change")
 
 
 def main(argv: list[str]) -> int:
     try:
         spec = json.loads(argv[1])
         uid, gid = int(spec["uid"]), int(spec["gid"])
-        if uid <= 0 or gid <= 0:
-            raise ValueError("the jail needs a non-root uid and gid")
+        groups = [int(g) for g in spec["groups"]]
+        # -1 (2^32-1) would leave an id unchanged: root.
+        if not all(0 < i < NO_ID for i in (uid, gid, *groups)):
+            raise ValueError("the jail needs non-root ids below 2^32-1")
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last_cap = int(f.read())
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+        # Its own network namespace (nothing but loopback): QEMU gets its tap and sockets as fds.
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         build(spec["root"], dict(spec["files"]), list(spec["devices"]))
         enter(spec["root"])
-        drop_privileges(uid, gid, [int(g) for g in spec["groups"]], last_cap)
+        drop_privileges(uid, gid, groups, last_cap)
         command = [str(a) for a in spec["argv"]]
         os.execv(command[0], command)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -40,7 +40,7 @@ from kvmsandbox.hypervisor import disks  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
 from kvmsandbox.hypervisor.disks import Disk  # noqa: E402
-from kvmsandbox.hypervisor.process import read_pidfile, wait_gone  # noqa: E402
+from kvmsandbox.hypervisor.process import read_pidfile, start_time, wait_gone  # noqa: E402
 from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -320,13 +320,14 @@ class LibvirtHypervisor:
         if dom is None or vm is None:
             self._remove_log(name)
             return
+        started = start_time(vm.pid) if vm.pid is not None else None
         try:
             dom.destroy()
         except libvirt.libvirtError as e:
             # The domain can vanish while destroy runs (QEMU exited on its own): that is success.
             if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
                 raise HypervisorError(f"libvirt: cannot destroy VM {name!r}: {e}") from e
-        if vm.pid is not None and not wait_gone(vm.pid, name, DESTROY_WAIT):
+        if vm.pid is not None and started is not None and not wait_gone(vm.pid, started, DESTROY_WAIT):
             raise HypervisorError(f"libvirt destroyed VM {name!r} but its QEMU (pid {vm.pid}) still runs")
         self._remove_log(name)
         log.info("vm destroyed backend=libvirt vm=%s", name)

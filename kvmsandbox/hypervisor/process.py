@@ -43,14 +43,12 @@ def is_qemu_of(pid: int, name: str, *, proc: Path = PROC) -> bool:
     )
 
 
-def wait_gone(pid: int, name: str, timeout: float) -> bool:
-    """Wait up to `timeout` seconds for the QEMU of `name` at `pid` to exit; True once it has.
-
-    Raises nothing.
-    """
+def wait_gone(pid: int, started: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the process ``pid`` that started at ``started`` to exit
+    (or become a zombie); True once it has. Raises nothing."""
     deadline = time.monotonic() + timeout
     delay = 0.01
-    while is_qemu_of(pid, name):
+    while start_time(pid) == started:
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
@@ -137,7 +135,9 @@ def _detached(
     """
     # A background command of a non-interactive shell gets /dev/null as stdin unless it says
     # otherwise: the shell's stdin is kept on a spare fd (one not passed on) and given back.
-    spare = next(n for n in range(3, 10) if n not in pass_fds)
+    spare = next((n for n in range(3, 10) if n not in pass_fds), None)
+    if spare is None:
+        raise HypervisorError(f"cannot start {argv[0]}: fds 3-9 are all passed, none left for the launcher")
     script = f'exec {spare}<&0; "$@" <&{spare} {spare}<&- & echo $! > "$KVMSANDBOX_PID_FILE"'
     env = {"PATH": os.environ.get("PATH", os.defpath), "KVMSANDBOX_PID_FILE": str(pid_file)}
     try:

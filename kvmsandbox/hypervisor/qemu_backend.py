@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +58,12 @@ class _VMFiles:
     run_dir: str
     qmp_socket: str
     agent_socket: str | None
+    # QEMU's pid and start time (together they name one process; a jailed QEMU can rewrite its
+    # command line, not these) and its uid. Records of an earlier release have none: QEMU wrote
+    # a pidfile and is known by its command line.
+    pid: int = 0
+    start_time: int = 0
+    uid: int = 0
 
 
 class QemuHypervisor:
@@ -119,7 +126,7 @@ class QemuHypervisor:
         self._write_files_record(files)
         stderr_path = spec.run_dir / STDERR_LOG_NAME
         started = time.monotonic()
-        pid = head = 0
+        pid = head = uid = launched = 0
         try:
             with contextlib.ExitStack() as held:
                 opened = held.enter_context(qemu_launch.opened_for(spec, jailed=bool(self._uid_base)))
@@ -128,12 +135,14 @@ class QemuHypervisor:
                     uid = held.enter_context(qemu_launch.vmm_uid(self._uid_base))
                     argv = qemu_launch.jail_argv(spec, uid, argv)
                 pid, head = launch_detached(in_cgroups(spec.cgroup_procs, argv), stderr_path, tuple(opened.owned))
-                self._write_pidfile(spec.name, pid)
+                launched = start_time(pid) or -1
+                files = dataclasses.replace(files, pid=pid, start_time=launched, uid=uid)
+                self._write_files_record(files)
                 opened.close()  # QEMU has its copies: a QEMU that dies now closes the sockets
-                self._wait_ready(spec.name, pid, Path(files.qmp_socket), started + self._boot_timeout)
+                self._wait_ready(spec.name, pid, launched, Path(files.qmp_socket), started + self._boot_timeout)
         except HypervisorError as e:
-            if pid and is_qemu_of(pid, spec.name):
-                self._stop(spec.name, pid, None)  # by its pid: it may not have written its pidfile yet
+            if pid:
+                self._stop(spec.name, pid, launched, None)
             if head:
                 wait_exited(head, 2.0)  # what QEMU said is in the log once head has it all
             detail = _tail(stderr_path) or "no message on stderr"
@@ -146,17 +155,16 @@ class QemuHypervisor:
         )  # fmt: skip
         return info
 
-    def _wait_ready(self, name: str, pid: int, qmp_socket: Path, deadline: float) -> None:
+    def _wait_ready(self, name: str, pid: int, started: int, qmp_socket: Path, deadline: float) -> None:
         """Returns once QEMU answers on QMP (its devices are set up by then).
 
         Raises:
             HypervisorError: QEMU exited, or did not answer before ``deadline``.
         """
-        # Its command line is empty for a moment while it execs (the cgroup-joining shell becomes
-        # QEMU): whether it lives is read from its start time instead.
-        started = start_time(pid)
+        # Its command line changes while the launcher execs into QEMU: whether it lives is read
+        # from its start time.
         while True:
-            if started is None or start_time(pid) != started:
+            if start_time(pid) != started:
                 raise HypervisorError(f"QEMU (pid {pid}) exited while starting")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -175,12 +183,12 @@ class QemuHypervisor:
         Idempotent. Raises HypervisorError if QEMU survives SIGKILL.
         """
         files = self._read_files_record(name)
-        pid = read_pidfile(self._pidfile(name))
-        if files is None and pid is None:
+        if files is None and not self._pidfile(name).exists():
             return
-        if pid is not None and is_qemu_of(pid, name):
+        running = self._running(name, files)
+        if running is not None:
             qmp_socket = Path(files.qmp_socket) if files else None
-            self._stop(name, pid, qmp_socket)
+            self._stop(name, *running, qmp_socket)
         self._remove_files(name)
         log.info("vm destroyed backend=qemu vm=%s", name)
 
@@ -193,10 +201,17 @@ class QemuHypervisor:
         """The VM's state from its record and QEMU's pidfile, or None if it has no record. Raises nothing."""
         if not self._record_path(name).exists():
             return None
-        pid = read_pidfile(self._pidfile(name))
-        if pid is not None and is_qemu_of(pid, name):
-            return VMInfo(name, pid, True)
-        return VMInfo(name, None, False)
+        running = self._running(name, self._read_files_record(name))
+        return VMInfo(name, running[0], True) if running else VMInfo(name, None, False)
+
+    def _running(self, name: str, files: _VMFiles | None) -> tuple[int, int] | None:
+        """QEMU's pid and start time while it runs. Raises nothing."""
+        if files is not None and files.pid:
+            return (files.pid, files.start_time) if start_time(files.pid) == files.start_time else None
+        pid = read_pidfile(self._pidfile(name))  # an earlier release's QEMU, known by its command line
+        if pid is not None and is_qemu_of(pid, name) and (started := start_time(pid)) is not None:
+            return pid, started
+        return None
 
     def close(self) -> None:
         """Nothing to release: every call reads the state dir afresh."""
@@ -246,21 +261,22 @@ class QemuHypervisor:
             raise HypervisorError(f"VM {name!r} is not known to the qemu backend")
         return Path(files.qmp_socket)
 
-    def _stop(self, name: str, pid: int, qmp_socket: Path | None) -> None:
+    def _stop(self, name: str, pid: int, started: int, qmp_socket: Path | None) -> None:
+        """Stops the process ``pid`` started at ``started`` (QEMU, or the launcher about to be QEMU)."""
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return
         try:
             # Checked after taking the pidfd: from here on the signals cannot reach a reused pid.
-            if not is_qemu_of(pid, name):
+            if start_time(pid) != started:
                 return
             quit_sent = qmp_socket is not None and _qmp_quit(qmp_socket, self._stop_grace)
-            if quit_sent and wait_gone(pid, name, self._stop_grace):
+            if quit_sent and wait_gone(pid, started, self._stop_grace):
                 return
             for sig, grace in ((signal.SIGTERM, self._stop_grace), (signal.SIGKILL, KILL_WAIT)):
                 log.warning("vm still running, sending %s backend=qemu vm=%s pid=%d", sig.name, name, pid)
-                if not _signal(pidfd, sig) or wait_gone(pid, name, grace):
+                if not _signal(pidfd, sig) or wait_gone(pid, started, grace):
                     return
             raise HypervisorError(f"QEMU of VM {name!r} (pid {pid}) survived SIGKILL")
         finally:
@@ -281,12 +297,6 @@ class QemuHypervisor:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-    def _write_pidfile(self, name: str, pid: int) -> None:
-        try:
-            self._pidfile(name).write_text(f"{pid}\n")
-        except OSError as e:
-            raise HypervisorError(f"cannot record QEMU's pid in {self._dir}: {e.strerror}") from None
 
     def _pidfile(self, name: str) -> Path:
         return self._dir / f"{name}.pid"

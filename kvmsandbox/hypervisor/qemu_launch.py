@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmsandbox.errors import HypervisorError
-from kvmsandbox.host.confinement import running_vmms
+from kvmsandbox.host.confinement import uids_in_use
 from kvmsandbox.hypervisor.builder import QemuFds
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMSpec
 
@@ -147,7 +147,7 @@ def vmm_uid(uid_base: int) -> Iterator[int]:
         HypervisorError: no free uid found.
     """
     with _uid_lock:
-        taken = {vmm.uid for vmm in running_vmms()} | _reserved
+        taken = uids_in_use(uid_base, uid_base + UID_RANGE) | _reserved
         uid = next((u for _ in range(64) if (u := uid_base + secrets.randbelow(UID_RANGE)) not in taken), None)
         if uid is None:
             raise HypervisorError("no free uid for the VMM (64 tries)")
@@ -159,6 +159,24 @@ def vmm_uid(uid_base: int) -> Iterator[int]:
             _reserved.discard(uid)
 
 
+def _kvm_group() -> int:
+    """The group that may use /dev/kvm (QEMU joins it).
+
+    Raises:
+        HypervisorError: /dev/kvm is missing, or no group but root's may read and write it.
+    """
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError as e:
+        raise HypervisorError(f"cannot use /dev/kvm: {e.strerror}") from None
+    if st.st_gid == 0 or st.st_mode & 0o060 != 0o060:
+        raise HypervisorError(
+            f"/dev/kvm (group {st.st_gid}, mode {st.st_mode & 0o777:o}) is not usable by a group: "
+            "a jailed QEMU needs it read-write for a group of its own (e.g. 'kvm', mode 0660)"
+        )
+    return st.st_gid
+
+
 def jail_argv(spec: VMSpec, uid: int, qemu_argv: list[str]) -> list[str]:
     """``qemu_argv`` run through the jail (jail.py) as ``uid``, with the VM's kernel and initrd
     and, for KVM, /dev/kvm (and its group)."""
@@ -167,8 +185,7 @@ def jail_argv(spec: VMSpec, uid: int, qemu_argv: list[str]) -> list[str]:
     devices, groups = [], []
     if spec.accel == "kvm":
         devices.append("kvm")
-        with contextlib.suppress(OSError):
-            groups.append(os.stat("/dev/kvm").st_gid)
+        groups.append(_kvm_group())
     files = {"kernel": str(spec.kernel), "initrd": str(spec.initrd)}
     binary = qemu_argv[0]
     if not os.path.realpath(binary).startswith("/usr/"):

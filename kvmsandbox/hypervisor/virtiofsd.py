@@ -5,9 +5,10 @@ system work happens in ``virtiofsd``, which runs as root but confines itself: it
 and network namespaces, pivoted into the shared dir, under seccomp. So the VMM needs no access to
 any host path, and a bug in it does not reach the host's files.
 
-One daemon per pod, started before QEMU and found again by its ``source=`` option (so nothing has
-to be recorded, and a crash between its start and QEMU's leaves nothing that cannot be found). It
-exits by itself when QEMU disconnects; ``stop`` is for the cases where QEMU never connected.
+One daemon per pod, started before QEMU. Its pid and start time are kept next to its socket
+(``virtiofsd.pid``; until it has exec'd, its command line is still the launcher's); it is also found
+by its ``source=`` option, so a crash before that file was written leaves nothing that cannot be
+found. It exits by itself when QEMU disconnects; ``stop`` is for the cases where QEMU never connected.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import time
 from pathlib import Path
 
 from kvmsandbox.errors import HypervisorError
-from kvmsandbox.hypervisor.process import PROC, in_cgroups, launch_detached
+from kvmsandbox.hypervisor.process import PROC, in_cgroups, launch_detached, start_time
 
 PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 STDERR_LOG_NAME = "virtiofsd-stderr.log"
+PID_FILE_NAME = "virtiofsd.pid"
 # Every inode the guest has looked up holds an fd in the daemon: this bounds what a guest can
 # make it hold (the kernel memory of 64 Ki open files, charged to the pod's cgroup).
 MAX_OPEN_FILES = 65536
@@ -55,7 +57,7 @@ def options(source: Path) -> str:
 def start(source: Path, socket_path: Path, cgroup_procs: tuple[Path, ...] = ()) -> int:
     """Starts virtiofsd for ``source`` (a directory) listening on ``socket_path`` (made here,
     owned by this process; QEMU connects to it). Its stderr is kept (capped) next to the socket.
-    Returns its pid.
+    Returns its pid (also written, with its start time, to PID_FILE_NAME next to the socket).
 
     Raises:
         HypervisorError: no virtiofsd here, or it could not be started.
@@ -78,11 +80,34 @@ def start(source: Path, socket_path: Path, cgroup_procs: tuple[Path, ...] = ()) 
             f"--rlimit-nofile={MAX_OPEN_FILES}", "--thread-pool-size=0",
         ]  # fmt: skip
         pid, _ = launch_detached(in_cgroups(cgroup_procs, argv), socket_path.with_name(STDERR_LOG_NAME), (fd,))
+        socket_path.with_name(PID_FILE_NAME).write_text(f"{pid} {start_time(pid) or -1}\n")
     except OSError as e:
         raise HypervisorError(f"cannot start virtiofsd for {source}: {e.strerror or e}") from None
     finally:
         listener.close()
     return pid
+
+
+def _recorded(path: Path) -> tuple[int, int] | None:
+    try:
+        pid, started = (int(v) for v in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return pid, started
+
+
+def _kill(pid: int, started: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if start_time(pid) == started:  # checked with the pidfd held: not a reused pid
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def running_for(source: Path, proc: Path = PROC) -> list[int]:
@@ -100,12 +125,16 @@ def serves(pid: int, source: Path, proc: Path = PROC) -> bool:
     return os.path.basename(args[0]) == b"virtiofsd" and any(a.startswith(wanted) for a in args)
 
 
-def stop(source: Path) -> None:
-    """Kills what serves ``source`` and waits until it is gone. Idempotent.
+def stop(source: Path, run_dir: Path) -> None:
+    """Kills the daemon started for ``source`` with its socket in ``run_dir`` (by its recorded pid
+    and start time, and whatever else serves ``source``) and waits until it is gone. Idempotent.
 
     Raises:
         HypervisorError: a daemon survived SIGKILL.
     """
+    recorded = _recorded(run_dir / PID_FILE_NAME)
+    if recorded is not None:
+        _kill(*recorded)
     pids = running_for(source)
     for pid in pids:
         try:
@@ -120,7 +149,7 @@ def stop(source: Path) -> None:
         finally:
             os.close(pidfd)
     deadline = time.monotonic() + STOP_WAIT
-    while running_for(source):
+    while running_for(source) or (recorded is not None and start_time(recorded[0]) == recorded[1]):
         if time.monotonic() > deadline:
             raise HypervisorError(f"virtiofsd for {source} survived SIGKILL")
         time.sleep(0.02)

@@ -228,7 +228,7 @@ class SandboxBoot:
         """The daemon serving the shared dir (in the VMM's cgroup); returns the socket QEMU connects to."""
         shared = self.ctx.sandbox_dir(self.record.id) / rootfs.SHARED
         socket_path = self.ctx.run_dir(self.record.id) / VIRTIOFSD_SOCKET
-        self._undo.append(("the virtio-fs daemon", lambda: virtiofsd.stop(shared)))
+        self._undo.append(("the virtio-fs daemon", lambda: virtiofsd.stop(shared, socket_path.parent)))
         virtiofsd.start(shared, socket_path, self._cgroup_procs)
         return socket_path
 

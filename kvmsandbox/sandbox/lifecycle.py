@@ -114,7 +114,7 @@ def destroy_vm(ctx: SandboxContext, sandbox_id: str, vm_name: str) -> None:
     """The VM, then the virtio-fs daemon serving its shared dir (gone by itself once QEMU is,
     unless QEMU never connected to it). Raises HypervisorError."""
     ctx.hypervisor.destroy(vm_name)
-    virtiofsd.stop(ctx.sandbox_dir(sandbox_id) / rootfs.SHARED)
+    virtiofsd.stop(ctx.sandbox_dir(sandbox_id) / rootfs.SHARED, ctx.run_dir(sandbox_id))
 
 
 def release_pending(record: SandboxRecord) -> bool:

@@ -35,6 +35,9 @@ def test_registry_mirrors_and_insecure_hosts() -> None:
         ("agent: {ready_timeout_seconds: 0}", "must be positive"),
         ("- a\n- b", "must hold a mapping"),
         ("a: [", "not valid YAML"),
+        # Users' ids, or a range reaching 2^31 (and -1, which leaves an id unchanged: root).
+        ("hypervisor: {vmm_uid_base: 1000}", "'hypervisor.vmm_uid_base' must be between"),
+        ("hypervisor: {vmm_uid_base: 4294967295}", "'hypervisor.vmm_uid_base' must be between"),
     ],
 )
 def test_bad_config_says_which_key_is_wrong(text: str, words: str) -> None:

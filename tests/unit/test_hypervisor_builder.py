@@ -12,11 +12,9 @@ from typing import Any
 import pytest
 
 from kvmsandbox.errors import HypervisorError, InvalidArgument
-from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml, qemu_argv
+from kvmsandbox.hypervisor.builder import METADATA_NS, QemuFds, domain_xml, qemu_argv
 from kvmsandbox.hypervisor.libvirt_backend import EMBED_ROOT_MAX, embed_root, embed_uri, prepare_embed_root
-from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, VMSpec
-
-PIDFILE = Path("/var/lib/kvmsandbox/qemu/pod-1.pid")
+from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, Nic, VMSpec
 
 
 def make_spec(**changes: Any) -> VMSpec:
@@ -130,6 +128,7 @@ def test_domain_xml_console_is_appended_to_a_file_and_there_are_no_extra_devices
     assert devices.find("interface") is None
     assert devices.find("graphics") is None
     assert attrs(devices, "memballoon")["model"] == "none"
+    assert attrs(devices, "rng/backend") == {"model": "builtin"}
     assert attrs(devices, "controller[@type='usb']")["model"] == "none"
 
 
@@ -142,17 +141,37 @@ def test_bare_boot_spec_has_neither_agent_device_nor_shared_dir() -> None:
     devices = parse(spec).find("devices")
     assert devices is not None
     assert devices.find("channel") is None and devices.find("vsock") is None and devices.find("filesystem") is None
-    argv = " ".join(qemu_argv(spec, pidfile=PIDFILE))
+    argv = " ".join(argv_of(spec))
     assert "virtserialport" not in argv and "vsock" not in argv and "vhost-user-fs" not in argv
-    assert option_values(qemu_argv(spec, pidfile=PIDFILE), "-machine") == ["q35"]
+    assert option_values(argv_of(spec), "-machine") == ["q35"]
 
 
 def test_domain_xml_escapes_markup_in_the_kernel_command_line() -> None:
     assert parse(make_spec(cmdline="a=<b> & c")).findtext("os/cmdline") == "a=<b> & c"
 
 
-def test_qemu_argv_boots_the_same_machine_in_the_foreground_with_qmp_in_the_run_dir() -> None:
-    argv = qemu_argv(make_spec(), pidfile=PIDFILE, binary="/usr/bin/qemu-system-x86_64")
+def fds_for(spec: VMSpec, **changes: Any) -> QemuFds:
+    """Made-up fd numbers for what the qemu backend would open for ``spec``."""
+    fds = QemuFds(
+        qmp=10,
+        console=11,
+        root_disk=12,
+        kernel="/vm/kernel",
+        initrd="/vm/initrd",
+        agent=13 if spec.agent and spec.agent.transport == "virtio-serial" else None,
+        vhost_vsock=14 if spec.agent and spec.agent.transport == "vsock" else None,
+        shared_fs=15 if spec.shared_fs_socket else None,
+        tap=16 if spec.nic else None,
+    )
+    return dataclasses.replace(fds, **changes)
+
+
+def argv_of(spec: VMSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+    return qemu_argv(spec, fds_for(spec), binary=binary)
+
+
+def test_qemu_argv_boots_the_same_machine_in_the_foreground_with_qmp_on_a_passed_socket() -> None:
+    argv = argv_of(make_spec(), binary="/usr/bin/qemu-system-x86_64")
     assert argv[0] == "/usr/bin/qemu-system-x86_64"
     assert option_values(argv, "-name") == ["guest=pod-1,debug-threads=on"]
     # virtiofsd maps the guest's RAM: a shared memfd, nothing on a host path.
@@ -163,50 +182,51 @@ def test_qemu_argv_boots_the_same_machine_in_the_foreground_with_qmp_in_the_run_
     assert option_values(argv, "-display") == ["none"]
     assert option_values(argv, "-m") == ["384"]
     assert option_values(argv, "-smp") == ["2"]
-    assert option_values(argv, "-kernel") == ["/cache/vmlinuz"]
-    assert option_values(argv, "-initrd") == ["/cache/initrd.img"]
+    # Inside the jail: the only paths QEMU opens.
+    assert option_values(argv, "-kernel") == ["/vm/kernel"]
+    assert option_values(argv, "-initrd") == ["/vm/initrd"]
     assert option_values(argv, "-append") == ["console=ttyS0 panic=-1 kvmsandbox.root=/dev/vda"]
-    assert option_values(argv, "-pidfile") == [str(PIDFILE)]
+    assert "-pidfile" not in argv
     assert option_values(argv, "-sandbox") == [
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     ]
-    assert "socket,id=qmp,path=/run/ks/1/qmp.sock,server=on,wait=off" in option_values(argv, "-chardev")
+    assert "socket,id=qmp,fd=10,server=on,wait=off" in option_values(argv, "-chardev")
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert "-netdev" not in argv and "-nic" not in argv
 
 
 def test_qemu_argv_for_kvm_uses_the_host_cpu() -> None:
-    argv = qemu_argv(make_spec(accel="kvm"), pidfile=PIDFILE)
+    argv = argv_of(make_spec(accel="kvm"))
     assert option_values(argv, "-accel") == ["kvm"]
     assert option_values(argv, "-cpu") == ["host"]
 
 
-def test_qemu_argv_devices_match_the_domain_xml() -> None:
-    argv = qemu_argv(make_spec(), pidfile=PIDFILE)
+def test_qemu_argv_devices_match_the_domain_xml_and_every_host_file_is_a_passed_fd() -> None:
+    argv = argv_of(make_spec(nic=Nic(tap="tap0", mac="52:54:00:00:00:01", mtu=1400)))
     chardevs = option_values(argv, "-chardev")
     devices = option_values(argv, "-device")
-    assert "file,id=console,path=/var/log/ks/1/console.log,append=on" in chardevs
+    assert option_values(argv, "-add-fd") == ["fd=11,set=255", "fd=12,set=0"]
+    assert "file,id=console,path=/dev/fdset/255,append=on" in chardevs
     assert option_values(argv, "-serial") == ["chardev:console"]
-    assert "driver=file,node-name=root-file,filename=/cache/root.erofs,read-only=on" in option_values(argv, "-blockdev")
+    assert "driver=file,node-name=root-file,filename=/dev/fdset/0,read-only=on" in option_values(argv, "-blockdev")
     # The root disk is the first virtio-blk device, so the guest calls it /dev/vda.
     assert [d for d in devices if d.startswith("virtio-blk")] == ["virtio-blk-pci,id=root-disk,drive=root"]
     assert "-fsdev" not in argv
-    assert "socket,id=shared-fs-sock,path=/run/ks/1/fs.sock" in chardevs
+    assert "socket,id=shared-fs-sock,fd=15" in chardevs
     assert f"vhost-user-fs-pci,id=shared-fs,chardev=shared-fs-sock,tag={SHARED_DIR_TAG},queue-size=1024" in devices
-    assert "socket,id=agent,path=/run/ks/1/agent.sock,server=on,wait=off" in chardevs
+    assert "socket,id=agent,fd=13,server=on,wait=off" in chardevs
     assert f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}" in devices
+    assert option_values(argv, "-netdev") == ["tap,id=net0,fd=16"]
+    assert "virtio-net-pci,id=nic0,netdev=net0,mac=52:54:00:00:00:01,host_mtu=1400" in devices
+    assert option_values(argv, "-object")[-1] == "rng-builtin,id=rng"
     assert not [d for d in devices if "vsock" in d]
+    assert not [a for a in argv if "/run/ks" in a or "/var/" in a or "/cache/" in a]
 
 
-def test_qemu_argv_vsock_agent_uses_vhost_vsock_with_the_guest_cid() -> None:
-    devices = option_values(qemu_argv(make_spec(agent=AgentChannel("vsock", guest_cid=77)), pidfile=PIDFILE), "-device")
-    assert "vhost-vsock-pci,id=vsock,guest-cid=77" in devices
+def test_qemu_argv_vsock_agent_uses_vhost_vsock_with_the_guest_cid_on_a_passed_fd() -> None:
+    devices = option_values(argv_of(make_spec(agent=AgentChannel("vsock", guest_cid=77))), "-device")
+    assert "vhost-vsock-pci,id=vsock,guest-cid=77,vhostfd=14" in devices
     assert not [d for d in devices if "virtserial" in d]
-
-
-def test_qemu_argv_doubles_commas_in_paths_inside_option_values() -> None:
-    argv = qemu_argv(make_spec(root_disk=Path("/cache/a,b.img")), pidfile=PIDFILE)
-    assert any("filename=/cache/a,,b.img," in v for v in option_values(argv, "-blockdev"))
 
 
 @pytest.mark.parametrize(

@@ -65,13 +65,27 @@ def test_a_daemon_qemu_never_connected_to_is_stopped_and_its_socket_is_private(s
         assert pid in virtiofsd.running_for(shared)
         # An unrelated process that names the same dir is left alone.
         bystander = subprocess.Popen(["sh", "-c", "sleep 30", f"source={shared},"])
-        virtiofsd.stop(shared)
+        virtiofsd.stop(shared, source)
         assert virtiofsd.running_for(shared) == [] and bystander.poll() is None
         bystander.kill()
         bystander.wait()
-        virtiofsd.stop(shared)  # idempotent
+        virtiofsd.stop(shared, source)  # idempotent
     finally:
         subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+
+
+@needs_virtiofsd
+@needs_virtiofsd
+def test_a_daemon_stopped_before_it_has_execd_is_found_by_its_recorded_start(source: Path) -> None:
+    shared = source / "shared"
+    shared.mkdir()
+    # Still the cgroup-joining shell when stop() comes: not yet a virtiofsd by its command line.
+    procs = source / "cgroup.procs"
+    procs.write_text("")
+    pid = virtiofsd.start(shared, source / "fs.sock", (procs,))
+    virtiofsd.stop(shared, source)
+    assert virtiofsd.running_for(shared) == []
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX"
 
 
 @needs_virtiofsd

@@ -136,7 +136,7 @@ def vm_dir() -> Iterator[Path]:
     # Short, for unix socket paths; pytest's tmp_path can be too long.
     path = Path(tempfile.mkdtemp(prefix="ks-hv-", dir="/tmp"))
     yield path
-    virtiofsd.stop(path / "shared")
+    virtiofsd.stop(path / "shared", path / "fs")
     shutil.rmtree(path, ignore_errors=True)
 
 
