@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
-from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, seed_capabilities
+from kvmsandbox.hypervisor.libvirt_embed import prepare_embed_root, seed_capabilities
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
 from tests.cri.conftest import CriServer
 from tests.registry import image_config, make_layer, push_image, running_registry
@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=4)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kscb-", dir="/tmp"))
+    work.chmod(0o711)  # VMMs run as uids of their own: they pass through to libvirt's files for them
     with running_registry(work / "registry") as registry:
         layer = make_layer(make_busybox_rootfs(work / "busybox"))
         push_image(registry, "bench/busybox", "1", [layer], config=image_config([layer], Cmd=["sh"]))

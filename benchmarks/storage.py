@@ -1,4 +1,4 @@
-"""Storage benchmark: container rootfs as disks ("block") against host overlays over virtio-9p
+"""Storage benchmark: container rootfs as disks ("block") against host overlays over virtio-fs
 ("share"), both measured in the same run on the same machine.
 
     .venv/bin/python benchmarks/storage.py [--backend qemu|libvirt] [--creates N]
@@ -90,7 +90,7 @@ def main() -> None:
         layers = make_layers(Path(work))
         results = {mode: run_path(args.backend, mode, layers, args.creates) for mode in ("share", "block")}
     print(f"storage benchmark, backend={args.backend}, seconds (in-guest figures at 10 ms resolution)")
-    print(f"{'':24} {'share (9p)':>12} {'block':>12} {'share/block':>12}")
+    print(f"{'':24} {'share (vfs)':>12} {'block':>12} {'share/block':>12}")
     for name in results["block"]:
         share, block = results["share"][name], results["block"][name]
         ratio = f"{share / block:.2f}x" if block > 0 else "n/a"

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvmsandbox.config import Config
+from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.runtime import open_manager
 from kvmsandbox.sandbox.logs import parse_cri_log
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
@@ -114,6 +115,7 @@ def _cri_demo(config: Config) -> None:
     ref = _push_and_pull_demo_image(config, img)
     log_dir = config.state_dir / "demo-logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # the previous demo pod's, removed above
+    private_dir(log_dir)
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="demo", uid="kvmsandbox-demo", namespace="default"),
         hostname="demo",

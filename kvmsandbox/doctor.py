@@ -139,8 +139,8 @@ def _check_host_tools(config: Config) -> list[str]:
 _CONFINEMENT = {
     "qemu": f"jailed: a uid of its own, no capabilities, its own mount namespace (only /usr, its kernel "
     f"and a few devices) and network namespace, every file passed as an fd, seccomp filter ({SECCOMP_SANDBOX})",
-    "libvirt": "runs as root (embed qemu.conf: user root, security_driver none), libvirt's default "
-    "seccomp filter (the same denials), the host's mount namespace",
+    "libvirt": "a uid of its own (a static DAC label per domain, nothing relabelled), no capabilities, "
+    "libvirt's mount namespace with a private /dev, disks passed as fds, seccomp_sandbox (the same denials)",
 }
 
 

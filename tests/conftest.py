@@ -22,7 +22,7 @@ from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage, build_guest_image
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor.factory import open_hypervisor
-from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, save_capabilities, seed_capabilities
+from kvmsandbox.hypervisor.libvirt_embed import prepare_embed_root, save_capabilities, seed_capabilities
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.tools.busybox_rootfs import make_busybox_rootfs
@@ -63,6 +63,9 @@ def guest_image() -> GuestImage:
 def short_tmp() -> Iterator[Path]:
     """A short directory for unix sockets (their paths are limited to 108 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="ks-", dir="/tmp"))
+    # As /run and /var/lib are: VMMs (uids of their own) pass through to the libvirt root's files
+    # for them and to the virtio-fs socket the runtime gives them.
+    os.chmod(path, 0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.errors import NotFound
+from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.overhead.sizing import PodResources
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class CriStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "cri"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # pod and container configs (environment variables among them)
         self._lock = threading.Lock()
         self._pods: dict[str, CriPod] = {}
         self._containers: dict[str, CriContainer] = {}

@@ -79,6 +79,14 @@ def private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def traversable_dir(path: Path) -> None:
+    """Creates ``path`` (and its parents) unless it exists and makes it 0711: other users may pass
+    through to a name they know (the VMMs' uids reach libvirt's per-VM files this way) but not
+    list it; everything in it is private_dir or a private file."""
+    path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+
+
 def make_dirs(root_fd: int, rel: str, mode: int = 0o755) -> int:
     """Creates the directories of ``rel`` below ``root_fd`` (as ``mkdir -p``, each step without
     following links nor leaving the mount) and returns an O_PATH fd of the last one.

@@ -24,8 +24,10 @@ SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourceco
 VIRTIO_FS_QUEUE = 1024
 
 
-def domain_xml(spec: VMSpec) -> str:
-    """libvirt domain XML for a transient domain running `spec`. Raises nothing."""
+def domain_xml(spec: VMSpec, *, vmm_ids: tuple[int, int] | None = None) -> str:
+    """libvirt domain XML for a transient domain running `spec`; with ``vmm_ids`` (uid, gid), QEMU
+    runs as those and libvirt changes the owner of no file (a static DAC label, no relabelling).
+    Raises nothing."""
     domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     ET.SubElement(domain, "name").text = spec.name
     metadata = ET.SubElement(domain, "metadata")
@@ -57,6 +59,9 @@ def domain_xml(spec: VMSpec) -> str:
         ET.SubElement(domain, event).text = "destroy"
 
     _add_devices(ET.SubElement(domain, "devices"), spec)
+    if vmm_ids is not None:
+        label = ET.SubElement(domain, "seclabel", type="static", model="dac", relabel="no")
+        ET.SubElement(label, "label").text = f"+{vmm_ids[0]}:+{vmm_ids[1]}"
     return ET.tostring(domain, encoding="unicode")
 
 

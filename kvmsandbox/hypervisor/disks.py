@@ -9,7 +9,6 @@ guest cannot hold a disk the host wants back. Pure descriptions here; the backen
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,34 +43,10 @@ def device_id(target: int) -> str:
 
 
 def libvirt_alias(target: int) -> str:
-    # libvirt keeps user aliases only with the "ua-" prefix.
+    """The alias of a disk an earlier release attached through libvirt's attach-device (libvirt
+    keeps user aliases only with the "ua-" prefix); disks are now added over QMP as on the qemu
+    backend (libvirt_qmp.py)."""
     return f"ua-{device_id(target)}"
-
-
-def libvirt_xml(disk: Disk) -> str:
-    """The <disk> element libvirt's attach-device takes. Raises nothing."""
-    el = ET.Element("disk", type="file", device="disk")
-    # error_policy='report': a full host filesystem is an I/O error in the guest, not a paused VM.
-    # discard='unmap': blocks the guest frees are freed in the file too (its usage can shrink).
-    ET.SubElement(el, "driver", name="qemu", type="raw", error_policy="report", discard="unmap")
-    ET.SubElement(el, "source", file=str(disk.path))
-    ET.SubElement(el, "target", dev=_sd_name(disk.target), bus="scsi")
-    ET.SubElement(el, "address", type="drive", controller="0", bus="0", target=str(disk.target), unit="0")
-    if disk.readonly:
-        ET.SubElement(el, "readonly")
-    ET.SubElement(el, "alias", name=libvirt_alias(disk.target))
-    return ET.tostring(el, encoding="unicode")
-
-
-def _sd_name(target: int) -> str:
-    """A unique libvirt target name (the guest names its disks itself): sdb, ..., sdz, sdba, ..."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    n = target + 1
-    name = ""
-    while n >= 0:
-        name = letters[n % 26] + name
-        n = n // 26 - 1
-    return "sd" + name
 
 
 def qmp_attach(disk: Disk, fdset: int) -> list[dict[str, Any]]:
@@ -115,6 +90,11 @@ def qmp_attach(disk: Disk, fdset: int) -> list[dict[str, Any]]:
             },
         },
     ]
+
+
+REMOVALS = ("device_del", "blockdev-del", "remove-fd")
+NOT_THERE = ("not found", "Failed to find", "Cannot find", "No fdset", "does not exist")
+"""What QEMU answers when the object a removal names is not there (already removed, never made)."""
 
 
 def qmp_detach(target: int, fdset: int) -> list[dict[str, Any]]:

@@ -30,14 +30,15 @@ def open_hypervisor(
     """Open the named backend ("libvirt" or "qemu") with its state under `state_dir`.
 
     libvirt: `libvirt_uri` defaults to the embedded driver rooted at `state_dir/libvirt`; libvirt
-    finds its QEMU itself. qemu: runs `qemu_binary` (a name looked up in PATH, or a path), jailed
-    as a uid of its own from `vmm_uid_base` (0: unconfined, as root).
+    finds its QEMU itself. qemu: runs `qemu_binary` (a name looked up in PATH, or a path), jailed.
+    Both run each QEMU as a uid of its own from `vmm_uid_base` (0: as root, for tests of fakes).
     Raises InvalidArgument for an unknown backend name and HypervisorError when the backend cannot start.
     """
     if backend == "libvirt":
-        from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor, embed_uri
+        from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor
+        from kvmsandbox.hypervisor.libvirt_embed import embed_uri
 
-        return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"))
+        return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"), uid_base=vmm_uid_base)
     if backend == "qemu":
         from kvmsandbox.hypervisor.qemu_backend import QemuHypervisor
 

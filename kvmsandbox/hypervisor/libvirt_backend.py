@@ -14,16 +14,13 @@ outlive us, and the next open of the same root finds them again. Limits found by
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
 
 # The embedded driver logs to stderr on every open: our deliberate choices ("security driver
 # none", "tainted: high-privileges") and harmless probe failures (dmidecode, access manager).
@@ -33,43 +30,18 @@ LIBVIRT_LOG_FILE = "/tmp/kvmsandbox-libvirt.log"
 os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"4:file:{LIBVIRT_LOG_FILE}")
 
 import libvirt  # noqa: E402
-import libvirt_qemu  # noqa: E402
 
 from kvmsandbox.errors import HypervisorError  # noqa: E402
-from kvmsandbox.hypervisor import disks  # noqa: E402
+from kvmsandbox.hypervisor import disks, libvirt_qmp  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
 from kvmsandbox.hypervisor.disks import Disk  # noqa: E402
+from kvmsandbox.hypervisor.libvirt_embed import embed_root, prepare_embed_root  # noqa: E402
 from kvmsandbox.hypervisor.process import read_pidfile, start_time, wait_gone  # noqa: E402
-from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX, VMInfo, VMSpec  # noqa: E402
+from kvmsandbox.hypervisor.spec import VMInfo, VMSpec  # noqa: E402
+from kvmsandbox.hypervisor.uids import kvm_group, vmm_uid  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-# libvirt puts each domain's QMP socket at ROOT/lib/qemu/domain-<id>-<name, cut to 20>/monitor.sock.
-_MONITOR_SOCKET_SUFFIX_MAX = len("/lib/qemu/domain-9999999-") + 20 + len("/monitor.sock")
-EMBED_ROOT_MAX = UNIX_PATH_MAX - _MONITOR_SOCKET_SUFFIX_MAX
-
-# Written to ROOT/etc/qemu.conf of an embed root; the reason for each line is beside it.
-EMBED_QEMU_CONF = """\
-# Written by kvmsandbox; rewritten on every start.
-# No virtlogd here: QEMU's stdout/stderr go to a file under the root.
-stdio_handler = "file"
-# QEMU must read root-owned images and write overlays in the shared dir with their owners intact.
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-# No private mount namespace: overlays mounted later below a VM's shared dir must be visible to QEMU.
-namespaces = []
-# Resource control of the VMs is ours, not libvirt's (and no systemd/machined is assumed).
-cgroup_controllers = []
-# QEMU's seccomp filter with every denial (obsolete, elevateprivileges, spawn, resourcecontrol).
-seccomp_sandbox = 1
-"""
-
-# Where an embed root keeps libvirt's probe of QEMU's capabilities.
-CAPABILITIES_DIR = Path("cache/qemu/capabilities")
 
 # libvirt's destroy already waits for QEMU to exit (SIGTERM, then SIGKILL); this wait is a safety net.
 DESTROY_WAIT = 15.0
@@ -78,72 +50,6 @@ DETACH_WAIT = 10.0
 
 _init_lock = threading.Lock()
 _initialised = False
-
-
-def embed_uri(root: Path) -> str:
-    """The URI of libvirt's embedded QEMU driver rooted at `root`. Raises nothing."""
-    return "qemu:///embed?root=" + quote(str(root), safe="/")
-
-
-def embed_root(uri: str) -> Path | None:
-    """The root directory of an embedded-driver URI, or None for other URIs. Raises nothing."""
-    parts = urlsplit(uri)
-    if parts.scheme != "qemu" or parts.path != "/embed":
-        return None
-    roots = parse_qs(parts.query).get("root")
-    return Path(roots[0]) if roots else None
-
-
-def prepare_embed_root(root: Path) -> None:
-    """Create `root` and write its etc/qemu.conf.
-
-    Raises HypervisorError when the root is not absolute, too long for libvirt's monitor sockets,
-    or cannot be written.
-    """
-    if not root.is_absolute():
-        raise HypervisorError(f"libvirt embed root must be an absolute path, got {root}")
-    if len(str(root).encode()) > EMBED_ROOT_MAX:
-        raise HypervisorError(
-            f"libvirt embed root {root} is longer than {EMBED_ROOT_MAX} bytes: "
-            "libvirt's monitor socket paths below it would not fit in a unix socket address"
-        )
-    conf = root / "etc" / "qemu.conf"
-    try:
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        if not conf.exists() or conf.read_text() != EMBED_QEMU_CONF:
-            conf.write_text(EMBED_QEMU_CONF)
-    except OSError as e:
-        raise HypervisorError(f"cannot prepare libvirt embed root {root}: {e}") from e
-
-
-def seed_capabilities(root: Path, cache: Path) -> int:
-    """Copy libvirt's QEMU capability files from `cache` into embed root `root`; returns how many.
-
-    A seeded root skips the capability probe on first use. libvirt checks each file (QEMU binary,
-    libvirt version, host) and probes again if it is stale, so a stale cache costs time, not errors.
-    Raises HypervisorError when a file cannot be copied.
-    """
-    return _copy_xml_files(cache, root / CAPABILITIES_DIR)
-
-
-def save_capabilities(root: Path, cache: Path) -> int:
-    """Copy the capability files libvirt probed in embed root `root` into `cache`; returns how many.
-
-    Raises HypervisorError when a file cannot be copied.
-    """
-    return _copy_xml_files(root / CAPABILITIES_DIR, cache)
-
-
-def _copy_xml_files(source: Path, dest: Path) -> int:
-    try:
-        files = sorted(source.glob("*.xml"))
-        if files:
-            dest.mkdir(parents=True, exist_ok=True)
-        for file in files:
-            shutil.copy2(file, dest / file.name)
-    except OSError as e:
-        raise HypervisorError(f"cannot copy libvirt capability files from {source} to {dest}: {e}") from e
-    return len(files)
 
 
 def _init_libvirt_once() -> None:
@@ -230,18 +136,34 @@ def _thread_in_cgroups(procs_files: tuple[Path, ...]) -> Iterator[bool]:
                     log.warning("could not move thread %s back to %s: %s", t, home.parent, e.strerror)
 
 
+def _give_socket(path: Path, uid: int) -> None:
+    """Lets the VM's QEMU (``uid``) connect to the runtime's socket at ``path`` (libvirt has QEMU
+    connect to virtiofsd by path); nobody else may.
+
+    Raises:
+        HypervisorError: the owner could not be changed.
+    """
+    try:
+        os.chown(path, uid, uid, follow_symlinks=False)
+    except OSError as e:
+        raise HypervisorError(f"cannot give {path} to the VM's QEMU: {e.strerror}") from None
+
+
 class LibvirtHypervisor:
     """Runs each VM as a transient libvirt domain named after the VMSpec."""
 
     name = "libvirt"
     capabilities = LIBVIRT_CAPABILITIES
 
-    def __init__(self, uri: str) -> None:
-        """Connect to libvirt at `uri`; for an embed URI, prepare its root first.
+    def __init__(self, uri: str, *, uid_base: int = 0) -> None:
+        """Connect to libvirt at `uri`; for an embed URI, prepare its root first. With `uid_base`
+        each QEMU runs as a uid and gid of its own from there (uids.py); 0 leaves QEMU as libvirt's
+        configured user.
 
         Raises HypervisorError with libvirt's message when the connection fails.
         """
         self.uri = uri
+        self._uid_base = uid_base
         root = embed_root(uri)
         if root is not None:
             prepare_embed_root(root)
@@ -275,10 +197,15 @@ class LibvirtHypervisor:
         # VMM's cgroups for the call, so QEMU is accounted there from its first page. Elsewhere
         # QEMU starts paused and runs the guest once moved (what it touched while setting up stays
         # charged where it was forked: recent kernels do not move charges).
-        with _thread_in_cgroups(spec.cgroup_procs) as joined:
+        with contextlib.ExitStack() as held:
+            uid = held.enter_context(vmm_uid(self._uid_base)) if self._uid_base else None
+            if uid is not None and spec.shared_fs_socket is not None:
+                _give_socket(spec.shared_fs_socket, uid)
+            joined = held.enter_context(_thread_in_cgroups(spec.cgroup_procs))
             flags = libvirt.VIR_DOMAIN_START_PAUSED if spec.cgroup_procs and not joined else 0
             try:
-                dom = self._conn.createXML(domain_xml(spec), flags)
+                ids = None if uid is None else (uid, kvm_group() if spec.accel == "kvm" else uid)
+                dom = self._conn.createXML(domain_xml(spec, vmm_ids=ids), flags)
             except libvirt.libvirtError as e:
                 # libvirt's message already quotes QEMU's stderr from the log.
                 self._remove_log(spec.name)
@@ -350,56 +277,64 @@ class LibvirtHypervisor:
         return None if dom is None else self._describe(dom)
 
     def attach_disk(self, name: str, disk: Disk) -> None:
-        """Adds ``disk`` to the running domain (attach-device, live only); a target left attached by
-        an interrupted call is detached first.
+        """Adds ``disk`` to the running domain with QMP through libvirt, the image passed as an fd
+        (libvirt_qmp.py); a target left attached by an interrupted call is cleared first.
 
-        Raises HypervisorError with libvirt's message.
+        Raises HypervisorError with QEMU's or libvirt's message.
         """
         dom = self._find(name)
         if dom is None:
             raise HypervisorError(f"libvirt: no VM {name!r} to attach a disk to")
-        self.detach_disk(name, disk.target)
         try:
-            dom.attachDeviceFlags(disks.libvirt_xml(disk), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as e:
-            raise HypervisorError(f"libvirt: cannot attach {disk.path} to VM {name!r}: {e}") from e
+            fd = os.open(disk.path, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise HypervisorError(f"cannot open disk image {disk.path} for VM {name!r}: {e.strerror}") from e
+        try:
+            self.detach_disk(name, disk.target)
+            libvirt_qmp.run(dom, disks.qmp_attach(disk, libvirt_qmp.fdset(disk.target)), fd=fd)
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                self._detach_ours(dom, disk.target, tolerate_all=True)
+            raise
+        finally:
+            os.close(fd)
 
     def detach_disk(self, name: str, target: int) -> None:
         """Removes the disk at ``target`` (SCSI: at once, no guest cooperation). Idempotent.
 
-        Raises HypervisorError with libvirt's message.
+        Raises HypervisorError with QEMU's or libvirt's message.
         """
         dom = self._find(name)
         if dom is None:
             return
         alias = disks.libvirt_alias(target)
         try:
-            in_qemu = alias in self._qemu_devices(dom)
-            # libvirt reports an unknown alias as an internal error: look first. A disk QEMU has
-            # dropped but libvirt still lists is a detach under way: not asked twice.
-            if in_qemu and f"'{alias}'" in dom.XMLDesc(0):
-                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            # libvirt returns before the unplug is over, and forgets the disk when QEMU's event
-            # reaches it: the target is free once neither has it (a disk attached again before
-            # that would be forgotten by libvirt in its place).
-            deadline = time.monotonic() + DETACH_WAIT
-            while alias in self._qemu_devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
-                if time.monotonic() > deadline:
-                    raise HypervisorError(
-                        f"libvirt: disk {target} of VM {name!r} still there {DETACH_WAIT:.0f} s after its detach"
-                    )
-                time.sleep(0.02)
+            if alias in libvirt_qmp.devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
+                self._detach_legacy(dom, name, alias)
+            self._detach_ours(dom, target)
         except libvirt.libvirtError as e:
             if e.get_error_code() in (libvirt.VIR_ERR_DEVICE_MISSING, libvirt.VIR_ERR_NO_DOMAIN):
                 return
             raise HypervisorError(f"libvirt: cannot detach disk {target} from VM {name!r}: {e}") from e
 
     @staticmethod
-    def _qemu_devices(dom: Any) -> set[str]:
-        """The ids of the devices QEMU has (user-made ones: libvirt's aliases)."""
-        query = '{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}'
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, query, 0))
-        return {str(c.get("name")) for c in reply.get("return", []) if isinstance(c, dict)}
+    def _detach_ours(dom: Any, target: int, *, tolerate_all: bool = False) -> None:
+        libvirt_qmp.run(dom, disks.qmp_detach(target, libvirt_qmp.fdset(target)), tolerate_all=tolerate_all)
+
+    @staticmethod
+    def _detach_legacy(dom: Any, name: str, alias: str) -> None:
+        """A disk an earlier release attached through libvirt: libvirt detaches it."""
+        if alias in libvirt_qmp.devices(dom) and f"'{alias}'" in dom.XMLDesc(0):
+            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        # libvirt returns before the unplug is over and forgets the disk when QEMU's event
+        # reaches it: the target is free once neither has it.
+        deadline = time.monotonic() + DETACH_WAIT
+        while alias in libvirt_qmp.devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
+            if time.monotonic() > deadline:
+                raise HypervisorError(
+                    f"libvirt: disk {alias} of VM {name!r} still there {DETACH_WAIT:.0f} s after its detach"
+                )
+            time.sleep(0.02)
 
     def close(self) -> None:
         """Close the connection; domains keep running. Raises nothing."""

@@ -38,6 +38,7 @@ from kvmsandbox.hypervisor.process import (
     wait_gone,
 )
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
+from kvmsandbox.hypervisor.uids import vmm_uid
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class QemuHypervisor:
         self._stop_grace = stop_grace
         self._uid_base = uid_base
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(state_dir, 0o700)
         except OSError as e:
             raise HypervisorError(f"cannot create qemu backend state dir {state_dir}: {e}") from e
 
@@ -132,7 +134,7 @@ class QemuHypervisor:
                 opened = held.enter_context(qemu_launch.opened_for(spec, jailed=bool(self._uid_base)))
                 argv = qemu_argv(spec, opened.fds, binary=os.path.abspath(binary))
                 if self._uid_base:
-                    uid = held.enter_context(qemu_launch.vmm_uid(self._uid_base))
+                    uid = held.enter_context(vmm_uid(self._uid_base))
                     argv = qemu_launch.jail_argv(spec, uid, argv)
                 pid, head = launch_detached(in_cgroups(spec.cgroup_procs, argv), stderr_path, tuple(opened.owned))
                 launched = start_time(pid) or -1
@@ -346,11 +348,6 @@ def _qmp_quit(socket_path: Path, timeout: float) -> bool:
     return True
 
 
-_REMOVALS = ("device_del", "blockdev-del", "remove-fd")
-# What QEMU answers when the object a removal names is not there (already removed, never made).
-_NOT_THERE = ("not found", "Failed to find", "Cannot find", "No fdset", "does not exist")
-
-
 def _qmp_run(
     socket_path: Path,
     commands: list[dict[str, Any]],
@@ -377,8 +374,8 @@ def _qmp_run(
                     try:
                         await _execute_when_free(client, command)
                     except ExecuteError as e:
-                        removal = command["execute"] in _REMOVALS
-                        if tolerate_all or (removal and any(t in str(e) for t in _NOT_THERE)):
+                        removal = command["execute"] in disks.REMOVALS
+                        if tolerate_all or (removal and any(t in str(e) for t in disks.NOT_THERE)):
                             continue
                         raise HypervisorError(f"QEMU refused {command['execute']}: {e}") from None
                     if command["execute"] == "device_del":

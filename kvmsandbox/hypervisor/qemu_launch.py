@@ -9,33 +9,26 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmsandbox.errors import HypervisorError
-from kvmsandbox.host.confinement import uids_in_use
 from kvmsandbox.hypervisor.builder import QemuFds
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMSpec
+from kvmsandbox.hypervisor.uids import kvm_group
 
 JAIL_SCRIPT = Path(__file__).with_name("jail.py")
 JAIL_DIR_NAME = "jail"
-# Each VM gets a uid (and gid) of its own from [uid_base, uid_base + UID_RANGE): no two VMMs share
-# one, so a compromised QEMU cannot signal or trace another pod's.
-UID_RANGE = 1 << 20
 VHOST_VSOCK = "/dev/vhost-vsock"
 TUN = "/dev/net/tun"
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
-_uid_lock = threading.Lock()
-_reserved: set[int] = set()
 
 
 @dataclass
@@ -138,45 +131,6 @@ def _tap(name: str, owned: list[int]) -> int:
     return fd
 
 
-@contextlib.contextmanager
-def vmm_uid(uid_base: int) -> Iterator[int]:
-    """A uid in [uid_base, uid_base + UID_RANGE) that no running VMM of ours has and no other boot
-    of this process holds; held until the caller's QEMU runs (then the scan of running VMMs sees it).
-
-    Raises:
-        HypervisorError: no free uid found.
-    """
-    with _uid_lock:
-        taken = uids_in_use(uid_base, uid_base + UID_RANGE) | _reserved
-        uid = next((u for _ in range(64) if (u := uid_base + secrets.randbelow(UID_RANGE)) not in taken), None)
-        if uid is None:
-            raise HypervisorError("no free uid for the VMM (64 tries)")
-        _reserved.add(uid)
-    try:
-        yield uid
-    finally:
-        with _uid_lock:
-            _reserved.discard(uid)
-
-
-def _kvm_group() -> int:
-    """The group that may use /dev/kvm (QEMU joins it).
-
-    Raises:
-        HypervisorError: /dev/kvm is missing, or no group but root's may read and write it.
-    """
-    try:
-        st = os.stat("/dev/kvm")
-    except OSError as e:
-        raise HypervisorError(f"cannot use /dev/kvm: {e.strerror}") from None
-    if st.st_gid == 0 or st.st_mode & 0o060 != 0o060:
-        raise HypervisorError(
-            f"/dev/kvm (group {st.st_gid}, mode {st.st_mode & 0o777:o}) is not usable by a group: "
-            "a jailed QEMU needs it read-write for a group of its own (e.g. 'kvm', mode 0660)"
-        )
-    return st.st_gid
-
-
 def jail_argv(spec: VMSpec, uid: int, qemu_argv: list[str]) -> list[str]:
     """``qemu_argv`` run through the jail (jail.py) as ``uid``, with the VM's kernel and initrd
     and, for KVM, /dev/kvm (and its group)."""
@@ -185,7 +139,7 @@ def jail_argv(spec: VMSpec, uid: int, qemu_argv: list[str]) -> list[str]:
     devices, groups = [], []
     if spec.accel == "kvm":
         devices.append("kvm")
-        groups.append(_kvm_group())
+        groups.append(kvm_group())
     files = {"kernel": str(spec.kernel), "initrd": str(spec.initrd)}
     binary = qemu_argv[0]
     if not os.path.realpath(binary).startswith("/usr/"):

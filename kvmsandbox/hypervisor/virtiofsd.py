@@ -40,8 +40,9 @@ def find() -> str | None:
 
 def options(source: Path) -> str:
     """virtiofsd's ``-o`` value for ``source``. No xattrs (no file capabilities or security
-    labels set from the guest), no host locks the guest could hold, submounts announced so each host
-    path keeps its own device number in the guest.
+    labels set from the guest), no CAP_MKNOD (no device node made in a host path a pod may write),
+    no host locks the guest could hold, submounts announced so each host path keeps its own device
+    number in the guest.
 
     Raises:
         HypervisorError: ``source`` has a comma (the option separator) or is relative.
@@ -50,7 +51,7 @@ def options(source: Path) -> str:
         raise HypervisorError(f"virtiofsd cannot export {source}: it needs an absolute path without ','")
     return (
         f"source={source},sandbox=namespace,cache=auto,announce_submounts,"
-        "no_xattr,no_posix_lock,no_flock,log_level=warn"
+        "no_xattr,no_posix_lock,no_flock,modcaps=-mknod:-setfcap,log_level=warn"
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.errors import NotFound
-from kvmsandbox.host.beneath import private_dir
+from kvmsandbox.host.beneath import private_dir, traversable_dir
 from kvmsandbox.sandbox.records import SandboxRecord, check_id
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class SandboxStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root / "sandboxes"
-        private_dir(root)
+        # The state dir itself: VMMs must pass through it to libvirt's files for them.
+        traversable_dir(root)
         private_dir(self.root)
         self._lock = threading.Lock()
         self._records: dict[str, SandboxRecord] = {}

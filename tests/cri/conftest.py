@@ -18,7 +18,7 @@ import yaml
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
 from kvmsandbox.guest_image import GuestImage
-from kvmsandbox.hypervisor.libvirt_backend import prepare_embed_root, seed_capabilities
+from kvmsandbox.hypervisor.libvirt_embed import prepare_embed_root, seed_capabilities
 from tests.conftest import CACHE_DIR
 from tests.registry import Registry, image_config, make_layer, push_image, running_registry
 from tests.waiting import WaitTimeout, wait_until

@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import subprocess
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -56,27 +55,6 @@ def test_records_keep_the_disks_across_a_restart() -> None:
 def test_a_disk_outside_the_targets_is_refused(target: int) -> None:
     with pytest.raises(InvalidArgument, match="outside 1-254"):
         Disk(target, Path("/x"), readonly=True)
-
-
-def test_libvirt_disk_is_a_scsi_disk_at_its_target_with_a_user_alias_and_errors_reported() -> None:
-    el = ET.fromstring(hv_disks.libvirt_xml(Disk(7, Path("/d/l.erofs"), readonly=True)))
-    assert el.find("address").attrib == {  # type: ignore[union-attr]
-        "type": "drive", "controller": "0", "bus": "0", "target": "7", "unit": "0",
-    }  # fmt: skip
-    assert el.find("target").attrib["bus"] == "scsi"  # type: ignore[union-attr]
-    assert el.find("alias").attrib["name"] == "ua-disk-7"  # type: ignore[union-attr]
-    assert el.find("readonly") is not None
-    assert el.find("driver").attrib["error_policy"] == "report"  # type: ignore[union-attr]
-    writable = ET.fromstring(hv_disks.libvirt_xml(Disk(8, Path("/d/w.ext4"), readonly=False)))
-    assert writable.find("readonly") is None
-
-
-def test_libvirt_target_names_are_unique_over_every_target() -> None:
-    names = {
-        ET.fromstring(hv_disks.libvirt_xml(Disk(t, Path("/x"), True))).find("target").attrib["dev"]
-        for t in range(1, 255)
-    }  # type: ignore[union-attr]
-    assert len(names) == 254
 
 
 def test_qmp_attach_opens_nothing_itself_and_detach_undoes_every_step() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from kvmsandbox.errors import HypervisorError, InvalidArgument
 from kvmsandbox.hypervisor.builder import METADATA_NS, QemuFds, domain_xml, qemu_argv
-from kvmsandbox.hypervisor.libvirt_backend import EMBED_ROOT_MAX, embed_root, embed_uri, prepare_embed_root
+from kvmsandbox.hypervisor.libvirt_embed import EMBED_ROOT_MAX, embed_root, embed_uri, prepare_embed_root
 from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, Nic, VMSpec
 
 
@@ -130,6 +130,14 @@ def test_domain_xml_console_is_appended_to_a_file_and_there_are_no_extra_devices
     assert attrs(devices, "memballoon")["model"] == "none"
     assert attrs(devices, "rng/backend") == {"model": "builtin"}
     assert attrs(devices, "controller[@type='usb']")["model"] == "none"
+
+
+def test_domain_xml_gives_qemu_its_own_ids_and_relabels_nothing() -> None:
+    label = ET.fromstring(domain_xml(make_spec(), vmm_ids=(2_000_000_007, 2_000_000_007))).find("seclabel")
+    assert label is not None
+    assert dict(label.attrib) == {"type": "static", "model": "dac", "relabel": "no"}
+    assert label.findtext("label") == "+2000000007:+2000000007"
+    assert parse(make_spec()).find("seclabel") is None
 
 
 def test_domain_xml_marks_the_domain_as_ours() -> None:
@@ -277,7 +285,10 @@ def test_prepare_embed_root_writes_qemu_conf_and_rejects_long_roots() -> None:
         root = Path(short) / "lv"
         prepare_embed_root(root)
         conf = (root / "etc" / "qemu.conf").read_text()
+        assert root.stat().st_mode & 0o777 == 0o711  # VMMs pass through, nobody lists it
     assert 'stdio_handler = "file"' in conf
-    assert "namespaces = []" in conf
+    # DAC, nothing relabelled (each domain names its own ids), QEMU in a mount namespace of its own.
+    assert 'security_driver = "none"' in conf and "dynamic_ownership = 0" in conf
+    assert 'namespaces = ["mount"]' in conf
     with pytest.raises(HypervisorError):
         prepare_embed_root(Path("/" + "x" * EMBED_ROOT_MAX))

@@ -22,6 +22,7 @@ def test_options_export_the_dir_without_xattrs_or_host_locks() -> None:
     opts = virtiofsd.options(Path("/var/lib/kvmsandbox/sandboxes/a/shared")).split(",")
     assert opts[0] == "source=/var/lib/kvmsandbox/sandboxes/a/shared"
     assert {"sandbox=namespace", "announce_submounts", "no_xattr", "no_posix_lock", "no_flock"} <= set(opts)
+    assert "modcaps=-mknod:-setfcap" in opts
 
 
 @pytest.mark.parametrize("source", ["/a,b/shared", "relative/shared"])

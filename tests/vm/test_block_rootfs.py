@@ -136,7 +136,7 @@ def test_a_failed_create_leaves_no_disk_and_no_attached_layer(
     manager.remove_container(sandbox.id, c.id)
 
 
-def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime_and_jailed_on_the_qemu_backend(
+def test_qemu_runs_as_its_own_uid_without_capabilities_under_a_seccomp_filter_on_both_backends(
     manager: SandboxManager, sandbox: SandboxRecord
 ) -> None:
     pid = manager.hypervisor.info(sandbox.vm_name).pid  # type: ignore[union-attr]
@@ -146,20 +146,27 @@ def test_qemu_runs_under_a_seccomp_filter_detached_from_the_runtime_and_jailed_o
     # The strictest filter QEMU has (no fork, no exec, no setuid) on both backends.
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert argv[argv.index(b"-sandbox") + 1] == SECCOMP_SANDBOX.encode()
+    # A uid and gid of its own (no other VMM has it), no capabilities, a mount namespace of its own.
+    base = manager.config.hypervisor.vmm_uid_base
+    assert base <= vmm.uid < base + (1 << 20) and vmm.capabilities == 0 and vmm.own_mount_namespace
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert f"Gid:\t{vmm.uid}\t{vmm.uid}\t{vmm.uid}\t{vmm.uid}" in status and "NoNewPrivs:\t1" in status
+    others = [v for v in confinement.running_vmms() if v.pid != pid]
+    assert vmm.uid not in {v.uid for v in others}
     if manager.config.hypervisor.backend == "qemu":
         # Without -daemonize (it forks once the filter is in place), and nobody's child here.
         assert b"-daemonize" not in argv
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid != os.getpid()
-        # Jailed: a uid of its own, no capabilities, a root holding only /usr, devices and its kernel.
-        base = manager.config.hypervisor.vmm_uid_base
-        assert base <= vmm.uid < base + (1 << 20) and vmm.capabilities == 0 and vmm.own_mount_namespace
+        # Jailed: a root holding only /usr, devices and its kernel; a network namespace of its own.
         seen = set(os.listdir(f"/proc/{pid}/root"))
         allowed = {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "sbin", "usr", "vm"}
         assert {"dev", "usr", "vm"} <= seen <= allowed
         assert sorted(os.listdir(f"/proc/{pid}/root/vm")) == ["initrd", "kernel"]
-        others = [v for v in confinement.running_vmms() if v.pid != pid]
-        assert vmm.uid not in {v.uid for v in others}
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    else:
+        # libvirt's private /dev holds only what the VM uses: not the host's.
+        assert set(os.listdir(f"/proc/{pid}/root/dev")) != set(os.listdir("/dev"))
     assert vmm in confinement.running_vmms()
 
 

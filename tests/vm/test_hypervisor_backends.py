@@ -32,7 +32,7 @@ from kvmsandbox.errors import HypervisorError
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.factory import open_hypervisor
-from kvmsandbox.hypervisor.libvirt_backend import (
+from kvmsandbox.hypervisor.libvirt_embed import (
     CAPABILITIES_DIR,
     embed_uri,
     prepare_embed_root,
@@ -96,10 +96,19 @@ class EchoGuest:
 
 
 @pytest.fixture(scope="session")
-def echo_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> EchoGuest:
+def echo_guest(guest_image: GuestImage) -> Iterator[EchoGuest]:
     """The guest image's kernel and initramfs with our /init appended: the kernel unpacks
-    concatenated cpio archives in order, so the later /init replaces the image's."""
-    work = tmp_path_factory.mktemp("echo-guest")
+    concatenated cpio archives in order, so the later /init replaces the image's. World-readable,
+    as the guest image is: QEMU runs as a uid of its own and opens them itself."""
+    work = Path(tempfile.mkdtemp(prefix="ks-echo-", dir="/tmp"))
+    work.chmod(0o755)
+    try:
+        yield _make_echo_guest(guest_image, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _make_echo_guest(guest_image: GuestImage, work: Path) -> EchoGuest:
     stage = work / "stage"
     for d in ("bin", "mnt"):
         (stage / d).mkdir(parents=True)
@@ -114,6 +123,8 @@ def echo_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
     root_disk = work / "root.img"
     with root_disk.open("wb") as f:
         f.truncate(1 << 20)
+    for path in (initrd, root_disk):
+        path.chmod(0o644)
     return EchoGuest(kernel=guest_image.kernel, initrd=initrd, root_disk=root_disk)
 
 
@@ -135,6 +146,7 @@ def hypervisor(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def vm_dir() -> Iterator[Path]:
     # Short, for unix socket paths; pytest's tmp_path can be too long.
     path = Path(tempfile.mkdtemp(prefix="ks-hv-", dir="/tmp"))
+    path.chmod(0o711)  # VMMs (uids of their own) reach their libvirt files and virtio-fs socket here
     yield path
     virtiofsd.stop(path / "shared", path / "fs")
     shutil.rmtree(path, ignore_errors=True)

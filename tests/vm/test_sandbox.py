@@ -10,6 +10,7 @@ import pytest
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentError, DeadlineExceeded, InvalidArgument, KvmSandboxError, Unavailable
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.sandbox.logs import parse_cri_log
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
@@ -176,8 +177,9 @@ def test_destroy_releases_every_host_resource(manager: SandboxManager, busybox_l
     assert not (shared / "containers" / c.id).exists()
     disk = sandbox_dir / "disks" / f"{c.id}.ext4"
     assert stat.S_IMODE(disk.stat().st_mode) == 0o600 and disk.stat().st_blocks > 0
+    assert virtiofsd.running_for(shared)
     manager.destroy_sandbox(record.id)
-    assert processes_mentioning(record.vm_name) == []
+    assert processes_mentioning(record.vm_name) == [] and virtiofsd.running_for(shared) == []
     assert mounts_below(sandbox_dir) == []
     assert not sandbox_dir.exists() and not run_dir.exists()
     assert manager.hypervisor.info(record.vm_name) is None
@@ -196,6 +198,7 @@ def test_a_guest_that_never_answers_times_out_naming_the_sandbox_with_its_consol
     assert "sandbox never-ready" in message
     assert "kvmsandbox-init: switch_root" in message  # the console tail
     assert processes_mentioning("kvmsandbox-never-ready") == []
+    assert processes_mentioning(str(manager.sandbox_dir("never-ready"))) == []  # its virtiofsd
     assert not manager.sandbox_dir("never-ready").exists()
 
 
@@ -205,6 +208,7 @@ def test_a_guest_that_powers_off_fails_fast(manager: SandboxManager) -> None:
         manager.create_sandbox("no-root", cmdline_extra=("kvmsandbox.root=/dev/vdz",), ready_timeout=120)
     assert time.monotonic() - t0 < 60
     assert "root device /dev/vdz did not appear" in str(e.value)
+    assert processes_mentioning(str(manager.sandbox_dir("no-root"))) == []
     assert not manager.sandbox_dir("no-root").exists()
 
 
@@ -243,6 +247,29 @@ def test_host_paths_are_shared_into_containers_read_only_where_asked(
         manager.stop_container(sandbox.id, c.id, grace=0)
         manager.remove_container(sandbox.id, c.id)
     assert not mounts_inside(manager.sandbox_dir(sandbox.id) / "shared" / "mounts")
+
+
+def test_a_guest_makes_no_device_node_in_a_writable_host_path(
+    manager: SandboxManager, sandbox: SandboxRecord, busybox_layer: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "rw"
+    shared.mkdir()
+    c = manager.create_container(
+        sandbox.id, lower_dirs=[busybox_layer], process=sh("sleep 600"), mounts=[HostMount(shared, "/w")]
+    )
+    try:
+        manager.start_container(sandbox.id, c.id)
+        # The container may make device nodes in its own disk (it has CAP_MKNOD), not through virtiofsd.
+        own = manager.exec_sync(sandbox.id, c.id, ["sh", "-c", "mknod /tmp/blk b 8 0 && echo made"])
+        assert own.stdout == b"made\n", own.stderr
+        script = "mknod /w/blk b 8 0; mknod /w/chr c 1 3; mkfifo /w/fifo; echo data > /w/file"
+        manager.exec_sync(sandbox.id, c.id, ["sh", "-c", script])
+        assert (shared / "file").read_text() == "data\n"
+        made = {p.name: p.lstat().st_mode for p in shared.iterdir()}
+        assert not [n for n, mode in made.items() if stat.S_ISBLK(mode) or stat.S_ISCHR(mode)], made
+    finally:
+        manager.stop_container(sandbox.id, c.id, grace=0)
+        manager.remove_container(sandbox.id, c.id)
 
 
 def test_resource_updates_reach_the_guest_cgroup(

@@ -1,0 +1,112 @@
+"""The embedded libvirt driver's root directory: its qemu.conf, its URI, and the cache of libvirt's
+probe of QEMU's capabilities (copied in and out, so the probe runs once per machine). No libvirt
+import: tests and tools prepare roots without loading the bindings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+from kvmsandbox.errors import HypervisorError
+from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX
+
+# libvirt puts each domain's QMP socket at ROOT/lib/qemu/domain-<id>-<name, cut to 20>/monitor.sock.
+_MONITOR_SOCKET_SUFFIX_MAX = len("/lib/qemu/domain-9999999-") + 20 + len("/monitor.sock")
+EMBED_ROOT_MAX = UNIX_PATH_MAX - _MONITOR_SOCKET_SUFFIX_MAX
+
+# Written to ROOT/etc/qemu.conf of an embed root; the reason for each line is beside it.
+EMBED_QEMU_CONF = """\
+# Written by kvmsandbox; rewritten on every start.
+# No virtlogd here: QEMU's stdout/stderr go to a file under the root.
+stdio_handler = "file"
+# Each domain names its own uid and gid (a static DAC label without relabelling, see
+# builder.domain_xml): libvirt changes the owner of nothing of ours; QEMU gets its files as fds or
+# reads what is world-readable (the guest image). root is only the default for the capability probe.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+# No MAC driver (none here); libvirt's DAC driver is always there and applies each domain's label.
+security_driver = "none"
+# QEMU in a mount namespace of its own with a /dev holding only what the VM uses.
+namespaces = ["mount"]
+# Resource control of the VMs is ours, not libvirt's (and no systemd/machined is assumed).
+cgroup_controllers = []
+# QEMU's seccomp filter with every denial (obsolete, elevateprivileges, spawn, resourcecontrol).
+seccomp_sandbox = 1
+"""
+
+# Where an embed root keeps libvirt's probe of QEMU's capabilities.
+CAPABILITIES_DIR = Path("cache/qemu/capabilities")
+
+
+def embed_uri(root: Path) -> str:
+    """The URI of libvirt's embedded QEMU driver rooted at `root`. Raises nothing."""
+    return "qemu:///embed?root=" + quote(str(root), safe="/")
+
+
+def embed_root(uri: str) -> Path | None:
+    """The root directory of an embedded-driver URI, or None for other URIs. Raises nothing."""
+    parts = urlsplit(uri)
+    if parts.scheme != "qemu" or parts.path != "/embed":
+        return None
+    roots = parse_qs(parts.query).get("root")
+    return Path(roots[0]) if roots else None
+
+
+def prepare_embed_root(root: Path) -> None:
+    """Create `root` and write its etc/qemu.conf.
+
+    Raises HypervisorError when the root is not absolute, too long for libvirt's monitor sockets,
+    or cannot be written.
+    """
+    if not root.is_absolute():
+        raise HypervisorError(f"libvirt embed root must be an absolute path, got {root}")
+    if len(str(root).encode()) > EMBED_ROOT_MAX:
+        raise HypervisorError(
+            f"libvirt embed root {root} is longer than {EMBED_ROOT_MAX} bytes: "
+            "libvirt's monitor socket paths below it would not fit in a unix socket address"
+        )
+    conf = root / "etc" / "qemu.conf"
+    try:
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        # Each VM's QEMU (a uid of its own) passes through to libvirt's files for it (its
+        # domain dir, made for that uid); the root is not listable.
+        os.chmod(root, 0o711)
+        if not conf.exists() or conf.read_text() != EMBED_QEMU_CONF:
+            conf.write_text(EMBED_QEMU_CONF)
+    except OSError as e:
+        raise HypervisorError(f"cannot prepare libvirt embed root {root}: {e}") from e
+
+
+def seed_capabilities(root: Path, cache: Path) -> int:
+    """Copy libvirt's QEMU capability files from `cache` into embed root `root`; returns how many.
+
+    A seeded root skips the capability probe on first use. libvirt checks each file (QEMU binary,
+    libvirt version, host) and probes again if it is stale, so a stale cache costs time, not errors.
+    Raises HypervisorError when a file cannot be copied.
+    """
+    return _copy_xml_files(cache, root / CAPABILITIES_DIR)
+
+
+def save_capabilities(root: Path, cache: Path) -> int:
+    """Copy the capability files libvirt probed in embed root `root` into `cache`; returns how many.
+
+    Raises HypervisorError when a file cannot be copied.
+    """
+    return _copy_xml_files(root / CAPABILITIES_DIR, cache)
+
+
+def _copy_xml_files(source: Path, dest: Path) -> int:
+    try:
+        files = sorted(source.glob("*.xml"))
+        if files:
+            dest.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copy2(file, dest / file.name)
+    except OSError as e:
+        raise HypervisorError(f"cannot copy libvirt capability files from {source} to {dest}: {e}") from e
+    return len(files)
