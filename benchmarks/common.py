@@ -40,6 +40,7 @@ def bench_manager(
         GuestImageError: the guest image cannot be built. HypervisorError: the backend cannot be opened.
     """
     work = work_dir or Path(tempfile.mkdtemp(prefix="ksb-", dir="/tmp"))
+    work.chmod(0o711)  # VMMs (uids of their own) pass through to libvirt's files for them
     try:
         config = Config(
             state_dir=work / "state",

@@ -36,7 +36,7 @@ from kvmsandbox.hypervisor import disks, libvirt_qmp  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
 from kvmsandbox.hypervisor.disks import Disk  # noqa: E402
-from kvmsandbox.hypervisor.libvirt_embed import embed_root, prepare_embed_root  # noqa: E402
+from kvmsandbox.hypervisor.libvirt_embed import closed_ancestor, embed_root, prepare_embed_root  # noqa: E402
 from kvmsandbox.hypervisor.process import read_pidfile, start_time, wait_gone  # noqa: E402
 from kvmsandbox.hypervisor.spec import VMInfo, VMSpec  # noqa: E402
 from kvmsandbox.hypervisor.uids import kvm_group, vmm_uid  # noqa: E402
@@ -167,6 +167,12 @@ class LibvirtHypervisor:
         root = embed_root(uri)
         if root is not None:
             prepare_embed_root(root)
+            closed = closed_ancestor(root) if uid_base else None
+            if closed is not None:
+                raise HypervisorError(
+                    f"libvirt embed root {root} is out of reach of the VMMs' uids: {closed} lets no other "
+                    f"user pass (mode {closed.stat().st_mode & 0o777:o}); make it 0711 or move the state dir"
+                )
             self._pid_dir: Path | None = root / "run" / "qemu"
             # QEMU's stdio log per domain; libvirt appends and never removes it. Ours to clean up.
             self._log_dir: Path | None = root / "log" / "qemu"

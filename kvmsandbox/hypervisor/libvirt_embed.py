@@ -82,6 +82,19 @@ def prepare_embed_root(root: Path) -> None:
         raise HypervisorError(f"cannot prepare libvirt embed root {root}: {e}") from e
 
 
+def closed_ancestor(root: Path) -> Path | None:
+    """The first directory on the way to ``root`` (itself included) that other users cannot pass
+    through (no o+x), or None. A VMM running as a uid of its own must reach libvirt's per-domain
+    files below the root. Raises nothing."""
+    for d in [*reversed(root.parents), root]:
+        try:
+            if not d.stat().st_mode & 0o001:
+                return d
+        except OSError:
+            return d
+    return None
+
+
 def seed_capabilities(root: Path, cache: Path) -> int:
     """Copy libvirt's QEMU capability files from `cache` into embed root `root`; returns how many.
 

@@ -13,7 +13,13 @@ import pytest
 
 from kvmsandbox.errors import HypervisorError, InvalidArgument
 from kvmsandbox.hypervisor.builder import METADATA_NS, QemuFds, domain_xml, qemu_argv
-from kvmsandbox.hypervisor.libvirt_embed import EMBED_ROOT_MAX, embed_root, embed_uri, prepare_embed_root
+from kvmsandbox.hypervisor.libvirt_embed import (
+    EMBED_ROOT_MAX,
+    closed_ancestor,
+    embed_root,
+    embed_uri,
+    prepare_embed_root,
+)
 from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, Nic, VMSpec
 
 
@@ -292,3 +298,14 @@ def test_prepare_embed_root_writes_qemu_conf_and_rejects_long_roots() -> None:
     assert 'namespaces = ["mount"]' in conf
     with pytest.raises(HypervisorError):
         prepare_embed_root(Path("/" + "x" * EMBED_ROOT_MAX))
+
+
+def test_an_embed_root_behind_a_closed_dir_is_named() -> None:
+    with tempfile.TemporaryDirectory(prefix="ks-", dir="/tmp") as short:
+        root = Path(short) / "state" / "libvirt"
+        prepare_embed_root(root)
+        Path(short).chmod(0o700)
+        assert closed_ancestor(root) == Path(short)
+        Path(short).chmod(0o711)
+        (root.parent).chmod(0o711)
+        assert closed_ancestor(root) is None
