@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvmsandbox.errors import InvalidArgument
+from kvmsandbox.host.beneath import traversable_dir
 from kvmsandbox.hypervisor.builder import QEMU_BINARY
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES, QEMU_CAPABILITIES, Capabilities
 from kvmsandbox.hypervisor.spec import Hypervisor
@@ -37,6 +38,11 @@ def open_hypervisor(
     if backend == "libvirt":
         from kvmsandbox.hypervisor.libvirt_backend import LibvirtHypervisor
         from kvmsandbox.hypervisor.libvirt_embed import embed_uri
+
+        if not libvirt_uri:
+            # The default root is in the state dir, which the VMMs' uids pass through (an earlier
+            # release made it 0700).
+            traversable_dir(state_dir)
 
         return LibvirtHypervisor(libvirt_uri or embed_uri(state_dir / "libvirt"), uid_base=vmm_uid_base)
     if backend == "qemu":

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
-from collections.abc import Iterator
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,24 @@ from typing import Any
 # none", "tainted: high-privileges") and harmless probe failures (dmidecode, access manager).
 # Failures that matter reach us as exceptions; libvirt's own errors go to a file instead,
 # unless the user set LIBVIRT_LOG_OUTPUTS. libvirt reads it once, when the module is imported.
-LIBVIRT_LOG_FILE = "/tmp/kvmsandbox-libvirt.log"
+# In /run (root's alone), not /tmp: a VMM's uid could plant a link at a name in /tmp.
+LIBVIRT_LOG_FILE = "/run/kvmsandbox-libvirt.log"
 os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"4:file:{LIBVIRT_LOG_FILE}")
 
 import libvirt  # noqa: E402
 
 from kvmsandbox.errors import HypervisorError  # noqa: E402
+from kvmsandbox.host import ipc  # noqa: E402
 from kvmsandbox.hypervisor import disks, libvirt_qmp  # noqa: E402
 from kvmsandbox.hypervisor.builder import METADATA_NS, domain_xml  # noqa: E402
 from kvmsandbox.hypervisor.capabilities import LIBVIRT_CAPABILITIES  # noqa: E402
 from kvmsandbox.hypervisor.disks import Disk  # noqa: E402
-from kvmsandbox.hypervisor.libvirt_embed import closed_ancestor, embed_root, prepare_embed_root  # noqa: E402
+from kvmsandbox.hypervisor.libvirt_embed import (  # noqa: E402
+    closed_ancestor,
+    embed_root,
+    prepare_embed_root,
+    secure_domain_dirs,
+)
 from kvmsandbox.hypervisor.process import read_pidfile, start_time, wait_gone  # noqa: E402
 from kvmsandbox.hypervisor.spec import VMInfo, VMSpec  # noqa: E402
 from kvmsandbox.hypervisor.uids import kvm_group, vmm_uid  # noqa: E402
@@ -136,6 +145,16 @@ def _thread_in_cgroups(procs_files: tuple[Path, ...]) -> Iterator[bool]:
                     log.warning("could not move thread %s back to %s: %s", t, home.parent, e.strerror)
 
 
+def _vmm_uid(dom: Any) -> int | None:
+    """The uid the domain's QEMU runs as (its static DAC label), or None. Raises nothing."""
+    try:
+        label = ET.fromstring(dom.XMLDesc(0)).findtext("seclabel[@model='dac']/label") or ""
+    except (libvirt.libvirtError, ET.ParseError):
+        return None
+    uid = label.split(":", 1)[0].lstrip("+")
+    return int(uid) if uid.isdigit() else None
+
+
 def _give_socket(path: Path, uid: int) -> None:
     """Lets the VM's QEMU (``uid``) connect to the runtime's socket at ``path`` (libvirt has QEMU
     connect to virtiofsd by path); nobody else may.
@@ -181,6 +200,8 @@ class LibvirtHypervisor:
             self._log_dir = None  # libvirtd's logs are the host's (logrotate)
         else:
             self._pid_dir = self._log_dir = None
+        if root is not None:
+            secure_domain_dirs(root)
         _init_libvirt_once()
         started = time.monotonic()
         try:
@@ -216,6 +237,9 @@ class LibvirtHypervisor:
                 # libvirt's message already quotes QEMU's stderr from the log.
                 self._remove_log(spec.name)
                 raise HypervisorError(f"libvirt: cannot boot VM {spec.name!r}: {e}") from e
+        root = embed_root(self.uri)
+        if self._uid_base and root is not None:
+            secure_domain_dirs(root)
         if spec.cgroup_procs and not joined:
             try:
                 self._join_cgroups(dom, spec)
@@ -254,6 +278,7 @@ class LibvirtHypervisor:
             self._remove_log(name)
             return
         started = start_time(vm.pid) if vm.pid is not None else None
+        uid = _vmm_uid(dom)
         try:
             dom.destroy()
         except libvirt.libvirtError as e:
@@ -262,6 +287,8 @@ class LibvirtHypervisor:
                 raise HypervisorError(f"libvirt: cannot destroy VM {name!r}: {e}") from e
         if vm.pid is not None and started is not None and not wait_gone(vm.pid, started, DESTROY_WAIT):
             raise HypervisorError(f"libvirt destroyed VM {name!r} but its QEMU (pid {vm.pid}) still runs")
+        if uid is not None:
+            ipc.remove_owned_by(uid)  # QEMU shares the host's IPC namespace here
         self._remove_log(name)
         log.info("vm destroyed backend=libvirt vm=%s", name)
 
@@ -295,12 +322,13 @@ class LibvirtHypervisor:
             fd = os.open(disk.path, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
             raise HypervisorError(f"cannot open disk image {disk.path} for VM {name!r}: {e.strerror}") from e
+        stop = self._killer(name)
         try:
             self.detach_disk(name, disk.target)
-            libvirt_qmp.run(dom, disks.qmp_attach(disk, libvirt_qmp.fdset(disk.target)), fd=fd)
+            libvirt_qmp.run(dom, disks.qmp_attach(disk, libvirt_qmp.fdset(disk.target)), stop, fd=fd)
         except HypervisorError:
             with contextlib.suppress(HypervisorError):
-                self._detach_ours(dom, disk.target, tolerate_all=True)
+                self._detach_ours(dom, disk.target, stop, tolerate_all=True)
             raise
         finally:
             os.close(fd)
@@ -313,34 +341,66 @@ class LibvirtHypervisor:
         dom = self._find(name)
         if dom is None:
             return
+        stop = self._killer(name)
         alias = disks.libvirt_alias(target)
         try:
-            if alias in libvirt_qmp.devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
-                self._detach_legacy(dom, name, alias)
-            self._detach_ours(dom, target)
+            if alias in libvirt_qmp.devices(dom, stop) or f"'{alias}'" in dom.XMLDesc(0):
+                self._detach_legacy(dom, name, alias, stop)
+            self._detach_ours(dom, target, stop)
+        except libvirt_qmp.DomainGone:
+            return
         except libvirt.libvirtError as e:
-            if e.get_error_code() in (libvirt.VIR_ERR_DEVICE_MISSING, libvirt.VIR_ERR_NO_DOMAIN):
+            if e.get_error_code() in (libvirt.VIR_ERR_DEVICE_MISSING, *libvirt_qmp.GONE):
                 return
             raise HypervisorError(f"libvirt: cannot detach disk {target} from VM {name!r}: {e}") from e
 
     @staticmethod
-    def _detach_ours(dom: Any, target: int, *, tolerate_all: bool = False) -> None:
-        libvirt_qmp.run(dom, disks.qmp_detach(target, libvirt_qmp.fdset(target)), tolerate_all=tolerate_all)
+    def _detach_ours(dom: Any, target: int, stop: Callable[[], None], *, tolerate_all: bool = False) -> None:
+        commands = disks.qmp_detach(target, libvirt_qmp.fdset(target))
+        libvirt_qmp.run(dom, commands, stop, tolerate_all=tolerate_all)
 
     @staticmethod
-    def _detach_legacy(dom: Any, name: str, alias: str) -> None:
+    def _detach_legacy(dom: Any, name: str, alias: str, stop: Callable[[], None]) -> None:
         """A disk an earlier release attached through libvirt: libvirt detaches it."""
-        if alias in libvirt_qmp.devices(dom) and f"'{alias}'" in dom.XMLDesc(0):
+        if alias in libvirt_qmp.devices(dom, stop) and f"'{alias}'" in dom.XMLDesc(0):
             dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         # libvirt returns before the unplug is over and forgets the disk when QEMU's event
         # reaches it: the target is free once neither has it.
         deadline = time.monotonic() + DETACH_WAIT
-        while alias in libvirt_qmp.devices(dom) or f"'{alias}'" in dom.XMLDesc(0):
+        while alias in libvirt_qmp.devices(dom, stop) or f"'{alias}'" in dom.XMLDesc(0):
             if time.monotonic() > deadline:
                 raise HypervisorError(
-                    f"libvirt: disk {alias} of VM {name!r} still there {DETACH_WAIT:.0f} s after its detach"
+                    f"libvirt: disk {alias} of VM {name!r} still there {DETACH_WAIT:.0f} s after detach"
                 )
             time.sleep(0.02)
+
+    def _killer(self, name: str) -> Callable[[], None]:
+        """What stops the VM's QEMU when a call to it gets no answer: SIGKILL to the process that
+        runs now (pid and start time taken here, checked again through a pidfd)."""
+        pid = self._pid(name)
+        started = start_time(pid) if pid else None
+
+        def kill() -> None:
+            if pid is None or started is None:
+                return
+            log.warning("vm does not answer QMP, killing it backend=libvirt vm=%s pid=%d", name, pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return
+            try:
+                if start_time(pid) == started:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+
+        return kill
+
+    def vmm_logs(self, name: str) -> tuple[Path, ...]:
+        """QEMU's stdout/stderr log under the embed root (libvirt keeps it open for appending)."""
+        return () if self._log_dir is None else (self._log_dir / f"{name}.log",)
 
     def close(self) -> None:
         """Close the connection; domains keep running. Raises nothing."""

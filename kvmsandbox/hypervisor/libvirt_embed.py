@@ -5,13 +5,17 @@ import: tests and tools prepare roots without loading the bindings.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.hypervisor.spec import UNIX_PATH_MAX
+
+log = logging.getLogger(__name__)
 
 # libvirt puts each domain's QMP socket at ROOT/lib/qemu/domain-<id>-<name, cut to 20>/monitor.sock.
 _MONITOR_SOCKET_SUFFIX_MAX = len("/lib/qemu/domain-9999999-") + 20 + len("/monitor.sock")
@@ -80,6 +84,36 @@ def prepare_embed_root(root: Path) -> None:
             conf.write_text(EMBED_QEMU_CONF)
     except OSError as e:
         raise HypervisorError(f"cannot prepare libvirt embed root {root}: {e}") from e
+
+
+def secure_domain_dirs(root: Path) -> None:
+    """Takes back the per-domain dirs libvirt gave each VM's uid (``lib/qemu/domain-*``: QEMU
+    reads its master key there once, at start): root's again, 0711, so a QEMU cannot put a link
+    in place of its monitor socket, which libvirt connects to by path when it reopens the root. A
+    monitor socket that is not a socket of root's is removed: libvirt then cannot reconnect to that
+    VM and stops it. Raises nothing (a dir that cannot be taken back is logged)."""
+    base = root / "lib" / "qemu"
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith("domain-")]
+    except OSError:
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            os.chown(path, 0, 0, follow_symlinks=False)
+            os.chmod(path, 0o711, follow_symlinks=False)
+            monitor = path / "monitor.sock"
+            try:
+                st = monitor.lstat()
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0:
+                log.warning("libvirt domain dir %s: monitor.sock is not root's socket: removed", path)
+                monitor.unlink()
+        except OSError as e:
+            log.warning("cannot take back libvirt domain dir %s: %s", path, e.strerror)
 
 
 def closed_ancestor(root: Path) -> Path | None:

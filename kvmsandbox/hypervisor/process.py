@@ -83,7 +83,8 @@ def launch_detached(argv: list[str], stderr_path: Path, pass_fds: tuple[int, ...
     read_end, write_end = os.pipe()
     pid_file = stderr_path.with_name("launch.pid")
     try:
-        with stderr_path.open("wb") as log_file:
+        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as log_file:
             _detached(["head", "-c", str(STDERR_MAX_BYTES)], read_end, log_file.fileno(), None, pid_file)
         head = pid_file.read_text().strip()
         _detached(argv, subprocess.DEVNULL, subprocess.DEVNULL, write_end, pid_file, pass_fds)

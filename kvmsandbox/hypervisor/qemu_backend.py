@@ -215,6 +215,10 @@ class QemuHypervisor:
             return pid, started
         return None
 
+    def vmm_logs(self, name: str) -> tuple[Path, ...]:
+        """None: QEMU's stderr goes through ``head``, which stops at STDERR_MAX_BYTES."""
+        return ()
+
     def close(self) -> None:
         """Nothing to release: every call reads the state dir afresh."""
 

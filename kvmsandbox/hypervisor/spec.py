@@ -209,6 +209,11 @@ class Hypervisor(Protocol):
         """
         ...
 
+    def vmm_logs(self, name: str) -> tuple[Path, ...]:
+        """Files the VM's QEMU appends to at will (its stderr) that the runtime must keep bounded
+        (the console sweeper trims them); none where the backend bounds them itself. Raises nothing."""
+        ...
+
     def close(self) -> None:
         """Release the backend's connections; running VMs keep running."""
         ...

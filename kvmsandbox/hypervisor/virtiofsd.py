@@ -81,7 +81,11 @@ def start(source: Path, socket_path: Path, cgroup_procs: tuple[Path, ...] = ()) 
             f"--rlimit-nofile={MAX_OPEN_FILES}", "--thread-pool-size=0",
         ]  # fmt: skip
         pid, _ = launch_detached(in_cgroups(cgroup_procs, argv), socket_path.with_name(STDERR_LOG_NAME), (fd,))
-        socket_path.with_name(PID_FILE_NAME).write_text(f"{pid} {start_time(pid) or -1}\n")
+        record = os.open(
+            socket_path.with_name(PID_FILE_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        with open(record, "w") as f:
+            f.write(f"{pid} {start_time(pid) or -1}\n")
     except OSError as e:
         raise HypervisorError(f"cannot start virtiofsd for {source}: {e.strerror or e}") from None
     finally:

@@ -5,6 +5,7 @@ undo it; a failure anywhere undoes what was made, in reverse order, and re-raise
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import secrets
 import shutil
@@ -105,7 +106,9 @@ class SandboxBoot:
         sdir, run_dir = ctx.sandbox_dir(record.id), ctx.run_dir(record.id)
         self._undo.append(("the sandbox's files", lambda: self._remove_files(sdir, run_dir)))
         private_dir(sdir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # Not listable; a VMM's uid passes through to the one socket given to it (virtiofsd's).
+        run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(run_dir, 0o711)
         rootfs.seal_shared_dir(sdir)
         if record.transport == "vsock":
             record.guest_cid = 3 + secrets.randbelow(2**31 - 4)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from kvmsandbox.errors import KvmSandboxError
 from kvmsandbox.host import console_log
 from kvmsandbox.sandbox.context import SandboxContext
 
@@ -56,18 +58,28 @@ class ConsoleSweeper:
         ids = self.ctx.store.ids()
         trimmed = dropped = 0
         for sandbox_id in ids:
-            path = self.ctx.console_log(sandbox_id)
-            try:
-                n = console_log.trim(path, cap - cap // 4, cap // 2)
-            except OSError as e:
-                if sandbox_id not in self._failing:
-                    log.warning("sandbox %s: cannot bound its console log %s: %s", sandbox_id, path, e)
-                    self._failing.add(sandbox_id)
-                continue
-            self._failing.discard(sandbox_id)
+            n = 0
+            for path in [self.ctx.console_log(sandbox_id), *self._vmm_logs(sandbox_id)]:
+                try:
+                    n += console_log.trim(path, cap - cap // 4, cap // 2)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if sandbox_id not in self._failing:
+                        log.warning("sandbox %s: cannot bound its log %s: %s", sandbox_id, path, e)
+                        self._failing.add(sandbox_id)
+                    break
+            else:
+                self._failing.discard(sandbox_id)
             if n:
                 log.info("sandbox %s: dropped the oldest %d bytes of its console log", sandbox_id, n)
                 trimmed += 1
                 dropped += n
         self._failing &= set(ids)
         return SweepResult(len(ids), trimmed, dropped, time.monotonic() - t0)
+
+    def _vmm_logs(self, sandbox_id: str) -> tuple[Path, ...]:
+        try:
+            return self.ctx.hypervisor.vmm_logs(self.ctx.store.get(sandbox_id).vm_name)
+        except KvmSandboxError:
+            return ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kvmsandbox.host import ipc
 from kvmsandbox.host.confinement import Confinement, of_process, running_vmms
 
 
@@ -39,3 +40,20 @@ def test_other_processes_and_unreadable_status_are_not_listed(tmp_path: Path) ->
     proc = fake_proc(tmp_path)
     assert of_process(12, proc) is None and of_process(13, proc) is None and of_process(99, proc) is None
     assert [c.pid for c in running_vmms(proc)] == [10, 11]
+
+
+def test_ipc_objects_of_a_uid_are_found_by_owner_or_creator(tmp_path: Path) -> None:
+    (tmp_path / "shm").write_text(
+        "       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid\n"
+        "         0         10   600               1048576   100   100      0   2000000007 5 2000000007 5\n"
+        "         0         11   600               1048576   100   100      0     0     0     0     0\n"
+    )
+    (tmp_path / "msg").write_text(
+        "       key      msqid perms      cbytes       qnum lspid lrpid   uid   gid  cuid  cgid\n"
+        "         0         20   600           0          0     0     0     0     0 2000000007 5\n"
+        "garbage line\n"
+    )
+    (tmp_path / "sem").write_text("       key      semid perms      nsems   uid   gid  cuid  cgid\n")
+    assert ipc.owned_by(2000000007, tmp_path) == [("-m", 10), ("-q", 20)]
+    assert ipc.owned_by(1, tmp_path) == []
+    assert ipc.remove_owned_by(0) == 0  # never root's

@@ -153,8 +153,10 @@ def fake_ctx(state: Path, ids: list[str], cap: int) -> Any:
     config = SimpleNamespace(sandbox=SimpleNamespace(console_log_max_bytes=cap))
     return SimpleNamespace(
         config=config,
-        store=SimpleNamespace(ids=lambda: list(ids)),
+        store=SimpleNamespace(ids=lambda: list(ids), get=lambda sandbox_id: SimpleNamespace(vm_name=sandbox_id)),
         console_log=lambda sandbox_id: state / sandbox_id / "console.log",
+        # The libvirt backend's QEMU stderr log, which QEMU appends to at will.
+        hypervisor=SimpleNamespace(vmm_logs=lambda vm: (state / vm / "qemu.log",)),
     )
 
 
@@ -166,6 +168,7 @@ def test_the_sweep_bounds_every_sandbox_and_warns_once_about_one_it_cannot(
         (tmp_path / sandbox_id).mkdir()
     (tmp_path / "big" / "console.log").write_bytes(numbered(0, 100_000))
     (tmp_path / "small" / "console.log").write_bytes(b"booted\n")
+    (tmp_path / "small" / "qemu.log").write_bytes(numbered(0, 100_000))
     # Past 3/4 of the cap: cut already, to leave room for what comes before the next sweep.
     (tmp_path / "near" / "console.log").write_bytes(b"n" * (200 << 10))
     (tmp_path / "linked" / "console.log").symlink_to(tmp_path / "big" / "console.log")
@@ -173,12 +176,13 @@ def test_the_sweep_bounds_every_sandbox_and_warns_once_about_one_it_cannot(
     with caplog.at_level(logging.WARNING):
         first = sweeper.sweep()
         second = sweeper.sweep()
-    assert (first.checked, first.trimmed) == (5, 2) and second.trimmed == 0
+    assert (first.checked, first.trimmed) == (5, 3) and second.trimmed == 0
+    assert os.stat(tmp_path / "small" / "qemu.log").st_size <= 128 << 10
     assert os.stat(tmp_path / "big" / "console.log").st_size <= 128 << 10
     assert os.stat(tmp_path / "near" / "console.log").st_size <= 128 << 10
     assert (tmp_path / "small" / "console.log").read_bytes() == b"booted\n"
     assert [r.getMessage() for r in caplog.records if "linked" in r.getMessage()] == [
-        f"sandbox linked: cannot bound its console log {tmp_path}/linked/console.log: "
+        f"sandbox linked: cannot bound its log {tmp_path}/linked/console.log: "
         f"[Errno 40] it is a symlink: '{tmp_path}/linked/console.log'"
     ]
     ctx = fake_ctx(tmp_path, ids, 256 << 10)
