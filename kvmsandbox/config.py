@@ -7,6 +7,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,22 @@ class SandboxDefaults:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    # Where the streaming server (the URLs Exec returns) listens: plain HTTP, as containerd's
+    # default; the kubelet on this node connects to it. Port 0: a free port chosen at start.
+    address: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ConfigError(f"config key 'streaming.address' must be an IP address, got {self.address!r}") from None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"config key 'streaming.port' must be 1-65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class OverheadConfig:
     # Added to the highest observed overhead to make the recommended RuntimeClass podFixed.
     margin_percent: float = 10.0
@@ -158,6 +175,7 @@ class Config:
     sandbox: SandboxDefaults = field(default_factory=SandboxDefaults)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     overhead: OverheadConfig = field(default_factory=OverheadConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property

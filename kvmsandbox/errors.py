@@ -60,6 +60,12 @@ class ResourceExhausted(KvmSandboxError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class Unimplemented(KvmSandboxError):
+    """A request asks for something this runtime does not do yet (the message says what)."""
+
+    grpc_code = "UNIMPLEMENTED"
+
+
 class HypervisorError(KvmSandboxError):
     """Booting, inspecting or destroying a VM failed; the message carries the VMM's words."""
 

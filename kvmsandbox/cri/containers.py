@@ -13,7 +13,9 @@ from kvmsandbox.cri.process import process_spec
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
 from kvmsandbox.cri.store import CriContainer, MountInfo
-from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.cri.streaming.remotecommand import Channels
+from kvmsandbox.cri.streaming.service import ExecRequest
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 from kvmsandbox.sandbox.types import HostMount
@@ -185,6 +187,33 @@ def reopen_log(state: CriState, req: cri.ReopenContainerLogRequest) -> cri.Reope
     sandbox, _ = state.find_container(req.container_id)
     state.manager.reopen_log(sandbox.id, req.container_id)
     return cri.ReopenContainerLogResponse()
+
+
+def exec_url(state: CriState, req: cri.ExecRequest) -> cri.ExecResponse:
+    """A URL of the streaming server that runs the command once its client connects (SPDY/3.1).
+
+    Raises:
+        InvalidArgument: no command, or neither stdout nor stderr asked for. Unimplemented: stdin
+        or a terminal. FailedPrecondition: the container does not run, or no streaming server.
+    """
+    if not req.cmd:
+        raise InvalidArgument("Exec needs a command")
+    validate.words("cmd", req.cmd)
+    if req.stdin or req.tty:
+        raise Unimplemented(
+            "Exec with stdin or a terminal is not supported yet: run it without -i/-t "
+            "(output streams, exit code) or use ExecSync"
+        )
+    if not (req.stdout or req.stderr):
+        raise InvalidArgument("Exec needs stdout or stderr (one of stdin, stdout or stderr must be asked for)")
+    sandbox, c = state.find_container(req.container_id)
+    if c.state is not ContainerState.RUNNING:
+        raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
+    if state.streaming is None:
+        raise FailedPrecondition("this runtime has no streaming server running")
+    channels = Channels(stdin=False, stdout=req.stdout, stderr=req.stderr, tty=False)
+    url = state.streaming.exec_url(ExecRequest(sandbox.id, c.id, tuple(req.cmd), channels))
+    return cri.ExecResponse(url=url)
 
 
 def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse:

@@ -27,6 +27,7 @@ from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
 from kvmsandbox.cri.service import ImageService, RuntimeService
 from kvmsandbox.cri.state import CriState
 from kvmsandbox.cri.store import CriStore
+from kvmsandbox.cri.streaming.service import Streaming
 from kvmsandbox.errors import FailedPrecondition
 from kvmsandbox.image import ImageStore
 from kvmsandbox.runtime import open_manager
@@ -93,6 +94,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
         manager=manager,
         images=ImageStore(config.image_dir, config.registry, layer_images=config.sandbox.container_rootfs == "block"),
         store=store,
+        streaming=Streaming(config.streaming, manager),
     )
     records = manager.list_sandboxes()
     unreadable = manager.unreadable_records()
@@ -116,6 +118,8 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     config.socket.parent.mkdir(parents=True, exist_ok=True)
     config.socket.unlink(missing_ok=True)
     server.add_insecure_port(f"unix://{config.socket}")
+    assert state.streaming is not None
+    state.streaming.start()
     server.start()
     stop = stop or threading.Event()
     threading.Thread(target=_housekeeping, args=(stop, manager), name="housekeeping", daemon=True).start()
@@ -130,6 +134,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     stop.wait()
     log.warning("stopping: pods keep running")
     server.stop(grace=5).wait()
+    state.streaming.stop()
     state.close()
     manager.close()
     manager.hypervisor.close()

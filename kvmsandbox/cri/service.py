@@ -100,6 +100,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         return containers.exec_sync(self.state, request)
 
     @rpc
+    def Exec(self, request: api_pb2.ExecRequest, context: Ctx) -> api_pb2.ExecResponse:
+        return containers.exec_url(self.state, request)
+
+    @rpc
     def ContainerStats(self, request: api_pb2.ContainerStatsRequest, context: Ctx) -> api_pb2.ContainerStatsResponse:
         return stats.container_stats(self.state, request)
 

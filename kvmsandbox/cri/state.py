@@ -15,6 +15,7 @@ from typing import TypeVar
 from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.store import CriContainer, CriPod, CriStore
+from kvmsandbox.cri.streaming.service import Streaming
 from kvmsandbox.image import ImageStore
 from kvmsandbox.overhead.node import NodeOverhead
 from kvmsandbox.overhead.sizing import PodResources
@@ -48,6 +49,7 @@ class CriState:
     images: ImageStore
     store: CriStore
     pod_cidr: str = ""
+    streaming: Streaming | None = None
     overhead: NodeOverhead = field(init=False)
     fanout: ThreadPoolExecutor = field(init=False)
 

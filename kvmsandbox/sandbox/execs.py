@@ -1,17 +1,19 @@
-"""ExecSync: a command in a running container, its output collected in memory."""
+"""ExecSync (a command in a running container, its output collected in memory) and streaming exec
+(its output passed on as it comes)."""
 
 from __future__ import annotations
 
 import contextlib
 import secrets
 import signal
+import threading
 import time
 
 from kvmsandbox.errors import DeadlineExceeded, KvmSandboxError
 from kvmsandbox.sandbox import oci_spec
 from kvmsandbox.sandbox.containers import find
 from kvmsandbox.sandbox.context import SandboxContext
-from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump
+from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump, Sink
 from kvmsandbox.sandbox.types import ExecResult
 
 # Seconds a killed command gets to be reaped after a timeout: ExecSync answers within about this
@@ -19,6 +21,8 @@ from kvmsandbox.sandbox.types import ExecResult
 KILL_WAIT_SECONDS = 1
 # Seconds the output of a finished command gets to arrive; then the pumps are stopped.
 OUTPUT_DRAIN_SECONDS = 10
+# How long one wait for a streaming command lasts before the client is checked on.
+STREAM_WAIT_SECONDS = 1.0
 
 
 def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], timeout: float) -> ExecResult:
@@ -49,3 +53,35 @@ def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: lis
     finally:
         pump.stop()
     return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))
+
+
+def exec_streaming(
+    ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], sink: Sink, cancelled: threading.Event
+) -> int:
+    """Runs ``args`` in a running container with its output pumped to ``sink`` as it comes (no
+    stdin, no terminal) until it exits; returns its exit code. When ``cancelled`` is set (the
+    client went away) the command is killed.
+
+    Raises:
+        NotFound. FailedPrecondition: the sandbox is not ready. KvmSandboxError: the agent failed.
+    """
+    record = ctx.store.get(sandbox_id)
+    find(record, container_id)
+    client = ctx.ready_client(record)
+    exec_id = secrets.token_hex(8)
+    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
+    client.exec_process(container_id, exec_id, process)
+    pump = OutputPump(client, container_id, exec_id, sink, ctx.stdio.bytes_per_second)
+    try:
+        while True:
+            status = client.wait_process(container_id, exec_id, STREAM_WAIT_SECONDS)
+            if status is not None:
+                pump.join(OUTPUT_DRAIN_SECONDS)
+                return status.exit_code
+            if cancelled.is_set():
+                with contextlib.suppress(KvmSandboxError):
+                    client.signal_process(container_id, signal.SIGKILL, exec_id, timeout=KILL_WAIT_SECONDS)
+                    client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
+                return -1
+    finally:
+        pump.stop()

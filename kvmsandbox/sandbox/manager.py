@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
 from kvmsandbox.sandbox.states import SandboxState
-from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS
+from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS, Sink
 from kvmsandbox.sandbox.types import (
     BootTimings,
     ContainerStats,
@@ -278,6 +279,11 @@ class SandboxManager:
 
     def exec_sync(self, sandbox_id: str, container_id: str, args: list[str], timeout: float = 60.0) -> ExecResult:
         return execs.exec_sync(self.ctx, sandbox_id, container_id, args, timeout)
+
+    def exec_streaming(
+        self, sandbox_id: str, container_id: str, args: list[str], sink: Sink, cancelled: threading.Event
+    ) -> int:
+        return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, sink, cancelled)
 
     # -- figures -----------------------------------------------------------------------------
 

@@ -236,12 +236,18 @@ class ContainerRunner:
             raise AlreadyExists(f"exec {exec_id} exists already in container {container_id}")
         process_file = c.bundle / f"exec-{exec_id}.json"
         process_file.write_text(json.dumps(process))
+        # crun exec waits for the command as its parent: a signal for the exec must reach the
+        # command itself (killing crun alone would leave it running in the container).
+        pid_file = c.bundle / f"exec-{exec_id}.pid"
+        pid_file.unlink(missing_ok=True)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
             pid, exit_ = spawn(
                 self._reaper,
-                self._crun_cmd(c.bundle, "exec", "--process", str(process_file), container_id),
+                self._crun_cmd(
+                    c.bundle, "exec", "--pid-file", str(pid_file), "--process", str(process_file), container_id
+                ),
                 stdout=out_w,
                 stderr=err_w,
             )
@@ -277,6 +283,7 @@ class ContainerRunner:
         if p.stdout.finished() and p.stderr.finished():
             c.execs.pop(exec_id, None)
             (c.bundle / f"exec-{exec_id}.json").unlink(missing_ok=True)
+            (c.bundle / f"exec-{exec_id}.pid").unlink(missing_ok=True)
 
     def read_stdio(
         self, container_id: str, exec_id: str, stream: int, at: tuple[int, int], max_bytes: int, wait: float
@@ -295,8 +302,9 @@ class ContainerRunner:
         if p.exit.info is not None:
             return
         if exec_id:
+            command = _exec_pid(c.bundle / f"exec-{exec_id}.pid")
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
+                os.kill(command or p.pid, sig)
             return
         since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, str(sig)))
@@ -383,3 +391,14 @@ class ContainerRunner:
                 )
             )
         return out
+
+
+def _exec_pid(pid_file: Path) -> int:
+    """The pid crun wrote for an exec'd command (0 while it has not): crun's own file in the
+    bundle, which no container can write; read with a bound."""
+    try:
+        with open(pid_file, "rb") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() and 1 < int(text) < 1 << 22 else 0

@@ -1,0 +1,99 @@
+"""The streaming server: a plain-HTTP listener (as containerd's default) for the URLs Exec, Attach
+and PortForward return. One thread per connection, at most ``max_sessions`` at once (more get a
+503), none of them the gRPC server's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from kvmsandbox.cri.streaming import upgrade
+from kvmsandbox.cri.streaming.upgrade import BadRequest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_SESSIONS = 256
+
+
+class StreamingServer(Generic[T]):
+    """``resolve(kind, token)`` gives what the token stands for (once) or None; ``serve(kind,
+    what, protocol, sock, first_bytes)`` serves an upgraded SPDY connection and returns when it
+    is over; ``protocols[kind]`` are the subprotocols served for each kind, preferred first."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        resolve: Callable[[str, str], T | None],
+        serve: Callable[[str, T, str, socket.socket, bytes], None],
+        protocols: dict[str, tuple[str, ...]],
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
+        self._resolve, self._serve, self._protocols = resolve, serve, protocols
+        self._slots = threading.BoundedSemaphore(max_sessions)
+        self._listener = socket.create_server((address, port), family=_family(address), backlog=64)
+        host, bound = self._listener.getsockname()[:2]
+        self.address, self.port = host, bound
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="streaming-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("streaming server listening address=%s port=%d", self.address, self.port)
+
+    def url(self, kind: str, token: str) -> str:
+        """The fully qualified URL a client (kubelet, crictl) redeems ``token`` at."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/{kind}/{token}"
+
+    def stop(self) -> None:
+        """Stops accepting; sessions under way end with their connections. Raises nothing."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                upgrade.answer_error(sock, BadRequest(503, "too many streaming sessions; try again"))
+                sock.close()
+                continue
+            threading.Thread(target=self._connection, args=(sock,), name="streaming-session", daemon=True).start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        try:
+            request = upgrade.read_request(sock)
+            what = self._resolve(request.kind, request.token)
+            if what is None:
+                raise BadRequest(404, f"no {request.kind} request for this token (unknown, used or expired)")
+            if not upgrade.is_spdy_upgrade(request):
+                raise BadRequest(400, "this endpoint serves SPDY/3.1 upgrades (Connection: Upgrade, Upgrade: SPDY/3.1)")
+            protocol = upgrade.negotiate(request, self._protocols.get(request.kind, ()))
+            upgrade.answer_spdy_upgrade(sock, protocol)
+            self._serve(request.kind, what, protocol, sock, request.rest)
+        except BadRequest as e:
+            log.info("streaming request refused status=%d reason=%s", e.status, e)
+            upgrade.answer_error(sock, e)
+        except OSError as e:
+            log.info("streaming connection ended: %s", e)
+        except Exception:
+            log.exception("streaming session failed")
+        finally:
+            sock.close()
+            self._slots.release()
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET

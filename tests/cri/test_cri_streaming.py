@@ -1,0 +1,171 @@
+"""Exec through the streaming server against ``kvmsandbox serve`` and a real guest: crictl (v1.36,
+SPDY/3.1, as kubelet) gets the output streams apart and the exit code; a client that goes away
+mid-command leaves no process in the guest; requests the runtime cannot serve get a clear status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+
+from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
+from kvmsandbox.cri.streaming import spdy
+from tests.cri.conftest import CriServer
+from tests.cri.test_cri_lifecycle import container_config, pod_config
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.vm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def find_crictl() -> str | None:
+    candidates = [
+        os.environ.get("KVMSANDBOX_CRICTL", ""),
+        shutil.which("crictl") or "",
+        str(REPO.parent / "shared" / "tools" / "cri-tools" / "crictl"),
+        "/work/shared/tools/cri-tools/crictl",
+    ]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.fixture
+def running(cri_server: CriServer, busybox_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running container (its id) in a pod of its own (each test's pods are removed after it)."""
+    rt = cri_server.runtime
+    cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
+    config = pod_config("streaming", tmp_path_factory.mktemp("streaming-logs"))
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=300).pod_sandbox_id
+    cid = rt.CreateContainer(
+        cri.CreateContainerRequest(
+            pod_sandbox_id=pod, config=container_config("app", busybox_image, "sleep 3600"), sandbox_config=config
+        ),
+        timeout=120,
+    ).container_id
+    rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+    yield cid
+    rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+
+
+def crictl(cri_server: CriServer, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    binary = find_crictl()
+    if binary is None:
+        pytest.skip("crictl v1.36 is not on this machine (set KVMSANDBOX_CRICTL)")
+    endpoint = f"unix://{cri_server.socket}"
+    command = [binary, "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "60s", *args]
+    return subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+
+
+def test_crictl_exec_streams_stdout_and_stderr_apart_and_gives_the_exit_code(
+    cri_server: CriServer, running: str
+) -> None:
+    done = crictl(cri_server, "exec", running, "sh", "-c", "echo out; echo err >&2; exit 3")
+    # crictl reports a non-zero exit code in words and exits 1.
+    assert done.returncode == 1 and b"command terminated with exit code 3" in done.stderr, done.stderr
+    assert done.stdout == b"out\n"
+    assert b"err\n" in done.stderr
+    ok = crictl(cri_server, "exec", running, "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == b"a" * 3_000_000
+
+
+def upgraded(url: str) -> tuple[socket.socket, bytes]:
+    parts = urlsplit(url)
+    assert parts.scheme == "http" and parts.hostname and parts.port
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.sendall(
+        f"POST {parts.path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+        "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n".encode()
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, rest
+
+
+def test_a_client_that_goes_away_mid_command_leaves_no_process_in_the_guest(
+    cri_server: CriServer, running: str
+) -> None:
+    rt = cri_server.runtime
+    url = rt.Exec(cri.ExecRequest(container_id=running, cmd=["sleep", "4321"], stdout=True, stderr=True)).url
+    sock, _ = upgraded(url)
+    encoder = spdy.Encoder()
+    for i, kind in enumerate(("error", "stdout", "stderr")):
+        sock.sendall(encoder.encode(spdy.SynStream(2 * i + 1, {"streamtype": [kind]})))
+    received: list[bytes] = []
+
+    def drain() -> None:  # as a client does: it reads what the server sends
+        try:
+            while chunk := sock.recv(65536):
+                received.append(chunk)
+        except OSError as e:
+            received.append(repr(e).encode())
+
+    threading.Thread(target=drain, daemon=True).start()
+
+    def sleeping() -> bool:
+        ps = rt.ExecSync(cri.ExecSyncRequest(container_id=running, cmd=["ps"], timeout=30))
+        return b"sleep 4321" in ps.stdout
+
+    wait_until(sleeping, 60, "the streamed command to run")
+    sock.close()
+    wait_until(lambda: not sleeping(), 60, "the command to be killed once its client left")
+    # The token was used: the URL works once.
+    again = socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=30)
+    again.sendall(f"POST {urlsplit(url).path} HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n".encode())
+    assert again.recv(4096).startswith(b"HTTP/1.1 404")
+    again.close()
+
+
+def test_the_outcome_is_a_v4_status_on_the_error_stream(cri_server: CriServer, running: str) -> None:
+    url = cri_server.runtime.Exec(cri.ExecRequest(container_id=running, cmd=["false"], stderr=True)).url
+    sock, rest = upgraded(url)
+    encoder, decoder = spdy.Encoder(), spdy.Decoder()
+    sock.sendall(
+        encoder.encode(spdy.SynStream(1, {"streamtype": ["error"]}))
+        + encoder.encode(spdy.SynStream(3, {"streamtype": ["stderr"]}))
+    )
+    error = b""
+    frames = decoder.feed(rest)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for f in frames:
+            if isinstance(f, spdy.DataFrame) and f.stream_id == 1:
+                error += f.data
+                if f.fin:
+                    sock.close()
+                    status = json.loads(error)
+                    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+                    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "1"}]
+                    return
+        frames = decoder.feed(sock.recv(65536))
+    raise AssertionError("no outcome on the error stream")
+
+
+BAD_REQUESTS = [
+    ({"tty": True, "stdout": True}, grpc.StatusCode.UNIMPLEMENTED, "stdin or a terminal"),
+    ({"stdin": True, "stdout": True}, grpc.StatusCode.UNIMPLEMENTED, "stdin or a terminal"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "stdout or stderr"),
+    ({"stdout": True, "cmd": []}, grpc.StatusCode.INVALID_ARGUMENT, "needs a command"),
+    ({"stdout": True, "container_id": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
+]
+
+
+def test_exec_requests_it_cannot_serve_get_a_clear_status(cri_server: CriServer, running: str) -> None:
+    for changes, code, words in BAD_REQUESTS:
+        fields: dict[str, object] = {"container_id": running, "cmd": ["true"], **changes}
+        with pytest.raises(grpc.RpcError) as e:
+            cri_server.runtime.Exec(cri.ExecRequest(**fields))  # type: ignore[arg-type]
+        assert e.value.code() == code and words in (e.value.details() or ""), changes

@@ -1,0 +1,134 @@
+"""The streaming server's HTTP side on a real loopback socket: a token upgrades once to SPDY/3.1 with
+the negotiated subprotocol, then frames flow; bad requests get the right status and a reason."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kvmsandbox.cri.streaming import spdy, upgrade
+from kvmsandbox.cri.streaming.server import StreamingServer
+from kvmsandbox.cri.streaming.spdy_session import SpdySession, SpdyStream
+from kvmsandbox.cri.streaming.tokens import TokenStore
+
+PROTOCOLS = {"exec": ("v4.channel.k8s.io", "v3.channel.k8s.io"), "portforward": ("portforward.k8s.io",)}
+
+
+def echo(stream: SpdyStream) -> None:
+    def run() -> None:
+        while chunk := stream.read():
+            stream.write(chunk)
+        stream.close()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]]]:
+    tokens: TokenStore[tuple[str, str]] = TokenStore()
+    served: list[str] = []
+
+    def resolve(kind: str, token: str) -> str | None:
+        found = tokens.redeem(token)
+        return found[1] if found is not None and found[0] == kind else None
+
+    def serve(kind: str, what: str, protocol: str, sock: socket.socket, first: bytes) -> None:
+        served.append(f"{kind} {what} {protocol}")
+        SpdySession(sock, echo, first).serve()
+
+    srv: StreamingServer[str] = StreamingServer("127.0.0.1", 0, resolve, serve, PROTOCOLS, max_sessions=4)
+    srv.start()
+    yield srv, tokens, served
+    srv.stop()
+
+
+def request(srv: StreamingServer[str], path: str, *headers: str) -> socket.socket:
+    sock = socket.create_connection((srv.address, srv.port), timeout=10)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode())
+    return sock
+
+
+def response(sock: socket.socket) -> tuple[str, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.decode(), rest
+
+
+SPDY = ("Connection: Upgrade", "Upgrade: SPDY/3.1")
+
+
+def test_a_token_upgrades_once_to_spdy_with_the_clients_preferred_common_protocol(
+    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]],
+) -> None:
+    srv, tokens, served = server
+    token = tokens.issue(("exec", "c1"))
+    url = srv.url("exec", token)
+    assert url.startswith(f"http://127.0.0.1:{srv.port}/exec/")
+    sock = request(
+        srv, f"/exec/{token}", *SPDY, "X-Stream-Protocol-Version: v5.channel.k8s.io",
+        "X-Stream-Protocol-Version: v3.channel.k8s.io, v4.channel.k8s.io",
+    )  # fmt: skip
+    head, rest = response(sock)
+    assert head.startswith("HTTP/1.1 101 Switching Protocols")
+    assert "Upgrade: SPDY/3.1" in head and "X-Stream-Protocol-Version: v3.channel.k8s.io" in head
+    encoder, decoder = spdy.Encoder(), spdy.Decoder()
+    sock.sendall(
+        encoder.encode(spdy.SynStream(1, {"streamtype": ["stdin"]})) + encoder.encode(spdy.DataFrame(1, b"hi"))
+    )
+    frames: list[spdy.Frame] = decoder.feed(rest)
+    while len(frames) < 2:
+        frames += decoder.feed(sock.recv(4096))
+    assert frames[:2] == [spdy.SynReply(1, {}), spdy.DataFrame(1, b"hi")]
+    sock.close()
+    assert served == ["exec c1 v3.channel.k8s.io"]
+    again = request(srv, f"/exec/{token}", *SPDY)
+    assert response(again)[0].startswith("HTTP/1.1 404 Not Found")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "words"),
+    [
+        ("/exec/{token}", ("X-Stream-Protocol-Version: v9.channel.k8s.io", *SPDY), "403", "unable to negotiate"),
+        ("/exec/{token}", (), "400", "serves SPDY/3.1 upgrades"),
+        ("/portforward/{token}", SPDY, "404", "no portforward request"),
+        ("/exec/not-a-token", SPDY, "404", "unknown, used or expired"),
+        ("/metrics", SPDY, "404", "no streaming endpoint"),
+        ("/exec/{token}", ("X" * 20000 + ": 1",), "431", "request head over"),
+        ("/exec/{token}", ("no colon here",), "400", "without a name"),
+    ],
+)
+def test_bad_requests_get_a_status_and_a_reason(
+    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]],
+    path: str,
+    headers: tuple[str, ...],
+    status: str,
+    words: str,
+) -> None:
+    srv, tokens, served = server
+    token = tokens.issue(("exec", "c1"))
+    sock = request(srv, path.format(token=token), *headers)
+    head, body = response(sock)
+    assert head.split(" ")[1] == status, head
+    assert words in body.decode()
+    assert served == []
+
+
+def test_a_client_that_sends_nothing_is_dropped_and_sessions_are_bounded(
+    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, _, _ = server
+    monkeypatch.setattr(upgrade, "REQUEST_TIMEOUT", 1.0)
+    idle = [socket.create_connection((srv.address, srv.port), timeout=10) for _ in range(4)]
+    extra = socket.create_connection((srv.address, srv.port), timeout=10)
+    assert response(extra)[0].startswith("HTTP/1.1 503")
+    for sock in idle:
+        assert response(sock)[0].startswith("HTTP/1.1 408")
+        sock.close()
