@@ -72,16 +72,20 @@ def exec_streaming(
     process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
     client.exec_process(container_id, exec_id, process)
     pump = OutputPump(client, container_id, exec_id, sink, ctx.stdio.bytes_per_second)
+    done = False
     try:
         while True:
             status = client.wait_process(container_id, exec_id, STREAM_WAIT_SECONDS)
             if status is not None:
+                done = True
                 pump.join(OUTPUT_DRAIN_SECONDS)
                 return status.exit_code
             if cancelled.is_set():
-                with contextlib.suppress(KvmSandboxError):
-                    client.signal_process(container_id, signal.SIGKILL, exec_id, timeout=KILL_WAIT_SECONDS)
-                    client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
                 return -1
     finally:
         pump.stop()
+        if not done:
+            # Cancelled, or the agent failed under us: nobody reads its output any more.
+            with contextlib.suppress(KvmSandboxError):
+                client.signal_process(container_id, signal.SIGKILL, exec_id, timeout=KILL_WAIT_SECONDS)
+                client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)

@@ -104,6 +104,9 @@ SYN = struct.pack(">IIBB", 1, 0, 0, 0)
         (control(spdy.SYN_STREAM, SYN + block(header_pairs((b"a", b"1")) + b"junk")), "after the last header"),
         (control(spdy.SYN_STREAM, SYN + block(struct.pack(">II", 1, 1 << 30))), "longer than its block"),
         (control(spdy.SYN_STREAM, SYN + b"\x00garbage that is no deflate stream"), "does not inflate"),
+        # Refused on the 8 header bytes alone, before any payload is buffered.
+        (struct.pack(">HHB", 0x8003, spdy.SYN_STREAM, 0) + (1 << 20).to_bytes(3, "big"), "at most"),
+        (struct.pack(">IB", 1, 0) + (2 << 20).to_bytes(3, "big"), "data frame of 2097152 bytes"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_sentence(wire: bytes, words: str) -> None:

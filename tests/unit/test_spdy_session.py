@@ -4,6 +4,7 @@ protocol violation, a stream limit, and a consumer that stops reading."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -112,6 +113,46 @@ def test_data_for_an_unknown_stream_is_refused_and_the_stream_limit_holds(
         client.send(spdy.SynStream(2 * i + 1, {}))
     frames = [client.frame() for _ in range(spdy_session.MAX_STREAMS + 1)]
     assert frames[-1] == spdy.RstStream(2 * spdy_session.MAX_STREAMS + 1, spdy.REFUSED_STREAM)
+
+
+def test_streams_must_be_opened_in_order(pair: tuple[Client, SpdySession, threading.Thread]) -> None:
+    client, session, thread = pair
+    client.send(spdy.SynStream(5, {}))
+    assert client.frame() == spdy.SynReply(5, {})
+    client.send(spdy.SynStream(3, {}))
+    assert client.frame() == spdy.GoAway(0, 1)
+    thread.join(5)
+    assert session.closed.is_set()
+
+
+def test_reset_streams_free_their_place_and_close_never_waits_on_a_blocked_sender() -> None:
+    server_sock, client_sock = socket.socketpair()
+    session = SpdySession(server_sock, lambda stream: stream.reset())  # refuses every stream
+    thread = threading.Thread(target=session.serve, daemon=True)
+    thread.start()
+    client = Client(client_sock)
+    for i in range(spdy_session.MAX_STREAMS + 10):
+        client.send(spdy.SynStream(2 * i + 1, {}))
+    kinds = {type(client.frame()) for _ in range(2 * (spdy_session.MAX_STREAMS + 10))}
+    assert kinds == {spdy.SynReply, spdy.RstStream}  # replied, then reset: never REFUSED for lack of room
+
+    # The client stops reading; the server blocks sending; close() still returns at once.
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # the connection goes away under it
+            for i in range(1, 200_000):
+                session.send(spdy.Ping(i * 2))
+
+    blocked = threading.Thread(target=flood, daemon=True)
+
+    blocked.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    session.close()
+    assert time.monotonic() - started < 1
+    blocked.join(5)
+    assert not blocked.is_alive()
+    client_sock.close()
+    server_sock.close()
 
 
 def test_a_consumer_that_stops_reading_does_not_hold_the_session() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -121,14 +122,41 @@ def test_bad_requests_get_a_status_and_a_reason(
     assert served == []
 
 
-def test_a_client_that_sends_nothing_is_dropped_and_sessions_are_bounded(
-    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    srv, _, _ = server
-    monkeypatch.setattr(upgrade, "REQUEST_TIMEOUT", 1.0)
-    idle = [socket.create_connection((srv.address, srv.port), timeout=10) for _ in range(4)]
-    extra = socket.create_connection((srv.address, srv.port), timeout=10)
-    assert response(extra)[0].startswith("HTTP/1.1 503")
-    for sock in idle:
-        assert response(sock)[0].startswith("HTTP/1.1 408")
-        sock.close()
+def test_slow_or_idle_heads_are_dropped_and_bounded_apart_from_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upgrade, "REQUEST_TIMEOUT", 3.0)
+    tokens: TokenStore[str] = TokenStore()
+    sessions: list[str] = []
+
+    def serve(kind: str, what: str, protocol: str, sock: socket.socket, first: bytes) -> None:
+        sessions.append(what)
+        SpdySession(sock, echo, first).serve()
+
+    srv: StreamingServer[str] = StreamingServer(
+        "127.0.0.1", 0, lambda kind, token: tokens.redeem(token), serve, PROTOCOLS, max_sessions=8, max_heads=3
+    )
+    srv.start()
+    try:
+        # A byte every half second: one deadline for the whole head, not one per read.
+        slow = socket.create_connection((srv.address, srv.port), timeout=10)
+        idle = [socket.create_connection((srv.address, srv.port), timeout=10) for _ in range(2)]
+        started = time.monotonic()
+        for _ in range(3):
+            slow.sendall(b"P")
+            time.sleep(0.5)
+        extra = socket.create_connection((srv.address, srv.port), timeout=10)
+        assert response(extra)[0].startswith("HTTP/1.1 503")  # three heads pending: no fourth
+        for sock in (slow, *idle):
+            assert response(sock)[0].startswith("HTTP/1.1 408")
+            sock.close()
+        assert time.monotonic() - started < 6
+        # The heads gone, a real session gets in.
+        token = tokens.issue("c1")
+        ok = request(srv, f"/exec/{token}", *SPDY)
+        assert response(ok)[0].startswith("HTTP/1.1 101")
+        deadline = time.monotonic() + 5
+        while not sessions and time.monotonic() < deadline:  # served after the 101 went out
+            time.sleep(0.01)
+        assert sessions == ["c1"]
+        ok.close()
+    finally:
+        srv.stop()

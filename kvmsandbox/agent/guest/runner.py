@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -302,9 +303,7 @@ class ContainerRunner:
         if p.exit.info is not None:
             return
         if exec_id:
-            command = _exec_pid(c.bundle / f"exec-{exec_id}.pid")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(command or p.pid, sig)
+            _signal_exec(p.pid, c.bundle / f"exec-{exec_id}.pid", sig)
             return
         since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, str(sig)))
@@ -391,6 +390,42 @@ class ContainerRunner:
                 )
             )
         return out
+
+
+def _signal_exec(crun_pid: int, pid_file: Path, sig: int) -> None:
+    """Signals the command ``crun exec`` (``crun_pid``) runs: the pid crun wrote, taken through a
+    pidfd and only while crun is still its parent (a pid freed and reused is not hit). Until the
+    file is there (crun is starting it), waits up to a second; then crun itself gets the signal.
+    Raises nothing."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        pid = _exec_pid(pid_file)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(crun_pid, sig)
+            return
+        time.sleep(0.02)
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone already
+    try:
+        if _parent(pid) == crun_pid:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read(4096).rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _exec_pid(pid_file: Path) -> int:

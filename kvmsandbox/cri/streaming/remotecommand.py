@@ -11,10 +11,12 @@ A client that goes away cancels the command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,15 +56,21 @@ class StreamSink:
     def __init__(self, streams: dict[str, SpdyStream]) -> None:
         self._streams = streams
         self._sent = {"stdout": 0, "stderr": 0}
+        self._gone = False
 
     def position(self, stream: str) -> tuple[int, int]:
         return self._sent[stream], self._sent[stream]
 
     def write(self, stream: str, data: bytes) -> None:
-        self._sent[stream] += len(data)
+        """Passes ``data`` on; once the client is gone, output is dropped (the command is being
+        stopped). Raises nothing."""
         target = self._streams.get(stream)
-        if target is not None:
-            target.write(data)
+        if target is not None and not self._gone:
+            try:
+                target.write(data)
+            except OSError:
+                self._gone = True
+        self._sent[stream] += len(data)
 
     def end(self, stream: str) -> None:
         target = self._streams.get(stream)
@@ -96,7 +104,10 @@ def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Chann
     reader = threading.Thread(target=session.serve, name="exec-session", daemon=True)
     reader.start()
     try:
-        if not complete.wait(STREAM_CREATION_TIMEOUT) or session.closed.is_set():
+        deadline = time.monotonic() + STREAM_CREATION_TIMEOUT
+        while not complete.wait(0.1) and not session.closed.is_set() and time.monotonic() < deadline:
+            pass
+        if not complete.is_set() or session.closed.is_set():
             log.info("exec session ended before its streams were open: %s", sorted(streams))
             return
         log.info("exec session streams open: %s", sorted(streams))
@@ -106,9 +117,11 @@ def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Chann
             log.info("exec session command ended code=%d client_gone=%s", code, session.closed.is_set())
         except Exception as e:  # the outcome is the client's to see, not a traceback's
             log.warning("exec failed: %s", e)
-            _failure(streams["error"], protocol, str(e))
+            with contextlib.suppress(OSError):
+                _failure(streams["error"], protocol, str(e)[:1024])
         else:
-            _outcome(streams["error"], protocol, code)
+            with contextlib.suppress(OSError):
+                _outcome(streams["error"], protocol, code)
         for stream in streams.values():
             stream.close()
         session.closed.wait(CLOSE_GRACE)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -19,6 +21,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_SESSIONS = 256
+MAX_HEADS = 64
+"""Connections still sending their request head (no token shown yet): bounded apart, so slow or
+idle connections cannot take the sessions' slots."""
+IDLE_TIMEOUT = 4 * 3600.0
+"""A session that receives nothing for this long ends (containerd's stream idle timeout)."""
+SEND_TIMEOUT = 300.0
+"""A client that takes nothing of what is sent to it for this long is dropped."""
 
 
 class StreamingServer(Generic[T]):
@@ -34,9 +43,11 @@ class StreamingServer(Generic[T]):
         serve: Callable[[str, T, str, socket.socket, bytes], None],
         protocols: dict[str, tuple[str, ...]],
         max_sessions: int = MAX_SESSIONS,
+        max_heads: int = MAX_HEADS,
     ) -> None:
         self._resolve, self._serve, self._protocols = resolve, serve, protocols
         self._slots = threading.BoundedSemaphore(max_sessions)
+        self._heads = threading.BoundedSemaphore(max_heads)
         self._listener = socket.create_server((address, port), family=_family(address), backlog=64)
         host, bound = self._listener.getsockname()[:2]
         self.address, self.port = host, bound
@@ -64,23 +75,41 @@ class StreamingServer(Generic[T]):
         while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
-            except OSError:
-                return
-            if not self._slots.acquire(blocking=False):
-                upgrade.answer_error(sock, BadRequest(503, "too many streaming sessions; try again"))
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                # Out of fds or a connection that failed while queued: the server carries on.
+                log.warning("streaming server cannot accept a connection: %s", e)
+                time.sleep(0.1)
+                continue
+            if not self._heads.acquire(blocking=False):
+                upgrade.answer_error(sock, BadRequest(503, "too many streaming connections; try again"))
                 sock.close()
                 continue
-            threading.Thread(target=self._connection, args=(sock,), name="streaming-session", daemon=True).start()
+            try:
+                threading.Thread(target=self._connection, args=(sock,), name="streaming-session", daemon=True).start()
+            except RuntimeError as e:
+                log.warning("streaming server cannot start a thread: %s", e)
+                self._heads.release()
+                sock.close()
 
     def _connection(self, sock: socket.socket) -> None:
+        slot = False
         try:
-            request = upgrade.read_request(sock)
+            try:
+                request = upgrade.read_request(sock)
+            finally:
+                self._heads.release()
+            slot = self._slots.acquire(blocking=False)
+            if not slot:
+                raise BadRequest(503, "too many streaming sessions; try again")
             what = self._resolve(request.kind, request.token)
             if what is None:
                 raise BadRequest(404, f"no {request.kind} request for this token (unknown, used or expired)")
             if not upgrade.is_spdy_upgrade(request):
                 raise BadRequest(400, "this endpoint serves SPDY/3.1 upgrades (Connection: Upgrade, Upgrade: SPDY/3.1)")
             protocol = upgrade.negotiate(request, self._protocols.get(request.kind, ()))
+            _bound_waits(sock)
             upgrade.answer_spdy_upgrade(sock, protocol)
             self._serve(request.kind, what, protocol, sock, request.rest)
         except BadRequest as e:
@@ -92,7 +121,16 @@ class StreamingServer(Generic[T]):
             log.exception("streaming session failed")
         finally:
             sock.close()
-            self._slots.release()
+            if slot:
+                self._slots.release()
+
+
+def _bound_waits(sock: socket.socket) -> None:
+    """Kernel timeouts on the blocking socket: a receive idle for IDLE_TIMEOUT or a send stuck for
+    SEND_TIMEOUT fails (and ends the session); keepalives find a peer that vanished."""
+    for option, seconds in ((socket.SO_RCVTIMEO, IDLE_TIMEOUT), (socket.SO_SNDTIMEO, SEND_TIMEOUT)):
+        sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def _family(address: str) -> socket.AddressFamily:

@@ -35,6 +35,10 @@ MAX_PAYLOAD = (1 << 24) - 1
 MAX_HEADER_BLOCK = 256 * 1024
 """The most an inflated header block may hold (kubelet's are a few hundred bytes)."""
 MAX_HEADERS = 256
+MAX_CONTROL_FRAME = MAX_HEADER_BLOCK + 64
+"""A control frame's payload is at most a header block and its fixed fields."""
+MAX_DATA_FRAME = 1 << 20
+"""Data frames from clients are 32 KiB (Go's io.Copy): a megabyte is plenty."""
 MAX_SETTINGS = 64
 
 # The SPDY/3 header compression dictionary (spdy-protocol-draft3, section 2.6.10.1): these words,
@@ -260,6 +264,16 @@ class Decoder:
         frames: list[Frame] = []
         while len(self._buffer) >= 8:
             length = int.from_bytes(self._buffer[5:8], "big")
+            # Checked on the 8 header bytes, before a large payload is buffered.
+            control = bool(self._buffer[0] & 0x80)
+            if control and int.from_bytes(self._buffer[0:2], "big") & 0x7FFF != VERSION:
+                raise SpdyError(
+                    f"a control frame of SPDY version {int.from_bytes(self._buffer[0:2], 'big') & 0x7FFF}; "
+                    "this server speaks version 3"
+                )
+            limit = MAX_CONTROL_FRAME if control else MAX_DATA_FRAME
+            if length > limit:
+                raise SpdyError(f"a {'control' if control else 'data'} frame of {length} bytes (at most {limit})")
             if len(self._buffer) < 8 + length:
                 break
             head, payload = bytes(self._buffer[:8]), bytes(self._buffer[8 : 8 + length])

@@ -39,6 +39,7 @@ class SpdyStream:
         self._buffered = threading.Semaphore(STREAM_BUFFER // CHUNK)
         self._closed_local = False
         self._discarding = False
+        self._state_lock = threading.Lock()
 
     def header(self, name: str) -> str:
         """The first value of header ``name`` ("" when absent)."""
@@ -68,10 +69,12 @@ class SpdyStream:
 
     def close(self) -> None:
         """Ends this side of the stream (the client reads EOF). Idempotent; raises nothing."""
-        if not self._closed_local:
+        with self._state_lock:
+            if self._closed_local:
+                return
             self._closed_local = True
-            with contextlib.suppress(OSError):
-                self.session.send(spdy.DataFrame(self.stream_id, b"", fin=True))
+        with contextlib.suppress(OSError):
+            self.session.send(spdy.DataFrame(self.stream_id, b"", fin=True))
 
     def stop_reading(self) -> None:
         """This side wants nothing more from the client: what it sends is dropped (the session
@@ -82,7 +85,9 @@ class SpdyStream:
     def reset(self) -> None:
         """Aborts the stream both ways (RST_STREAM CANCEL). Raises nothing."""
         self.stop_reading()
-        self._closed_local = True
+        with self._state_lock:
+            self._closed_local = True
+        self.session._forget(self.stream_id)
         with contextlib.suppress(OSError):
             self.session.send(spdy.RstStream(self.stream_id, spdy.CANCEL))
         self._end()
@@ -114,6 +119,7 @@ class SpdySession:
         self._decoder = spdy.Decoder()
         self._write_lock = threading.Lock()
         self._streams: dict[int, SpdyStream] = {}
+        self._last_stream_id = 0
         self._lock = threading.Lock()
         self.closed = threading.Event()
 
@@ -146,14 +152,15 @@ class SpdySession:
 
     def close(self) -> None:
         """Ends every stream and the connection. Idempotent; raises nothing."""
+        # The socket first: a thread blocked sending (holding the write lock) fails at once.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
         self.closed.set()
         for stream in streams:
             stream._end()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _handle(self, frame: spdy.Frame) -> bool:
         if isinstance(frame, spdy.SynStream):
@@ -179,15 +186,22 @@ class SpdySession:
             return False
         return True  # SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do without flow control
 
-    def _open(self, frame: spdy.SynStream) -> None:
+    def _forget(self, stream_id: int) -> None:
         with self._lock:
-            if frame.stream_id in self._streams or frame.stream_id % 2 == 0:
-                raise spdy.SpdyError(f"stream {frame.stream_id} opened twice or with a server's (even) id")
-            if len(self._streams) >= MAX_STREAMS:
-                self.send(spdy.RstStream(frame.stream_id, spdy.REFUSED_STREAM))
-                return
-            stream = SpdyStream(self, frame.stream_id, frame.headers)
-            self._streams[frame.stream_id] = stream
+            self._streams.pop(stream_id, None)
+
+    def _open(self, frame: spdy.SynStream) -> None:
+        if frame.stream_id <= self._last_stream_id or frame.stream_id % 2 == 0:
+            raise spdy.SpdyError(f"stream {frame.stream_id} opened out of order or with a server's (even) id")
+        self._last_stream_id = frame.stream_id
+        with self._lock:
+            refused = len(self._streams) >= MAX_STREAMS
+            if not refused:
+                stream = SpdyStream(self, frame.stream_id, frame.headers)
+                self._streams[frame.stream_id] = stream
+        if refused:
+            self.send(spdy.RstStream(frame.stream_id, spdy.REFUSED_STREAM))
+            return
         self.send(spdy.SynReply(frame.stream_id, {}))
         if frame.fin:
             stream._end()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,12 +49,17 @@ def read_request(sock: socket.socket) -> Request:
     Raises:
         BadRequest: too long, too slow, malformed, or not a streaming path.
     """
-    sock.settimeout(REQUEST_TIMEOUT)
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data = b""
     try:
         while b"\r\n\r\n" not in data:
             if len(data) > MAX_REQUEST_BYTES:
                 raise BadRequest(431, f"request head over {MAX_REQUEST_BYTES} bytes")
+            # One deadline for the whole head: a byte now and then does not keep a connection.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
             chunk = sock.recv(4096)
             if not chunk:
                 raise BadRequest(400, "the client closed before its request was complete")
