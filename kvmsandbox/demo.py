@@ -145,7 +145,7 @@ def _cri_demo(config: Config) -> None:
         print(f"  [{stream}] {line}", flush=True)
     print(
         f"demo: the pod keeps running; inspect it with crictl (runtime-endpoint unix://{config.socket}):\n"
-        f"  crictl pods; crictl ps; crictl logs {cid[:12]}; crictl exec -s {cid[:12]} ps\n"
+        f"  crictl pods; crictl ps; crictl logs {cid[:12]}; crictl exec {cid[:12]} ps; crictl exec -s {cid[:12]} ps\n"
         "Ctrl-C stops the server (pods keep running; the next server recovers them).",
         flush=True,
     )

@@ -206,7 +206,7 @@ def exec_url(state: CriState, req: cri.ExecRequest) -> cri.ExecResponse:
         )
     if not (req.stdout or req.stderr):
         raise InvalidArgument("Exec needs stdout or stderr (one of stdin, stdout or stderr must be asked for)")
-    sandbox, c = state.find_container(req.container_id)
+    sandbox, c = state.find_container_by_prefix(req.container_id)
     if c.state is not ContainerState.RUNNING:
         raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
     if state.streaming is None:
@@ -225,7 +225,7 @@ def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse
     if not req.cmd:
         raise InvalidArgument("ExecSync needs a command")
     validate.words("cmd", req.cmd)
-    sandbox, c = state.find_container(req.container_id)
+    sandbox, c = state.find_container_by_prefix(req.container_id)
     if c.state is not ContainerState.RUNNING:
         raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
     timeout = validate.timeout(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT

@@ -16,6 +16,7 @@ from kvmsandbox.config import Config
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.store import CriContainer, CriPod, CriStore
 from kvmsandbox.cri.streaming.service import Streaming
+from kvmsandbox.errors import NotFound
 from kvmsandbox.image import ImageStore
 from kvmsandbox.overhead.node import NodeOverhead
 from kvmsandbox.overhead.sizing import PodResources
@@ -130,6 +131,22 @@ class CriState:
             NotFound: no sandbox has such a container.
         """
         return self.manager.find_container(container_id)
+
+    def find_container_by_prefix(self, container_id: str) -> tuple[SandboxRecord, ContainerRecord]:
+        """As ``find_container``, also for a unique prefix of an id (the short ids crictl shows,
+        which containerd accepts too).
+
+        Raises:
+            NotFound: no container, or the prefix names more than one.
+        """
+        try:
+            return self.find_container(container_id)
+        except NotFound:
+            matches = self.manager.ctx.store.containers_starting_with(container_id) if container_id else []
+            if len(matches) != 1:
+                detail = " (more than one container has an id starting so)" if matches else ""
+                raise NotFound(f"container {container_id} not found{detail}") from None
+            return self.find_container(matches[0])
 
     def pod(self, record: SandboxRecord) -> CriPod:
         """The pod's CRI facts; empty ones for a sandbox made below the CRI."""

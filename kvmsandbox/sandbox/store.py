@@ -119,6 +119,17 @@ class SandboxStore:
         with self._lock:
             return [copy.deepcopy(self._records[k]) for k in sorted(self._records)]
 
+    def containers_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` container ids that start with ``prefix`` (a short id as crictl shows)."""
+        with self._lock:
+            found = []
+            for container_id in self._container_index:
+                if container_id.startswith(prefix):
+                    found.append(container_id)
+                    if len(found) >= limit:
+                        break
+            return found
+
     def sandbox_of(self, container_id: str) -> str:
         """The id of the sandbox that holds the container.
 

@@ -77,6 +77,11 @@ def test_crictl_exec_streams_stdout_and_stderr_apart_and_gives_the_exit_code(
     ok = crictl(cri_server, "exec", running, "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' a")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == b"a" * 3_000_000
+    # The short id `crictl ps` shows works too (a unique prefix, as containerd accepts), streaming or not.
+    short = running[:13]
+    assert crictl(cri_server, "exec", short, "echo", "short").stdout == b"short\n"
+    synced = crictl(cri_server, "exec", "-s", short, "echo", "sync")  # crictl adds blank lines of its own
+    assert synced.returncode == 0 and synced.stdout.startswith(b"sync\n"), synced.stderr
 
 
 def upgraded(url: str) -> tuple[socket.socket, bytes]:
