@@ -322,10 +322,11 @@ class AgentClient:
         *,
         layer_targets: list[int] | None = None,
         writable_target: int = 0,
+        stdin: bool = False,
     ) -> int:
         """Creates the container; with ``layer_targets`` (disks, top first) and ``writable_target``
         (0: none) the agent assembles its rootfs from disks at the spec's root path."""
-        req = pb.CreateContainerRequest(container_id=container_id, oci_spec_json=json.dumps(spec))
+        req = pb.CreateContainerRequest(container_id=container_id, oci_spec_json=json.dumps(spec), stdin=stdin)
         if layer_targets is not None:
             req.rootfs.layer_targets.extend(layer_targets)
             req.rootfs.writable_target = writable_target
@@ -336,9 +337,16 @@ class AgentClient:
         self.call("StartContainer", req, pb.StartContainerResponse, timeout)
 
     def exec_process(
-        self, container_id: str, exec_id: str, process: dict[str, Any], timeout: float | None = None
+        self,
+        container_id: str,
+        exec_id: str,
+        process: dict[str, Any],
+        timeout: float | None = None,
+        stdin: bool = False,
     ) -> int:
-        req = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process_json=json.dumps(process))
+        req = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=json.dumps(process), stdin=stdin
+        )
         return self.call("ExecProcess", req, pb.ExecProcessResponse, timeout).pid
 
     def wait_process(self, container_id: str, exec_id: str = "", timeout: float = 0.0) -> ExitStatus | None:

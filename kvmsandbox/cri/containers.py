@@ -15,7 +15,7 @@ from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, containe
 from kvmsandbox.cri.store import CriContainer, MountInfo
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.service import ExecRequest
-from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 from kvmsandbox.sandbox.types import HostMount
@@ -193,25 +193,22 @@ def exec_url(state: CriState, req: cri.ExecRequest) -> cri.ExecResponse:
     """A URL of the streaming server that runs the command once its client connects (SPDY/3.1).
 
     Raises:
-        InvalidArgument: no command, or neither stdout nor stderr asked for. Unimplemented: stdin
-        or a terminal. FailedPrecondition: the container does not run, or no streaming server.
+        InvalidArgument: no command, none of stdin, stdout or stderr asked for, or a terminal
+        with stderr. FailedPrecondition: the container does not run, or no streaming server.
     """
     if not req.cmd:
         raise InvalidArgument("Exec needs a command")
     validate.words("cmd", req.cmd)
-    if req.stdin or req.tty:
-        raise Unimplemented(
-            "Exec with stdin or a terminal is not supported yet: run it without -i/-t "
-            "(output streams, exit code) or use ExecSync"
-        )
-    if not (req.stdout or req.stderr):
-        raise InvalidArgument("Exec needs stdout or stderr (one of stdin, stdout or stderr must be asked for)")
+    if not (req.stdin or req.stdout or req.stderr):
+        raise InvalidArgument("Exec needs one of stdin, stdout or stderr")
+    if req.tty and req.stderr:
+        raise InvalidArgument("Exec with a terminal has one output stream: stderr must be false when tty is true")
     sandbox, c = state.find_container_by_prefix(req.container_id)
     if c.state is not ContainerState.RUNNING:
         raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
     if state.streaming is None:
         raise FailedPrecondition("this runtime has no streaming server running")
-    channels = Channels(stdin=False, stdout=req.stdout, stderr=req.stderr, tty=False)
+    channels = Channels(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, tty=req.tty)
     url = state.streaming.exec_url(ExecRequest(sandbox.id, c.id, tuple(req.cmd), channels))
     return cri.ExecResponse(url=url)
 

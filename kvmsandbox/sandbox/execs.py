@@ -9,11 +9,13 @@ import signal
 import threading
 import time
 
+from kvmsandbox.agent.streams import StdinWriter
 from kvmsandbox.errors import DeadlineExceeded, KvmSandboxError
 from kvmsandbox.sandbox import oci_spec
 from kvmsandbox.sandbox.containers import find
 from kvmsandbox.sandbox.context import SandboxContext
-from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump, Sink
+from kvmsandbox.sandbox.interactive import ProcessIO, first_size, join_copiers, start_copiers
+from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump
 from kvmsandbox.sandbox.types import ExecResult
 
 # Seconds a killed command gets to be reaped after a timeout: ExecSync answers within about this
@@ -23,6 +25,10 @@ KILL_WAIT_SECONDS = 1
 OUTPUT_DRAIN_SECONDS = 10
 # How long one wait for a streaming command lasts before the client is checked on.
 STREAM_WAIT_SECONDS = 1.0
+# A terminal's first size, if the client sends it this soon, is the one the command starts with.
+FIRST_SIZE_WAIT_SECONDS = 0.5
+# A copier is at most one agent call behind the end of its command.
+COPIER_JOIN_SECONDS = 10.0
 
 
 def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], timeout: float) -> ExecResult:
@@ -55,12 +61,10 @@ def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: lis
     return ExecResult(status.exit_code, bytes(collector.data["stdout"]), bytes(collector.data["stderr"]))
 
 
-def exec_streaming(
-    ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], sink: Sink, cancelled: threading.Event
-) -> int:
-    """Runs ``args`` in a running container with its output pumped to ``sink`` as it comes (no
-    stdin, no terminal) until it exits; returns its exit code. When ``cancelled`` is set (the
-    client went away) the command is killed.
+def exec_streaming(ctx: SandboxContext, sandbox_id: str, container_id: str, args: list[str], io: ProcessIO) -> int:
+    """Runs ``args`` in a running container with its output pumped to ``io.sink`` as it comes,
+    and the client's stdin and terminal sizes copied in, until it exits; returns its exit code.
+    When ``io.cancelled`` is set (the client went away) the command is killed.
 
     Raises:
         NotFound. FailedPrecondition: the sandbox is not ready. KvmSandboxError: the agent failed.
@@ -69,9 +73,12 @@ def exec_streaming(
     find(record, container_id)
     client = ctx.ready_client(record)
     exec_id = secrets.token_hex(8)
-    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
-    client.exec_process(container_id, exec_id, process)
-    pump = OutputPump(client, container_id, exec_id, sink, ctx.stdio.bytes_per_second)
+    size = first_size(io, FIRST_SIZE_WAIT_SECONDS)
+    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args, terminal=io.tty, console_size=size))
+    client.exec_process(container_id, exec_id, process, stdin=io.stdin is not None and not io.tty)
+    pump = OutputPump(client, container_id, exec_id, io.sink, ctx.stdio.bytes_per_second)
+    ended = threading.Event()
+    start_copiers(io, StdinWriter(client, container_id, exec_id), ended, f"exec-{exec_id}")
     done = False
     try:
         while True:
@@ -80,12 +87,14 @@ def exec_streaming(
                 done = True
                 pump.join(OUTPUT_DRAIN_SECONDS)
                 return status.exit_code
-            if cancelled.is_set():
+            if io.cancelled.is_set():
                 return -1
     finally:
+        ended.set()
         pump.stop()
         if not done:
             # Cancelled, or the agent failed under us: nobody reads its output any more.
             with contextlib.suppress(KvmSandboxError):
                 client.signal_process(container_id, signal.SIGKILL, exec_id, timeout=KILL_WAIT_SECONDS)
                 client.wait_process(container_id, exec_id, KILL_WAIT_SECONDS)
+        join_copiers(io, COPIER_JOIN_SECONDS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,11 @@ from kvmsandbox.sandbox import containers, execs, lifecycle, probes, recovery
 from kvmsandbox.sandbox.boot import SandboxBoot
 from kvmsandbox.sandbox.console import ConsoleSweeper, SweepResult
 from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.interactive import ProcessIO
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
 from kvmsandbox.sandbox.states import SandboxState
-from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS, Sink
+from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS
 from kvmsandbox.sandbox.types import (
     BootTimings,
     ContainerStats,
@@ -280,10 +280,8 @@ class SandboxManager:
     def exec_sync(self, sandbox_id: str, container_id: str, args: list[str], timeout: float = 60.0) -> ExecResult:
         return execs.exec_sync(self.ctx, sandbox_id, container_id, args, timeout)
 
-    def exec_streaming(
-        self, sandbox_id: str, container_id: str, args: list[str], sink: Sink, cancelled: threading.Event
-    ) -> int:
-        return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, sink, cancelled)
+    def exec_streaming(self, sandbox_id: str, container_id: str, args: list[str], io: ProcessIO) -> int:
+        return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, io)
 
     # -- figures -----------------------------------------------------------------------------
 

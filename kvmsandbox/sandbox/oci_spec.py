@@ -63,6 +63,9 @@ class ProcessSpec:
     uid: int = 0
     gid: int = 0
     additional_gids: list[int] = field(default_factory=list)
+    terminal: bool = False
+    # (width, height) of the terminal at start; (0, 0): the runtime's default.
+    console_size: tuple[int, int] = (0, 0)
 
 
 def process_object(process: ProcessSpec) -> dict[str, Any]:
@@ -71,8 +74,14 @@ def process_object(process: ProcessSpec) -> dict[str, Any]:
     if not any(e.startswith("PATH=") for e in env):
         env.insert(0, f"PATH={DEFAULT_PATH}")
     caps = list(DEFAULT_CAPABILITIES)
+    if process.terminal and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    extra: dict[str, Any] = {}
+    if process.terminal and all(process.console_size):
+        extra["consoleSize"] = {"width": process.console_size[0], "height": process.console_size[1]}
     return {
-        "terminal": False,
+        **extra,
+        "terminal": process.terminal,
         "user": {
             "uid": process.uid,
             "gid": process.gid,

@@ -4,11 +4,18 @@ mid-command leaves no process in the guest; requests the runtime cannot serve ge
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import select
 import shutil
+import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -82,6 +89,86 @@ def test_crictl_exec_streams_stdout_and_stderr_apart_and_gives_the_exit_code(
     assert crictl(cri_server, "exec", short, "echo", "short").stdout == b"short\n"
     synced = crictl(cri_server, "exec", "-s", short, "echo", "sync")  # crictl adds blank lines of its own
     assert synced.returncode == 0 and synced.stdout.startswith(b"sync\n"), synced.stderr
+
+
+class Terminal:
+    """crictl on a pseudo-terminal of its own, as a person at a shell runs it."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.master, slave = os.openpty()
+        self.resize(24, 80)
+        self.proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.seen = b""
+
+    def resize(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, pattern: bytes, timeout: float = 60) -> bytes:
+        deadline = time.monotonic() + timeout
+        while pattern not in self.seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.master], [], [], remaining)[0]:
+                raise AssertionError(f"{pattern!r} did not appear; the terminal shows {self.seen[-2000:]!r}")
+            try:
+                self.seen += os.read(self.master, 65536)
+            except OSError:  # EIO: crictl has exited
+                raise AssertionError(f"{pattern!r} never came before crictl exited: {self.seen[-2000:]!r}") from None
+        return self.seen
+
+    def close(self) -> int:
+        """Waits for crictl to exit, takes what it wrote last, and returns its exit code."""
+        code = self.proc.wait(60)
+        with contextlib.suppress(OSError):  # EIO once everything was read
+            while select.select([self.master], [], [], 1)[0] and (data := os.read(self.master, 65536)):
+                self.seen += data
+        os.close(self.master)
+        return code
+
+
+def crictl_command(cri_server: CriServer, *args: str) -> list[str]:
+    binary = find_crictl()
+    if binary is None:
+        pytest.skip("crictl v1.36 is not on this machine (set KVMSANDBOX_CRICTL)")
+    endpoint = f"unix://{cri_server.socket}"
+    return [binary, "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "60s", *args]
+
+
+def test_crictl_exec_it_gives_a_shell_with_a_terminal_that_follows_resizes(cri_server: CriServer, running: str) -> None:
+    term = Terminal(crictl_command(cri_server, "exec", "-it", running, "sh"))
+    try:
+        term.type("tty; stty size; echo READY-$((6*7))\n")
+        seen = term.expect(b"READY-42")
+        assert b"/dev/pts/" in seen and b"24 80" in seen, seen
+        term.resize(40, 132)
+        os.kill(term.proc.pid, signal.SIGWINCH)
+        deadline = time.monotonic() + 30
+        while b"40 132" not in term.seen:  # the resize races the next command: ask until it shows
+            assert time.monotonic() < deadline, term.seen[-2000:]
+            term.type("stty size\n")
+            time.sleep(0.5)
+            with contextlib.suppress(AssertionError):
+                term.expect(b"40 132", timeout=2)
+        term.type("exit 7\n")
+    finally:
+        code = term.close()
+    assert code == 1 and b"exit code 7" in term.seen, term.seen[-2000:]
+
+
+def test_crictl_exec_i_passes_stdin_through_to_its_end(cri_server: CriServer, running: str) -> None:
+    data = os.urandom(1_500_000)
+    done = subprocess.run(
+        crictl_command(cri_server, "exec", "-i", running, "sh", "-c", "cat >/tmp/in; md5sum </tmp/in; wc -c </tmp/in"),
+        input=data,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [hashlib.md5(data).hexdigest().encode(), b"-", str(len(data)).encode()]
 
 
 def upgraded(url: str) -> tuple[socket.socket, bytes]:
@@ -160,9 +247,8 @@ def test_the_outcome_is_a_v4_status_on_the_error_stream(cri_server: CriServer, r
 
 
 BAD_REQUESTS = [
-    ({"tty": True, "stdout": True}, grpc.StatusCode.UNIMPLEMENTED, "stdin or a terminal"),
-    ({"stdin": True, "stdout": True}, grpc.StatusCode.UNIMPLEMENTED, "stdin or a terminal"),
-    ({}, grpc.StatusCode.INVALID_ARGUMENT, "stdout or stderr"),
+    ({"tty": True, "stdout": True, "stderr": True}, grpc.StatusCode.INVALID_ARGUMENT, "stderr must be false"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "one of stdin, stdout or stderr"),
     ({"stdout": True, "cmd": []}, grpc.StatusCode.INVALID_ARGUMENT, "needs a command"),
     ({"stdout": True, "container_id": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
 ]

@@ -48,7 +48,13 @@ def validate_process(process: Any, where: str) -> dict[str, Any]:
         isinstance(env, list) and all(isinstance(e, str) and "=" in e for e in env),
         f"{where}.env must be a list of NAME=value strings",
     )
-    _require(not process.get("terminal", False), f"{where}.terminal is not supported")
+    _require(isinstance(process.get("terminal", False), bool), f"{where}.terminal must be a boolean")
+    size = process.get("consoleSize", {})
+    _require(
+        isinstance(size, dict)
+        and all(isinstance(size.get(k, 0), int) and 0 <= size.get(k, 0) < 1 << 16 for k in ("height", "width")),
+        f"{where}.consoleSize must hold a height and a width below 65536",
+    )
     user = process.get("user", {})
     _require(isinstance(user, dict), f"{where}.user must be an object")
     for key in ("uid", "gid"):

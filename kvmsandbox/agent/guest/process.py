@@ -4,6 +4,7 @@ buffered for the host to read, and their exit status delivered by the reaper."""
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import threading
 import time
@@ -41,7 +42,14 @@ class OutputBuffer:
                     self._cond.wait_for(lambda: len(self._data) < STREAM_BUFFER_LIMIT or self._closed)
                     if self._closed:
                         return
-                chunk = os.read(self._fd, READ_CHUNK)
+                try:
+                    chunk = os.read(self._fd, READ_CHUNK)
+                except BlockingIOError:
+                    # A terminal's master shares its O_NONBLOCK with the writer's copy.
+                    poller = select.poll()
+                    poller.register(self._fd, select.POLLIN)
+                    poller.poll(1000)
+                    continue
                 with self._cond:
                     if not chunk:
                         self._eof = True
@@ -126,9 +134,10 @@ def spawn(
     *,
     stdout: int,
     stderr: int,
+    stdin: int | None = None,
     env: dict[str, str] | None = None,
 ) -> tuple[int, Exit]:
-    """Starts ``argv`` with stdin from /dev/null and the given stdout/stderr fds.
+    """Starts ``argv`` with the given stdout/stderr fds and stdin (None: /dev/null).
 
     Raises:
         OSError: the program could not be started (not found, not executable).
@@ -140,7 +149,7 @@ def spawn(
             list(argv),
             env if env is not None else dict(os.environ),
             file_actions=[
-                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull if stdin is None else stdin, 0),
                 (os.POSIX_SPAWN_DUP2, stdout, 1),
                 (os.POSIX_SPAWN_DUP2, stderr, 2),
             ],

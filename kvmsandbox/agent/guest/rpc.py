@@ -12,6 +12,7 @@ from kvmsandbox import __version__
 from kvmsandbox.agent import wire
 from kvmsandbox.agent.guest import log
 from kvmsandbox.agent.guest.errors import AgentFault
+from kvmsandbox.agent.guest.ports import PortConnections
 from kvmsandbox.agent.guest.runner import ContainerRunner
 from kvmsandbox.agent.guest.sandbox import SandboxSetup
 from kvmsandbox.agent.v1 import agent_pb2 as pb
@@ -56,6 +57,7 @@ class AgentService:
     def __init__(self, runner: ContainerRunner, transport: str) -> None:
         self.runner = runner
         self.sandbox = SandboxSetup()
+        self.ports = PortConnections()
         self.transport = transport
         self._handlers: dict[str, Callable[[Any], Message]] = {name: getattr(self, name) for name in wire.METHODS}
 
@@ -103,20 +105,22 @@ class AgentService:
         return self.sandbox.create(req)
 
     def DestroySandbox(self, req: pb.DestroySandboxRequest) -> pb.DestroySandboxResponse:
+        self.ports.close_all()
         self.runner.remove_all()
         self.sandbox.destroy()
         return pb.DestroySandboxResponse()
 
     def CreateContainer(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
         rootfs = req.rootfs if req.HasField("rootfs") else None
-        return pb.CreateContainerResponse(pid=self.runner.create(req.container_id, req.oci_spec_json, rootfs))
+        pid = self.runner.create(req.container_id, req.oci_spec_json, rootfs, stdin=req.stdin)
+        return pb.CreateContainerResponse(pid=pid)
 
     def StartContainer(self, req: pb.StartContainerRequest) -> pb.StartContainerResponse:
         self.runner.start(req.container_id)
         return pb.StartContainerResponse()
 
     def ExecProcess(self, req: pb.ExecProcessRequest) -> pb.ExecProcessResponse:
-        return pb.ExecProcessResponse(pid=self.runner.exec(req.container_id, req.exec_id, req.process_json))
+        return pb.ExecProcessResponse(pid=self.runner.exec(req.container_id, req.exec_id, req.process_json, req.stdin))
 
     def WaitProcess(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
         timeout = min(req.timeout_ms / 1000, MAX_WAIT_SECONDS)
@@ -152,6 +156,32 @@ class AgentService:
     def UpdateContainer(self, req: pb.UpdateContainerRequest) -> pb.UpdateContainerResponse:
         self.runner.update(req.container_id, req.resources_json)
         return pb.UpdateContainerResponse()
+
+    def WriteStdin(self, req: pb.WriteStdinRequest) -> pb.WriteStdinResponse:
+        wait = min(req.wait_ms / 1000, MAX_WAIT_SECONDS)
+        return pb.WriteStdinResponse(
+            written=self.runner.write_stdin(req.container_id, req.exec_id, req.data, req.close, wait)
+        )
+
+    def ResizeTerminal(self, req: pb.ResizeTerminalRequest) -> pb.ResizeTerminalResponse:
+        self.runner.resize(req.container_id, req.exec_id, req.width, req.height)
+        return pb.ResizeTerminalResponse()
+
+    def OpenPort(self, req: pb.OpenPortRequest) -> pb.OpenPortResponse:
+        return pb.OpenPortResponse(connection_id=self.ports.open(req.port))
+
+    def ReadPort(self, req: pb.ReadPortRequest) -> pb.ReadPortResponse:
+        max_bytes = min(req.max_bytes or MAX_READ_BYTES, MAX_READ_BYTES)
+        data, eof = self.ports.read(req.connection_id, max_bytes, min(req.wait_ms / 1000, MAX_WAIT_SECONDS))
+        return pb.ReadPortResponse(data=data, eof=eof)
+
+    def WritePort(self, req: pb.WritePortRequest) -> pb.WritePortResponse:
+        wait = min(req.wait_ms / 1000, MAX_WAIT_SECONDS)
+        return pb.WritePortResponse(written=self.ports.write(req.connection_id, req.data, req.close_write, wait))
+
+    def ClosePort(self, req: pb.ClosePortRequest) -> pb.ClosePortResponse:
+        self.ports.close(req.connection_id)
+        return pb.ClosePortResponse()
 
     def ListContainers(self, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
         return pb.ListContainersResponse(containers=self.runner.list())

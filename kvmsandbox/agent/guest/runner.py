@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -18,9 +16,11 @@ from kvmsandbox.agent.guest.errors import (
     InvalidArgument,
     NotFound,
 )
+from kvmsandbox.agent.guest.exec_signal import signal_exec
 from kvmsandbox.agent.guest.oci_check import check_id, validate_process, validate_spec
-from kvmsandbox.agent.guest.process import Exit, ExitInfo, OutputBuffer, run_command, spawn
+from kvmsandbox.agent.guest.process import Exit, ExitInfo, OutputBuffer, run_command
 from kvmsandbox.agent.guest.reaper import Reaper
+from kvmsandbox.agent.guest.stdio import Input, Stdio, spawn_crun
 from kvmsandbox.agent.guest.storage import RootfsMounts, rootfs_path
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
@@ -36,21 +36,27 @@ def remove_dir(path: Path) -> None:
 
 
 class Process:
-    """A container's init process or an exec process: its output and its exit."""
+    """A container's init process or an exec process: its streams and its exit."""
 
-    def __init__(self, pid: int, exit_: Exit, stdout: OutputBuffer, stderr: OutputBuffer) -> None:
+    def __init__(self, pid: int, exit_: Exit, stdio: Stdio) -> None:
         self.pid = pid
         self.exit = exit_
-        self.stdout = stdout
-        self.stderr = stderr
+        self.stdio = stdio
+        self.stdout = stdio.stdout
+        self.stderr = stdio.stderr
         self.waited = False
 
     def stream(self, which: int) -> OutputBuffer:
         return self.stderr if which == pb.STDERR else self.stdout
 
+    def input(self) -> Input:
+        """Raises FailedPrecondition: it was started without stdin or a terminal."""
+        if self.stdio.input is None:
+            raise FailedPrecondition("the process has no stdin")
+        return self.stdio.input
+
     def close(self) -> None:
-        self.stdout.close()
-        self.stderr.close()
+        self.stdio.close()
 
 
 class Container:
@@ -131,7 +137,7 @@ class ContainerRunner:
             raise NotFound(f"exec {exec_id} not found in container {container_id}")
         return p
 
-    def create(self, container_id: str, spec_json: str, rootfs: pb.Rootfs | None = None) -> int:
+    def create(self, container_id: str, spec_json: str, rootfs: pb.Rootfs | None = None, stdin: bool = False) -> int:
         """Creates the container (its process waits for ``start``) on ``rootfs`` (assembled here
         from the host's disks) or on the spec's root path; returns the init pid.
 
@@ -156,7 +162,8 @@ class ContainerRunner:
             if rootfs is not None:
                 self.rootfs.mount(container_id, rootfs)
             (bundle / "config.json").write_text(json.dumps(spec))
-            init = self._crun_create(container_id, bundle)
+            terminal = bool(spec["process"].get("terminal", False))
+            init = self._crun_create(container_id, bundle, stdin, terminal)
         except BaseException:
             run_command(self._reaper, self._crun_cmd(bundle, "delete", "--force", container_id))
             self.rootfs.unmount(container_id)
@@ -167,41 +174,24 @@ class ContainerRunner:
             self._containers[container_id] = container
         return init.pid
 
-    def _crun_create(self, container_id: str, bundle: Path) -> Process:
+    def _crun_create(self, container_id: str, bundle: Path, stdin: bool, terminal: bool) -> Process:
         """Runs ``crun create`` for the bundle and returns the container's init process, which waits
-        for ``start``; the pipes crun got as stdout and stderr stay the container's output.
+        for ``start``; the streams crun got (or the terminal it made) stay the container's.
 
         Raises:
             AgentFault: crun could not run, or failed; the message carries crun's words.
         """
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         pid_file = bundle / "init.pid"
-        try:
-            _, crun_exit = spawn(
-                self._reaper,
-                self._crun_cmd(bundle, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id),
-                stdout=out_w,
-                stderr=err_w,
-            )
-        except OSError as e:
-            os.close(out_r)
-            os.close(err_r)
-            raise AgentFault(f"cannot run crun: {e}") from None
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        stdout = OutputBuffer(out_r, f"{container_id}-stdout")
-        stderr = OutputBuffer(err_r, f"{container_id}-stderr")
+        argv = self._crun_cmd(bundle, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id)
+        _, crun_exit, stdio = spawn_crun(self._reaper, argv, container_id, stdin=stdin, terminal=terminal)
         info = crun_exit.wait(CRUN_TIMEOUT)
         if info is None or info.exit_code != 0 or not pid_file.exists():
-            stdout.close()
-            stderr.close()
+            stdio.close()
             raise self._crun_error(bundle, f"crun create {container_id} failed", "")
         pid = int(pid_file.read_text().strip())
         init_exit = Exit()
         self._reaper.watch(pid, init_exit.set_status)
-        return Process(pid, init_exit, stdout, stderr)
+        return Process(pid, init_exit, stdio)
 
     def start(self, container_id: str) -> None:
         """Lets the created container's process run.
@@ -219,8 +209,9 @@ class ContainerRunner:
         c.state = pb.RUNNING
         c.started_at_ns = time.time_ns()
 
-    def exec(self, container_id: str, exec_id: str, process_json: str) -> int:
-        """Starts another process in a running container; returns the pid of its ``crun exec``.
+    def exec(self, container_id: str, exec_id: str, process_json: str, stdin: bool = False) -> int:
+        """Starts another process in a running container (``stdin``: a pipe the host writes; a
+        terminal when the process asks for one); returns the pid of its ``crun exec``.
 
         Raises:
             InvalidArgument, NotFound, AlreadyExists, FailedPrecondition (container not running).
@@ -241,28 +232,31 @@ class ContainerRunner:
         # command itself (killing crun alone would leave it running in the container).
         pid_file = c.bundle / f"exec-{exec_id}.pid"
         pid_file.unlink(missing_ok=True)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            pid, exit_ = spawn(
-                self._reaper,
-                self._crun_cmd(
-                    c.bundle, "exec", "--pid-file", str(pid_file), "--process", str(process_file), container_id
-                ),
-                stdout=out_w,
-                stderr=err_w,
-            )
-        except OSError as e:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise AgentFault(f"cannot run crun exec: {e}") from None
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        c.execs[exec_id] = Process(
-            pid, exit_, OutputBuffer(out_r, f"{exec_id}-stdout"), OutputBuffer(err_r, f"{exec_id}-stderr")
+        argv = self._crun_cmd(
+            c.bundle, "exec", "--pid-file", str(pid_file), "--process", str(process_file), container_id
         )
+        pid, exit_, stdio = spawn_crun(
+            self._reaper, argv, exec_id, stdin=stdin, terminal=bool(process.get("terminal", False))
+        )
+        c.execs[exec_id] = Process(pid, exit_, stdio)
         return pid
+
+    def write_stdin(self, container_id: str, exec_id: str, data: bytes, close: bool, wait: float) -> int:
+        """Writes to the process's stdin what it takes within ``wait``; closes it after all of
+        ``data`` when ``close`` (not a terminal: that stays until the process ends).
+
+        Raises:
+            NotFound. FailedPrecondition: no stdin, or it is closed.
+        """
+        stdin = self.process(container_id, exec_id).input()
+        written = stdin.write(data, wait) if data else 0
+        if close and written == len(data) and not stdin.terminal:
+            stdin.close()
+        return written
+
+    def resize(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        """Raises NotFound. FailedPrecondition: the process has no terminal."""
+        self.process(container_id, exec_id).input().resize(width, height)
 
     def wait(self, container_id: str, exec_id: str, timeout: float) -> ExitInfo | None:
         """The exit of the process, waiting at most ``timeout`` seconds; None while it runs."""
@@ -282,6 +276,7 @@ class ContainerRunner:
         if p is None or not p.waited:
             return
         if p.stdout.finished() and p.stderr.finished():
+            p.close()
             c.execs.pop(exec_id, None)
             (c.bundle / f"exec-{exec_id}.json").unlink(missing_ok=True)
             (c.bundle / f"exec-{exec_id}.pid").unlink(missing_ok=True)
@@ -303,7 +298,7 @@ class ContainerRunner:
         if p.exit.info is not None:
             return
         if exec_id:
-            _signal_exec(p.pid, c.bundle / f"exec-{exec_id}.pid", sig)
+            signal_exec(p.pid, c.bundle / f"exec-{exec_id}.pid", sig)
             return
         since = self._crun_log_size(c.bundle)
         result = run_command(self._reaper, self._crun_cmd(c.bundle, "kill", container_id, str(sig)))
@@ -390,50 +385,3 @@ class ContainerRunner:
                 )
             )
         return out
-
-
-def _signal_exec(crun_pid: int, pid_file: Path, sig: int) -> None:
-    """Signals the command ``crun exec`` (``crun_pid``) runs: the pid crun wrote, taken through a
-    pidfd and only while crun is still its parent (a pid freed and reused is not hit). Until the
-    file is there (crun is starting it), waits up to a second; then crun itself gets the signal.
-    Raises nothing."""
-    deadline = time.monotonic() + 1.0
-    while True:
-        pid = _exec_pid(pid_file)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(crun_pid, sig)
-            return
-        time.sleep(0.02)
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return  # gone already
-    try:
-        if _parent(pid) == crun_pid:
-            signal.pidfd_send_signal(fd, sig)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read(4096).rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _exec_pid(pid_file: Path) -> int:
-    """The pid crun wrote for an exec'd command (0 while it has not): crun's own file in the
-    bundle, which no container can write; read with a bound."""
-    try:
-        with open(pid_file, "rb") as f:
-            text = f.read(32).strip()
-    except OSError:
-        return 0
-    return int(text) if text.isdigit() and 1 < int(text) < 1 << 22 else 0

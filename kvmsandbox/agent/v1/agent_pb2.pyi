@@ -589,9 +589,12 @@ class CreateContainerRequest(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _builtins.int
     OCI_SPEC_JSON_FIELD_NUMBER: _builtins.int
     ROOTFS_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     oci_spec_json: _builtins.str
     """The OCI runtime spec (config.json) as JSON; root.path is a guest path."""
+    stdin: _builtins.bool
+    """As in ExecProcessRequest: the container's stdin is a pipe the host writes."""
     @_builtins.property
     def rootfs(self) -> Global___Rootfs:
         """Absent: the spec's root path is already there (a host overlay shared over 9p)."""
@@ -602,10 +605,11 @@ class CreateContainerRequest(_message.Message):
         container_id: _builtins.str = ...,
         oci_spec_json: _builtins.str = ...,
         rootfs: Global___Rootfs | None = ...,
+        stdin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rootfs", b"rootfs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json", "rootfs", b"rootfs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "oci_spec_json", b"oci_spec_json", "rootfs", b"rootfs", "stdin", b"stdin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -671,20 +675,26 @@ class ExecProcessRequest(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _builtins.int
     EXEC_ID_FIELD_NUMBER: _builtins.int
     PROCESS_JSON_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     exec_id: _builtins.str
     process_json: _builtins.str
-    """The OCI runtime spec "process" object as JSON."""
+    """The OCI runtime spec "process" object as JSON; "terminal": true gives it a pty."""
+    stdin: _builtins.bool
+    """Its stdin is a pipe the host writes with WriteStdin (else /dev/null; with a terminal, stdin is
+    the terminal either way).
+    """
     def __init__(
         self,
         *,
         container_id: _builtins.str = ...,
         exec_id: _builtins.str = ...,
         process_json: _builtins.str = ...,
+        stdin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "exec_id", b"exec_id", "process_json", b"process_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "exec_id", b"exec_id", "process_json", b"process_json", "stdin", b"stdin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1089,3 +1099,268 @@ class UpdateContainerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateContainerResponse: _TypeAlias = UpdateContainerResponse  # noqa: Y015
+
+@_typing.final
+class WriteStdinRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    exec_id: _builtins.str
+    data: _builtins.bytes
+    close: _builtins.bool
+    """After data: close the process's stdin (EOF). Ignored for a terminal."""
+    wait_ms: _builtins.int
+    """How long to wait for the process to take data (it may take part of it)."""
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        exec_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        close: _builtins.bool = ...,
+        wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "container_id", b"container_id", "data", b"data", "exec_id", b"exec_id", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteStdinRequest: _TypeAlias = WriteStdinRequest  # noqa: Y015
+
+@_typing.final
+class WriteStdinResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    written: _builtins.int
+    """Bytes of data taken; the host sends the rest again."""
+    def __init__(
+        self,
+        *,
+        written: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteStdinResponse: _TypeAlias = WriteStdinResponse  # noqa: Y015
+
+@_typing.final
+class ResizeTerminalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    exec_id: _builtins.str
+    width: _builtins.int
+    height: _builtins.int
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        exec_id: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "exec_id", b"exec_id", "height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeTerminalRequest: _TypeAlias = ResizeTerminalRequest  # noqa: Y015
+
+@_typing.final
+class ResizeTerminalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeTerminalResponse: _TypeAlias = ResizeTerminalResponse  # noqa: Y015
+
+@_typing.final
+class OpenPortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortRequest: _TypeAlias = OpenPortRequest  # noqa: Y015
+
+@_typing.final
+class OpenPortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.int
+    """Names the connection in the calls below."""
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortResponse: _TypeAlias = OpenPortResponse  # noqa: Y015
+
+@_typing.final
+class ReadPortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.int
+    max_bytes: _builtins.int
+    wait_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+        wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "max_bytes", b"max_bytes", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadPortRequest: _TypeAlias = ReadPortRequest  # noqa: Y015
+
+@_typing.final
+class ReadPortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    eof: _builtins.bool
+    """The server closed its side and everything was read."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadPortResponse: _TypeAlias = ReadPortResponse  # noqa: Y015
+
+@_typing.final
+class WritePortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSE_WRITE_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.int
+    data: _builtins.bytes
+    close_write: _builtins.bool
+    """After data: shut the connection down for writing (the client closed its side)."""
+    wait_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        close_write: _builtins.bool = ...,
+        wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_write", b"close_write", "connection_id", b"connection_id", "data", b"data", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WritePortRequest: _TypeAlias = WritePortRequest  # noqa: Y015
+
+@_typing.final
+class WritePortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITTEN_FIELD_NUMBER: _builtins.int
+    written: _builtins.int
+    def __init__(
+        self,
+        *,
+        written: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["written", b"written"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WritePortResponse: _TypeAlias = WritePortResponse  # noqa: Y015
+
+@_typing.final
+class ClosePortRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClosePortRequest: _TypeAlias = ClosePortRequest  # noqa: Y015
+
+@_typing.final
+class ClosePortResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClosePortResponse: _TypeAlias = ClosePortResponse  # noqa: Y015

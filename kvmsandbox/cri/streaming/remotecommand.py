@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmsandbox.cri.streaming.spdy_session import SpdySession, SpdyStream
+from kvmsandbox.sandbox.interactive import ProcessIO
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,14 @@ class Channels:
 
 class StreamSink:
     """Where a command's output goes: the client's stdout and stderr streams (the sandbox layer's
-    Sink: positions counted here, every byte passed on)."""
+    Sink: positions counted here, every byte passed on). With a terminal there is one stream: what
+    comes as stderr (the runtime's own messages about the command) goes to stdout."""
 
-    def __init__(self, streams: dict[str, SpdyStream]) -> None:
-        self._streams = streams
+    def __init__(self, streams: dict[str, SpdyStream], tty: bool = False) -> None:
+        self._streams = dict(streams)
+        if tty and "stdout" in streams:
+            self._streams["stderr"] = streams["stdout"]
+        self._tty = tty
         self._sent = {"stdout": 0, "stderr": 0}
         self._gone = False
 
@@ -74,13 +79,62 @@ class StreamSink:
 
     def end(self, stream: str) -> None:
         target = self._streams.get(stream)
-        if target is not None:
+        if target is not None and not (self._tty and stream == "stderr"):
             target.close()
 
 
-Run = Callable[[StreamSink, threading.Event], int]
-"""Runs the command with its output to the sink until it exits (its exit code) or the event is set
-(then it is killed and its code, or -1, returned)."""
+class TerminalSizes:
+    """The sizes a client sends on its resize stream: JSON objects ``{"Width": w, "Height": h}``
+    one after another, however the stream cuts them. A stream that is not that ends the sizes."""
+
+    MAX_PENDING = 4096
+
+    def __init__(self, stream: SpdyStream) -> None:
+        self._stream = stream
+        self._pending = ""
+        self._decoder = json.JSONDecoder()
+        self._over = False
+
+    def next_size(self, timeout: float) -> tuple[int, int] | None:
+        """Raises TimeoutError when no whole size came within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._over:
+            while (parsed := self._parse()) is not None:
+                if parsed != (0, 0):
+                    return parsed
+            data = self._stream.read(max(0.0, deadline - time.monotonic()))
+            if not data:
+                self._over = True
+                break
+            self._pending += data.decode(errors="replace")
+            if len(self._pending) > self.MAX_PENDING:
+                log.warning("terminal resize stream ignored: %d bytes without a size", len(self._pending))
+                self._over = True
+        return None
+
+    def _parse(self) -> tuple[int, int] | None:
+        """The next size in what is pending; (0, 0) for a value that is not one (skipped); None
+        when no whole value is pending."""
+        text = self._pending.lstrip()
+        if not text:
+            return None
+        try:
+            obj, end = self._decoder.raw_decode(text)
+        except json.JSONDecodeError:
+            return None  # incomplete (or garbage: it will exceed MAX_PENDING)
+        self._pending = text[end:]
+        if not isinstance(obj, dict):
+            return 0, 0
+        width, height = obj.get("Width"), obj.get("Height")
+        if not (isinstance(width, int) and isinstance(height, int) and 0 < width < 1 << 16 and 0 < height < 1 << 16):
+            log.warning("terminal size ignored: %.100r", obj)
+            return 0, 0
+        return width, height
+
+
+Run = Callable[[ProcessIO], int]
+"""Runs the command with its output to the sink until it exits (its exit code) or ``cancelled`` is
+set (then it is killed and its code, or -1, returned)."""
 
 
 def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Channels, run: Run) -> None:
@@ -94,8 +148,8 @@ def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Chann
         if kind not in expected or kind in streams:
             stream.reset()
             return
-        if kind != "stdin":
-            stream.stop_reading()  # nothing is read from error, stdout, stderr (resize: to come)
+        if kind not in ("stdin", "resize"):
+            stream.stop_reading()  # nothing is read from error, stdout or stderr
         streams[kind] = stream
         if expected <= streams.keys():
             complete.set()
@@ -113,7 +167,14 @@ def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Chann
         log.info("exec session streams open: %s", sorted(streams))
         try:
             # The session's end (the client gone) cancels the command.
-            code = run(StreamSink(streams), session.closed)
+            io = ProcessIO(
+                StreamSink(streams, channels.tty),
+                session.closed,
+                stdin=streams.get("stdin"),
+                sizes=TerminalSizes(streams["resize"]) if "resize" in streams else None,
+                tty=channels.tty,
+            )
+            code = run(io)
             log.info("exec session command ended code=%d client_gone=%s", code, session.closed.is_set())
         except Exception as e:  # the outcome is the client's to see, not a traceback's
             log.warning("exec failed: %s", e)

@@ -1,17 +1,17 @@
 """The runtime's streaming front: the token store and the server, and what each kind of URL runs.
-Exec (without stdin or a terminal) streams a command's output from the guest as it comes."""
+Exec streams a command's output from the guest as it comes, and its stdin and terminal in."""
 
 from __future__ import annotations
 
 import socket
-import threading
 from dataclasses import dataclass
 
 from kvmsandbox.config import StreamingConfig
 from kvmsandbox.cri.streaming import remotecommand
-from kvmsandbox.cri.streaming.remotecommand import Channels, StreamSink
+from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.server import StreamingServer
 from kvmsandbox.cri.streaming.tokens import TokenStore
+from kvmsandbox.sandbox.interactive import ProcessIO
 from kvmsandbox.sandbox.manager import SandboxManager
 
 
@@ -47,9 +47,7 @@ class Streaming:
         return self._tokens.redeem(token) if kind == "exec" else None
 
     def _serve(self, kind: str, request: ExecRequest, protocol: str, sock: socket.socket, first: bytes) -> None:
-        def run(sink: StreamSink, cancelled: threading.Event) -> int:
-            return self._manager.exec_streaming(
-                request.sandbox_id, request.container_id, list(request.cmd), sink, cancelled
-            )
+        def run(io: ProcessIO) -> int:
+            return self._manager.exec_streaming(request.sandbox_id, request.container_id, list(request.cmd), io)
 
         remotecommand.serve_exec(sock, first, protocol, request.channels, run)

@@ -1,0 +1,128 @@
+"""Port-forward in the guest: TCP connections from the agent to 127.0.0.1:<port>, which is the
+pod's network namespace (containers share the guest's), so servers bound to loopback are reached
+as they are with runc. The host reads and writes each one in bounded calls."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+import time
+
+from kvmsandbox.agent.guest.errors import AgentFault, FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.agent.v1 import agent_pb2 as pb
+
+# Open connections one guest keeps; beyond, OpenPort is refused (each holds a socket).
+MAX_CONNECTIONS = 256
+CONNECT_TIMEOUT = 10.0
+
+
+class _Connection:
+    __slots__ = ("port", "read_lock", "sock", "write_lock")
+
+    def __init__(self, sock: socket.socket, port: int) -> None:
+        self.sock = sock
+        self.port = port
+        self.read_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+
+
+class PortConnections:
+    """The port-forward connections the host opened, by an id it cannot guess from an older run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: dict[int, _Connection] = {}
+
+    def open(self, port: int) -> int:
+        """Raises InvalidArgument (not a port), AgentFault UNAVAILABLE (nothing listens there),
+        FailedPrecondition (too many connections)."""
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"invalid port {port}: must be 1-65535")
+        with self._lock:
+            if len(self._conns) >= MAX_CONNECTIONS:
+                raise FailedPrecondition(f"{MAX_CONNECTIONS} port-forward connections are open already")
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            why = e.strerror or str(e)
+            raise AgentFault(f"cannot connect to 127.0.0.1:{port} in the pod: {why}", pb.UNAVAILABLE) from None
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn_id = int.from_bytes(os.urandom(8), "big") >> 1 or 1
+        with self._lock:
+            self._conns[conn_id] = _Connection(sock, port)
+        return conn_id
+
+    def _get(self, conn_id: int) -> _Connection:
+        with self._lock:
+            conn = self._conns.get(conn_id)
+        if conn is None:
+            raise NotFound(f"port-forward connection {conn_id} not found")
+        return conn
+
+    def read(self, conn_id: int, max_bytes: int, wait: float) -> tuple[bytes, bool]:
+        """Up to ``max_bytes`` the server sent (waiting up to ``wait`` for some) and whether it
+        closed its side. Raises NotFound."""
+        conn = self._get(conn_id)
+        with conn.read_lock:
+            if not _ready(conn.sock, select.POLLIN, wait):
+                return b"", False
+            try:
+                data = conn.sock.recv(max_bytes)
+            except BlockingIOError:
+                return b"", False
+            except OSError:
+                return b"", True
+            return data, not data
+
+    def write(self, conn_id: int, data: bytes, close_write: bool, wait: float) -> int:
+        """Sends what the connection takes within ``wait``; then, with all sent and
+        ``close_write``, shuts its write side. Raises NotFound, FailedPrecondition (reset)."""
+        conn = self._get(conn_id)
+        written = 0
+        deadline = time.monotonic() + wait
+        with conn.write_lock:
+            while written < len(data):
+                try:
+                    written += conn.sock.send(data[written:])
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    raise FailedPrecondition(f"connection to port {conn.port} failed: {e.strerror or e}") from None
+                if not _ready(conn.sock, select.POLLOUT, deadline - time.monotonic()):
+                    break
+            if close_write and written == len(data):
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_WR)
+        return written
+
+    def close(self, conn_id: int) -> None:
+        """Closes the connection; an unknown id is already closed (idempotent)."""
+        with self._lock:
+            conn = self._conns.pop(conn_id, None)
+        if conn is not None:
+            _shut(conn.sock)
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for conn in conns:
+            _shut(conn.sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wakes a read or write waiting on the socket, then closes it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def _ready(sock: socket.socket, event: int, wait: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(max(0.0, wait) * 1000))
