@@ -20,6 +20,7 @@ from kvmsandbox.cri.state import (
     sandbox_metadata,
 )
 from kvmsandbox.cri.store import CriPod, PodMetadata
+from kvmsandbox.cri.streaming.service import PortForwardRequest
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, KvmSandboxError, NotFound
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState
@@ -267,3 +268,22 @@ def list_(state: CriState, req: cri.ListPodSandboxRequest) -> cri.ListPodSandbox
             continue
         items.append(item)
     return cri.ListPodSandboxResponse(items=items)
+
+
+def port_forward_url(state: CriState, req: cri.PortForwardRequest) -> cri.PortForwardResponse:
+    """A URL of the streaming server that forwards connections to ports in the pod (SPDY/3.1,
+    ``portforward.k8s.io``); the ports come with each connection, as kubelet sends them.
+
+    Raises:
+        InvalidArgument: a port outside 1-65535. NotFound. FailedPrecondition: the pod is not
+        ready, or no streaming server.
+    """
+    for port in req.port:
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"invalid port {port}: must be 1-65535")
+    record = state.find_sandbox_by_prefix(req.pod_sandbox_id)
+    if record.state is not SandboxState.READY:
+        raise FailedPrecondition(f"pod sandbox {record.id} is {record.state.value}, not ready")
+    if state.streaming is None:
+        raise FailedPrecondition("this runtime has no streaming server running")
+    return cri.PortForwardResponse(url=state.streaming.url(PortForwardRequest(record.id)))

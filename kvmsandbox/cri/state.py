@@ -148,6 +148,22 @@ class CriState:
                 raise NotFound(f"container {container_id} not found{detail}") from None
             return self.find_container(matches[0])
 
+    def find_sandbox_by_prefix(self, sandbox_id: str) -> SandboxRecord:
+        """The sandbox with that id or, failing that, the only one whose id starts with it.
+
+        Raises:
+            NotFound: none, or the prefix names more than one.
+        """
+        store = self.manager.ctx.store
+        try:
+            return store.get(sandbox_id)
+        except NotFound:
+            matches = store.sandboxes_starting_with(sandbox_id) if sandbox_id else []
+            if len(matches) != 1:
+                detail = " (more than one has an id starting so)" if matches else ""
+                raise NotFound(f"pod sandbox {sandbox_id} not found{detail}") from None
+            return store.get(matches[0])
+
     def pod(self, record: SandboxRecord) -> CriPod:
         """The pod's CRI facts; empty ones for a sandbox made below the CRI."""
         return self.store.pod(record.id) or CriPod(id=record.id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.agent.client import AgentClient, ExitStatus
+from kvmsandbox.agent.streams import PortStream
 from kvmsandbox.config import Config
 from kvmsandbox.errors import FailedPrecondition, NotFound
 from kvmsandbox.guest_image import GuestImage
@@ -282,6 +283,15 @@ class SandboxManager:
 
     def exec_streaming(self, sandbox_id: str, container_id: str, args: list[str], io: ProcessIO) -> int:
         return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, io)
+
+    def open_port(self, sandbox_id: str, port: int) -> PortStream:
+        """A TCP connection to 127.0.0.1:``port`` in the pod, made from inside its guest.
+
+        Raises:
+            NotFound. FailedPrecondition: the sandbox is not ready. AgentError UNAVAILABLE:
+            nothing listens there.
+        """
+        return PortStream(self.ctx.ready_client(self.ctx.store.get(sandbox_id)), port)
 
     # -- figures -----------------------------------------------------------------------------
 

@@ -119,6 +119,11 @@ class SandboxStore:
         with self._lock:
             return [copy.deepcopy(self._records[k]) for k in sorted(self._records)]
 
+    def sandboxes_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
+        """Up to ``limit`` sandbox ids that start with ``prefix``."""
+        with self._lock:
+            return [sandbox_id for sandbox_id in self._records if sandbox_id.startswith(prefix)][:limit]
+
     def containers_starting_with(self, prefix: str, limit: int = 2) -> list[str]:
         """Up to ``limit`` container ids that start with ``prefix`` (a short id as crictl shows)."""
         with self._lock:

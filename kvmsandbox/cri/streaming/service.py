@@ -1,5 +1,6 @@
 """The runtime's streaming front: the token store and the server, and what each kind of URL runs.
-Exec streams a command's output from the guest as it comes, and its stdin and terminal in."""
+Exec streams a command's output from the guest as it comes, and its stdin and terminal in;
+port-forward copies connections to ports in the pod, opened from inside its guest."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import socket
 from dataclasses import dataclass
 
 from kvmsandbox.config import StreamingConfig
-from kvmsandbox.cri.streaming import remotecommand
+from kvmsandbox.cri.streaming import portforward, remotecommand
+from kvmsandbox.cri.streaming.portforward import Connection
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.server import StreamingServer
 from kvmsandbox.cri.streaming.tokens import TokenStore
@@ -23,14 +25,27 @@ class ExecRequest:
     channels: Channels
 
 
+@dataclass(frozen=True)
+class PortForwardRequest:
+    sandbox_id: str
+
+
+Request = ExecRequest | PortForwardRequest
+KINDS: dict[type, str] = {ExecRequest: "exec", PortForwardRequest: "portforward"}
+
+
 class Streaming:
-    """Issues URLs for Exec and serves them; one per server."""
+    """Issues URLs for Exec and PortForward and serves them; one per server."""
 
     def __init__(self, config: StreamingConfig, manager: SandboxManager) -> None:
         self._manager = manager
-        self._tokens: TokenStore[ExecRequest] = TokenStore()
-        self.server: StreamingServer[ExecRequest] = StreamingServer(
-            config.address, config.port, self._resolve, self._serve, {"exec": remotecommand.PROTOCOLS}
+        self._tokens: TokenStore[Request] = TokenStore()
+        self.server: StreamingServer[Request] = StreamingServer(
+            config.address,
+            config.port,
+            self._resolve,
+            self._serve,
+            {"exec": remotecommand.PROTOCOLS, "portforward": portforward.PROTOCOLS},
         )
 
     def start(self) -> None:
@@ -39,15 +54,34 @@ class Streaming:
     def stop(self) -> None:
         self.server.stop()
 
-    def exec_url(self, request: ExecRequest) -> str:
+    def url(self, request: Request) -> str:
         """Raises ResourceExhausted when too many URLs wait for their client."""
-        return self.server.url("exec", self._tokens.issue(request))
+        return self.server.url(KINDS[type(request)], self._tokens.issue(request))
 
-    def _resolve(self, kind: str, token: str) -> ExecRequest | None:
-        return self._tokens.redeem(token) if kind == "exec" else None
+    def exec_url(self, request: ExecRequest) -> str:
+        return self.url(request)
 
-    def _serve(self, kind: str, request: ExecRequest, protocol: str, sock: socket.socket, first: bytes) -> None:
+    def _resolve(self, kind: str, token: str) -> Request | None:
+        if kind not in KINDS.values():
+            return None
+        request = self._tokens.redeem(token)
+        # A token is spent even on the wrong path: it was shown to someone who guessed the kind.
+        return request if request is not None and KINDS[type(request)] == kind else None
+
+    def _serve(self, kind: str, request: Request, protocol: str, sock: socket.socket, first: bytes) -> None:
+        if isinstance(request, PortForwardRequest):
+            sandbox_id = request.sandbox_id
+
+            def connect(port: int) -> Connection:
+                return self._manager.open_port(sandbox_id, port)
+
+            portforward.serve_port_forward(sock, first, sandbox_id, connect)
+            return
+        exec_request = request
+
         def run(io: ProcessIO) -> int:
-            return self._manager.exec_streaming(request.sandbox_id, request.container_id, list(request.cmd), io)
+            return self._manager.exec_streaming(
+                exec_request.sandbox_id, exec_request.container_id, list(exec_request.cmd), io
+            )
 
-        remotecommand.serve_exec(sock, first, protocol, request.channels, run)
+        remotecommand.serve_exec(sock, first, protocol, exec_request.channels, run)
