@@ -14,7 +14,7 @@ from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
 from kvmsandbox.cri.store import CriContainer, MountInfo
 from kvmsandbox.cri.streaming.remotecommand import Channels
-from kvmsandbox.cri.streaming.service import ExecRequest
+from kvmsandbox.cri.streaming.service import AttachRequest, ExecRequest
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
@@ -228,3 +228,26 @@ def exec_sync(state: CriState, req: cri.ExecSyncRequest) -> cri.ExecSyncResponse
     timeout = validate.timeout(req.timeout) if req.timeout > 0 else EXEC_SYNC_DEFAULT_TIMEOUT
     result = state.manager.exec_sync(sandbox.id, c.id, list(req.cmd), timeout=timeout)
     return cri.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+
+def attach_url(state: CriState, req: cri.AttachRequest) -> cri.AttachResponse:
+    """A URL of the streaming server that attaches its client to the running container's streams:
+    its output from then on, its stdin (if it was created with one) and its terminal.
+
+    Raises:
+        InvalidArgument: no stream asked for, a terminal the container does not have, or a
+        terminal with stderr. FailedPrecondition: the container does not run, or no streaming server.
+    """
+    if not (req.stdin or req.stdout or req.stderr):
+        raise InvalidArgument("Attach needs one of stdin, stdout or stderr")
+    sandbox, c = state.find_container_by_prefix(req.container_id)
+    if req.tty and not c.tty:
+        raise InvalidArgument(f"container {c.id} has no terminal: attach without tty")
+    if req.tty and req.stderr:
+        raise InvalidArgument("Attach with a terminal has one output stream: stderr must be false when tty is true")
+    if c.state is not ContainerState.RUNNING:
+        raise FailedPrecondition(f"container {c.id} is {c.state.value}, not running")
+    if state.streaming is None:
+        raise FailedPrecondition("this runtime has no streaming server running")
+    channels = Channels(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, tty=req.tty)
+    return cri.AttachResponse(url=state.streaming.url(AttachRequest(sandbox.id, c.id, channels)))

@@ -115,4 +115,7 @@ def process_spec(config: cri.ContainerConfig, image_config: dict[str, Any], laye
         uid=uid,
         gid=gid,
         additional_gids=[int(g) for g in sc.supplemental_groups],
+        terminal=config.tty,
+        stdin=config.stdin,
+        stdin_once=config.stdin_once,
     )

@@ -104,6 +104,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         return containers.exec_url(self.state, request)
 
     @rpc
+    def Attach(self, request: api_pb2.AttachRequest, context: Ctx) -> api_pb2.AttachResponse:
+        return containers.attach_url(self.state, request)
+
+    @rpc
     def PortForward(self, request: api_pb2.PortForwardRequest, context: Ctx) -> api_pb2.PortForwardResponse:
         return pods.port_forward_url(self.state, request)
 

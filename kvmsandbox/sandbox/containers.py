@@ -133,6 +133,33 @@ def _open_log(log_file: Path, positions: Path) -> CriLogWriter:
         raise FailedPrecondition(f"the container's log {log_file} cannot be opened: {e.strerror}") from e
 
 
+def _new_record(
+    sandbox_id: str,
+    container_id: str,
+    name: str,
+    process: oci_spec.ProcessSpec,
+    lower_dirs: list[Path],
+    log_file: Path,
+    pid: int,
+    root: _Root,
+) -> ContainerRecord:
+    return ContainerRecord(
+        id=container_id,
+        sandbox_id=sandbox_id,
+        name=name or container_id[:12],
+        state=ContainerState.CREATED,
+        args=list(process.args),
+        lower_dirs=[str(d) for d in lower_dirs],
+        log_path=str(log_file),
+        pid=pid,
+        created_at_ns=time.time_ns(),
+        tty=process.terminal,
+        stdin=process.stdin,
+        stdin_once=process.stdin_once,
+        **root.record_fields(),
+    )
+
+
 def create(
     ctx: SandboxContext,
     sandbox_id: str,
@@ -170,23 +197,18 @@ def create(
                 resources=resources,
             )
             targets = root.targets if root.layers else None
-            pid = client.create_container(container_id, spec, layer_targets=targets, writable_target=root.writable)
+            pid = client.create_container(
+                container_id,
+                spec,
+                layer_targets=targets,
+                writable_target=root.writable,
+                stdin=process.stdin and not process.terminal,
+            )
         except BaseException:
             writer.close(forget_positions=True)
             _undo(ctx, record, container_id, root)
             raise
-        container = ContainerRecord(
-            id=container_id,
-            sandbox_id=sandbox_id,
-            name=name or container_id[:12],
-            state=ContainerState.CREATED,
-            args=list(process.args),
-            lower_dirs=[str(d) for d in lower_dirs],
-            log_path=str(log_file),
-            pid=pid,
-            created_at_ns=time.time_ns(),
-            **root.record_fields(),
-        )
+        container = _new_record(sandbox_id, container_id, name, process, lower_dirs, log_file, pid, root)
         record.containers[container_id] = container
         ctx.store.save(record)
         ctx.stdio.add_writer(key := (sandbox_id, container_id), writer)

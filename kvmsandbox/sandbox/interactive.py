@@ -1,5 +1,6 @@
 """What a client brings to an interactive process besides reading its output: bytes for its stdin
-and sizes for its terminal, copied to the guest by one thread each while the process runs."""
+and sizes for its terminal, copied to the guest by one thread each while the process runs; and
+attaching a client to a running container's streams."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvmsandbox.agent.streams import StdinWriter
-from kvmsandbox.errors import KvmSandboxError
+from kvmsandbox.errors import FailedPrecondition, KvmSandboxError
+from kvmsandbox.sandbox.containers import find
+from kvmsandbox.sandbox.context import SandboxContext
+from kvmsandbox.sandbox.states import ContainerState
 from kvmsandbox.sandbox.stdio import Sink
 
 log = logging.getLogger(__name__)
@@ -125,3 +129,48 @@ def _copy_sizes(sizes: SizeSource | None, writer: StdinWriter, done: threading.E
             writer.resize(*size)
     except KvmSandboxError as e:
         log.info("terminal resize copy ended: %s", e)
+
+
+def attach(ctx: SandboxContext, sandbox_id: str, container_id: str, io: ProcessIO) -> int:
+    """Attaches a client to a running container: its output from now on to ``io.sink``, the
+    client's stdin (when the container has one) and terminal sizes in, until the container's
+    output ends, the client leaves (``io.cancelled``) or falls TAP_LIMIT bytes behind. Returns 0.
+
+    Raises:
+        NotFound. FailedPrecondition: the container does not run, or its output is not copied.
+    """
+    record = ctx.store.get(sandbox_id)
+    c = find(record, container_id)
+    client = ctx.ready_client(record)
+    if c.state is not ContainerState.RUNNING:
+        raise FailedPrecondition(f"container {container_id} is {c.state.value}, not running")
+    sink = ctx.stdio.sink((sandbox_id, container_id))
+    if sink is None:
+        raise FailedPrecondition(f"the output of container {container_id} is not being copied: cannot attach")
+    tap = sink.tap(("stdout",) if c.tty else ("stdout", "stderr"))
+    if not c.stdin:
+        io.stdin = None
+    io.tty = c.tty
+    io.close_stdin = c.stdin_once
+    ended = threading.Event()
+    writer = StdinWriter(client, container_id, "")
+    start_copiers(io, writer, ended, f"attach-{container_id[:12]}")
+    try:
+        while not io.cancelled.is_set():
+            try:
+                piece = tap.get(POLL_SECONDS)
+            except TimeoutError:
+                continue
+            if piece is None:
+                if tap.overflowed:
+                    log.warning("attach to %s cut off: the client fell behind", container_id[:12])
+                break
+            io.sink.write(*piece)
+    finally:
+        ended.set()
+        sink.untap(tap)
+        join_copiers(io, POLL_SECONDS * 4 + 10)
+        if c.stdin and c.stdin_once and not c.tty:
+            with contextlib.suppress(KvmSandboxError):
+                writer.close()  # the first attach is over: so is the container's stdin
+    return 0

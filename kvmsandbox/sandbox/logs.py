@@ -192,9 +192,12 @@ class CriLogWriter:
 
 
 def parse_cri_log(text: str) -> list[tuple[str, str, str]]:
-    """(stream, tag, content) for every line of a CRI log file."""
+    """(stream, tag, content) for every line of a CRI log file. Lines end at "\n" only: a
+    terminal's "\r" is part of the content."""
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
+        if not line:
+            continue
         _, stream, tag, *content = line.split(" ", 3)
         out.append((stream, tag, content[0] if content else ""))
     return out

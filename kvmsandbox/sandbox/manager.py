@@ -20,7 +20,7 @@ from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.accel import Accel
 from kvmsandbox.hypervisor.spec import Hypervisor
 from kvmsandbox.network.pod import PodNetworking
-from kvmsandbox.sandbox import containers, execs, lifecycle, probes, recovery
+from kvmsandbox.sandbox import containers, execs, interactive, lifecycle, probes, recovery
 from kvmsandbox.sandbox.boot import SandboxBoot
 from kvmsandbox.sandbox.console import ConsoleSweeper, SweepResult
 from kvmsandbox.sandbox.context import SandboxContext
@@ -283,6 +283,9 @@ class SandboxManager:
 
     def exec_streaming(self, sandbox_id: str, container_id: str, args: list[str], io: ProcessIO) -> int:
         return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, io)
+
+    def attach(self, sandbox_id: str, container_id: str, io: ProcessIO) -> int:
+        return interactive.attach(self.ctx, sandbox_id, container_id, io)
 
     def open_port(self, sandbox_id: str, port: int) -> PortStream:
         """A TCP connection to 127.0.0.1:``port`` in the pod, made from inside its guest.

@@ -66,6 +66,10 @@ class ProcessSpec:
     terminal: bool = False
     # (width, height) of the terminal at start; (0, 0): the runtime's default.
     console_size: tuple[int, int] = (0, 0)
+    # A stdin the runtime writes (what attached clients send); closed after the first attach
+    # with stdin_once. Not part of the OCI process: how the agent starts it.
+    stdin: bool = False
+    stdin_once: bool = False
 
 
 def process_object(process: ProcessSpec) -> dict[str, Any]:

@@ -52,6 +52,10 @@ class ContainerRecord:
     layer_keys: list[str] = field(default_factory=list)
     writable_target: int = 0
     writable_baseline_bytes: int = 0
+    # Its process has a terminal; a stdin the host writes (attach); closed after the first attach.
+    tty: bool = False
+    stdin: bool = False
+    stdin_once: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}

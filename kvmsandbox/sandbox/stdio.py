@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +29,8 @@ STORE_RETRY_SECONDS = 1.0
 # limit, which the kubelet uses too); the rest is read and dropped so the command does not block
 # on a full pipe.
 EXEC_OUTPUT_LIMIT = 8 * 1024 * 1024 - 64 * 1024
+# Output an attached client may have waiting before it is cut off.
+TAP_LIMIT = 4 * 1024 * 1024
 
 
 class Sink(Protocol):
@@ -180,19 +183,98 @@ class OutputCollector:
 
 
 class LogSink:
-    """Sink that writes CRI-format log lines."""
+    """Sink that writes CRI-format log lines, and hands what it wrote to the taps of attached
+    clients (after the log took it: output read again after a failed write is not repeated)."""
 
     def __init__(self, writer: CriLogWriter) -> None:
         self.writer = writer
+        self._lock = threading.Lock()
+        self._taps: set[Tap] = set()
+        self._ended: set[str] = set()
 
     def position(self, stream: str) -> tuple[int, int]:
         return self.writer.position(stream)
 
     def write(self, stream: str, data: bytes) -> None:
         self.writer.write(stream, data)
+        with self._lock:
+            taps = list(self._taps)
+        for tap in taps:
+            tap.put(stream, data)
 
     def end(self, stream: str) -> None:
         self.writer.close_stream(stream)
+        with self._lock:
+            self._ended.add(stream)
+            taps = list(self._taps)
+        for tap in taps:
+            tap.end(stream)
+
+    def tap(self, streams: tuple[str, ...]) -> Tap:
+        with self._lock:
+            tap = Tap(streams, self._ended)
+            self._taps.add(tap)
+            return tap
+
+    def untap(self, tap: Tap) -> None:
+        with self._lock:
+            self._taps.discard(tap)
+
+    def finish(self) -> None:
+        """No more output will come (the container is removed, the runtime stops): every tap ends."""
+        with self._lock:
+            taps = list(self._taps)
+        for tap in taps:
+            for stream in tap.streams:
+                tap.end(stream)
+
+
+class Tap:
+    """A copy of a container's output from now on, for one attached client. Bounded: a client
+    TAP_LIMIT bytes behind is cut off (the log and the container do not wait for it)."""
+
+    def __init__(self, streams: tuple[str, ...], ended: set[str]) -> None:
+        self.streams = streams
+        self._cond = threading.Condition()
+        self._chunks: deque[tuple[str, bytes]] = deque()
+        self._size = 0
+        self._ended = set(ended) & set(streams)
+        self.overflowed = False
+
+    def put(self, stream: str, data: bytes) -> None:
+        with self._cond:
+            if self.overflowed or stream not in self.streams:
+                return
+            if self._size + len(data) > TAP_LIMIT:
+                self.overflowed = True
+            else:
+                self._chunks.append((stream, data))
+                self._size += len(data)
+            self._cond.notify_all()
+
+    def end(self, stream: str) -> None:
+        with self._cond:
+            self._ended.add(stream)
+            self._cond.notify_all()
+
+    def get(self, timeout: float) -> tuple[str, bytes] | None:
+        """The next piece of output; None once every stream has ended and all was taken, or the
+        client fell too far behind.
+
+        Raises:
+            TimeoutError: nothing within ``timeout``.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._chunks or self._over(), timeout):
+                raise TimeoutError
+            if self.overflowed or not self._chunks:
+                return None
+            stream, data = self._chunks.popleft()
+            self._size -= len(data)
+            return stream, data
+
+    def _over(self) -> bool:
+        return self.overflowed or self._ended >= set(self.streams)
 
 
 Key = tuple[str, str]
@@ -207,6 +289,7 @@ class StdioRegistry:
         self._lock = threading.Lock()
         self._pumps: dict[Key, OutputPump] = {}
         self._writers: dict[Key, CriLogWriter] = {}
+        self._sinks: dict[Key, LogSink] = {}
 
     def add_writer(self, key: Key, writer: CriLogWriter) -> None:
         with self._lock:
@@ -232,17 +315,26 @@ class StdioRegistry:
                 return
             writer = self._writers.get(key) or CriLogWriter(log_path, positions)
             self._writers[key] = writer
-            self._pumps[key] = OutputPump(client, key[1], "", LogSink(writer), self.bytes_per_second)
+            self._sinks[key] = sink = LogSink(writer)
+            self._pumps[key] = OutputPump(client, key[1], "", sink, self.bytes_per_second)
+
+    def sink(self, key: Key) -> LogSink | None:
+        """Where the container's output goes while the runtime copies it."""
+        with self._lock:
+            return self._sinks.get(key)
 
     def release(self, key: Key, join_timeout: float) -> None:
         """Waits up to ``join_timeout`` for the pump to end and closes the log."""
         with self._lock:
             pump = self._pumps.pop(key, None)
             writer = self._writers.pop(key, None)
+            sink = self._sinks.pop(key, None)
         if pump is not None and not pump.join(join_timeout):
             pump.stop()  # it ends at its next read: the closed writer takes nothing more
         if writer is not None:
             writer.close()
+        if sink is not None:
+            sink.finish()
 
     def release_sandbox(self, sandbox_id: str, join_timeout: float) -> None:
         """``release`` for every container of the sandbox (its agent connection is gone by now)."""
@@ -265,8 +357,12 @@ class StdioRegistry:
         with self._lock:
             pumps = list(self._pumps.values())
             writers = list(self._writers.values())
+            sinks = list(self._sinks.values())
             self._pumps.clear()
             self._writers.clear()
+            self._sinks.clear()
+        for sink in sinks:
+            sink.finish()
         deadline = time.monotonic() + join_timeout
         for pump in pumps:
             pump.join(max(0.0, deadline - time.monotonic()))

@@ -174,3 +174,32 @@ def test_port_connections_are_bounded(echo_server: int, monkeypatch: pytest.Monk
     ports.close_all()
     ports.open(echo_server)
     ports.close_all()
+
+
+def test_a_tap_passes_output_on_until_its_streams_end() -> None:
+    from kvmsandbox.sandbox.stdio import Tap
+
+    tap = Tap(("stdout", "stderr"), ended=set())
+    tap.put("stdout", b"a")
+    tap.put("other", b"ignored")
+    tap.end("stdout")
+    assert tap.get(0.1) == ("stdout", b"a")
+    with pytest.raises(TimeoutError):
+        tap.get(0.05)  # stderr has not ended
+    tap.put("stderr", b"b")
+    tap.end("stderr")
+    assert tap.get(0.1) == ("stderr", b"b")
+    assert tap.get(0.1) is None
+    # A stream that ended before the tap was made does not hold it open.
+    assert Tap(("stdout",), ended={"stdout", "stderr"}).get(0.1) is None
+
+
+def test_a_client_too_far_behind_is_cut_off_not_buffered_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmsandbox.sandbox import stdio
+
+    monkeypatch.setattr(stdio, "TAP_LIMIT", 1000)
+    tap = stdio.Tap(("stdout",), ended=set())
+    for _ in range(100):
+        tap.put("stdout", b"x" * 100)
+    assert tap.overflowed
+    assert tap.get(0.1) is None  # what was held is dropped with the client

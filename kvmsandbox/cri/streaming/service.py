@@ -1,6 +1,7 @@
 """The runtime's streaming front: the token store and the server, and what each kind of URL runs.
 Exec streams a command's output from the guest as it comes, and its stdin and terminal in;
-port-forward copies connections to ports in the pod, opened from inside its guest."""
+attach does the same for a running container's own process; port-forward copies connections to
+ports in the pod, opened from inside its guest."""
 
 from __future__ import annotations
 
@@ -26,16 +27,23 @@ class ExecRequest:
 
 
 @dataclass(frozen=True)
+class AttachRequest:
+    sandbox_id: str
+    container_id: str
+    channels: Channels
+
+
+@dataclass(frozen=True)
 class PortForwardRequest:
     sandbox_id: str
 
 
-Request = ExecRequest | PortForwardRequest
-KINDS: dict[type, str] = {ExecRequest: "exec", PortForwardRequest: "portforward"}
+Request = ExecRequest | AttachRequest | PortForwardRequest
+KINDS: dict[type, str] = {ExecRequest: "exec", AttachRequest: "attach", PortForwardRequest: "portforward"}
 
 
 class Streaming:
-    """Issues URLs for Exec and PortForward and serves them; one per server."""
+    """Issues URLs for Exec, Attach and PortForward and serves them; one per server."""
 
     def __init__(self, config: StreamingConfig, manager: SandboxManager) -> None:
         self._manager = manager
@@ -45,7 +53,11 @@ class Streaming:
             config.port,
             self._resolve,
             self._serve,
-            {"exec": remotecommand.PROTOCOLS, "portforward": portforward.PROTOCOLS},
+            {
+                "exec": remotecommand.PROTOCOLS,
+                "attach": remotecommand.PROTOCOLS,
+                "portforward": portforward.PROTOCOLS,
+            },
         )
 
     def start(self) -> None:
@@ -76,6 +88,14 @@ class Streaming:
                 return self._manager.open_port(sandbox_id, port)
 
             portforward.serve_port_forward(sock, first, sandbox_id, connect)
+            return
+        if isinstance(request, AttachRequest):
+            attach = request
+
+            def run_attach(io: ProcessIO) -> int:
+                return self._manager.attach(attach.sandbox_id, attach.container_id, io)
+
+            remotecommand.serve_exec(sock, first, protocol, attach.channels, run_attach)
             return
         exec_request = request
 
