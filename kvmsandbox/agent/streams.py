@@ -10,6 +10,7 @@ requests of every stream interleave on the connection instead of one stream fill
 from __future__ import annotations
 
 import threading
+import time
 
 from kvmsandbox.agent.client import LONG_POLL_SLACK, AgentClient
 from kvmsandbox.agent.v1 import agent_pb2 as pb
@@ -17,6 +18,19 @@ from kvmsandbox.errors import AgentMisbehaved
 
 CHUNK = 256 * 1024
 WAIT_SECONDS = 5.0
+# A call that moved no byte is repeated this long after it was made at the earliest: an agent that
+# answers at once with nothing cannot make the host spin.
+MIN_CALL_INTERVAL = 0.1
+
+
+def _unless_spinning(asked: float, moved: int, stop: threading.Event | None = None) -> None:
+    if moved == 0:
+        delay = MIN_CALL_INTERVAL - (time.monotonic() - asked)
+        if delay > 0:
+            if stop is None:
+                time.sleep(delay)
+            else:
+                stop.wait(delay)
 
 
 class StdinWriter:
@@ -50,7 +64,10 @@ class StdinWriter:
         """
         view = memoryview(data)
         while view and not stop.is_set():
-            view = view[self._write(bytes(view[:CHUNK]), False) :]
+            asked = time.monotonic()
+            written = self._write(bytes(view[:CHUNK]), False)
+            view = view[written:]
+            _unless_spinning(asked, written, stop)
 
     def close(self) -> None:
         """Closes the process's stdin (EOF; nothing for a terminal). Raises as ``write``."""
@@ -76,10 +93,13 @@ class PortStream:
     def read(self) -> tuple[bytes, bool]:
         """What the server sent next (b"" after WAIT_SECONDS without any) and whether it has
         closed its side. Raises AgentError NOT_FOUND (closed), Unavailable, DeadlineExceeded."""
+        asked = time.monotonic()
         req = pb.ReadPortRequest(connection_id=self._id, max_bytes=CHUNK, wait_ms=int(WAIT_SECONDS * 1000))
         resp = self._client.call("ReadPort", req, pb.ReadPortResponse, WAIT_SECONDS + LONG_POLL_SLACK)
         if len(resp.data) > CHUNK:
             raise AgentMisbehaved(f"the agent of {self._client.name} sent {len(resp.data)} bytes for {CHUNK} asked")
+        if not resp.eof:
+            _unless_spinning(asked, len(resp.data))
         return resp.data, resp.eof
 
     def write(self, data: bytes, stop: threading.Event, close_write: bool = False) -> None:
@@ -92,10 +112,13 @@ class PortStream:
             req = pb.WritePortRequest(
                 connection_id=self._id, data=chunk, close_write=close_write and last, wait_ms=int(WAIT_SECONDS * 1000)
             )
+            asked = time.monotonic()
             written = self._client.call("WritePort", req, pb.WritePortResponse, WAIT_SECONDS + LONG_POLL_SLACK).written
             if written > len(chunk):
                 raise AgentMisbehaved(f"the agent of {self._client.name} took {written} of {len(chunk)} bytes")
             view = view[written:]
+            if view:
+                _unless_spinning(asked, written, stop)
             if not view:
                 return
 

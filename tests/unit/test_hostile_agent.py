@@ -241,3 +241,40 @@ def test_a_late_answer_is_taken_once(agent_of: Callable[[Answer], FakeAgent]) ->
         client.call("Health", pb.HealthRequest(), pb.HealthResponse, timeout=0.05)
     with pytest.raises(AgentMisbehaved, match="never sent"):
         client.call("GuestDetails", pb.GuestDetailsRequest(), pb.HealthResponse)
+
+
+def test_stream_calls_refuse_answers_larger_than_asked_and_do_not_spin_on_empty_ones(
+    agent_of: Callable[[Answer], FakeAgent],
+) -> None:
+    from kvmsandbox.agent import streams
+
+    calls: dict[str, int] = {}
+
+    def liar(req: pb.Request) -> bytes:
+        calls[req.method] = calls.get(req.method, 0) + 1
+        if req.method == "OpenPort":
+            return answer(req.id, body=pb.OpenPortResponse(connection_id=7).SerializeToString())
+        if req.method == "ReadPort":
+            big = (
+                pb.ReadPortResponse(data=b"x" * (streams.CHUNK + 1)) if calls[req.method] > 3 else pb.ReadPortResponse()
+            )
+            return answer(req.id, body=big.SerializeToString())
+        if req.method == "WriteStdin":
+            written = 0 if calls[req.method] < 5 else 1 << 30
+            return answer(req.id, body=pb.WriteStdinResponse(written=written).SerializeToString())
+        return answer(req.id)
+
+    agent = agent_of(liar)
+    client = agent.client()
+    port = streams.PortStream(client, 80)
+    started = time.monotonic()
+    for _ in range(3):  # empty answers at once: each read still takes the minimum interval
+        assert port.read() == (b"", False)
+    assert time.monotonic() - started >= 3 * streams.MIN_CALL_INTERVAL * 0.9
+    with pytest.raises(AgentMisbehaved, match="bytes for"):
+        port.read()
+    stdin = streams.StdinWriter(agent_of(liar).client(), "c", "")
+    started = time.monotonic()
+    with pytest.raises(AgentMisbehaved, match="took 1073741824 of 2"):
+        stdin.write(b"hi", threading.Event())
+    assert calls["WriteStdin"] == 5 and time.monotonic() - started >= 4 * streams.MIN_CALL_INTERVAL * 0.9
