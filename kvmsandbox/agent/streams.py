@@ -9,6 +9,10 @@ requests of every stream interleave on the connection instead of one stream fill
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import struct
 import threading
 import time
 
@@ -16,8 +20,10 @@ from kvmsandbox.agent.client import LONG_POLL_SLACK, AgentClient
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 from kvmsandbox.errors import AgentMisbehaved
 
-CHUNK = 256 * 1024
+# Bytes one call moves at most (the agent's bound on a read, a quarter of a frame).
+CHUNK = 1024 * 1024
 WAIT_SECONDS = 5.0
+RELAY_CONNECT_SECONDS = 5.0
 # A call that moved no byte is repeated this long after it was made at the earliest: an agent that
 # answers at once with nothing cannot make the host spin.
 MIN_CALL_INTERVAL = 0.1
@@ -125,3 +131,55 @@ class PortStream:
     def close(self) -> None:
         """Closes the connection in the guest. Raises as ``read``."""
         self._client.call("ClosePort", pb.ClosePortRequest(connection_id=self._id), pb.ClosePortResponse)
+
+
+class RelayStream:
+    """A port-forward connection over the pod's network: the agent connects to 127.0.0.1:port in
+    the guest and relays (in the guest's kernel) one connection from the host to it, which proves
+    itself with a random token. Much faster than PortStream: no byte passes through the agent's
+    protocol. What the guest sends is only passed on, never parsed."""
+
+    def __init__(self, client: AgentClient, address: str, port: int) -> None:
+        """Raises AgentError (UNAVAILABLE: nothing listens there; UNIMPLEMENTED: an older agent),
+        Unavailable, DeadlineExceeded, OSError (the pod's address cannot be reached)."""
+        self.port = port
+        token = os.urandom(32)
+        req = pb.OpenPortRelayRequest(port=port, token=token)
+        relay_port = client.call("OpenPortRelay", req, pb.OpenPortRelayResponse).relay_port
+        if not 0 < relay_port < 65536:
+            raise AgentMisbehaved(f"the agent of {client.name} named relay port {relay_port}")
+        self._sock = socket.create_connection((address, relay_port), timeout=RELAY_CONNECT_SECONDS)
+        self._sock.settimeout(WAIT_SECONDS)
+        try:
+            self._sock.sendall(token)
+        except OSError:
+            self._sock.close()
+            raise
+
+    def read(self) -> tuple[bytes, bool]:
+        """What the server sent next (b"" after WAIT_SECONDS without any) and whether it ended."""
+        try:
+            data = self._sock.recv(CHUNK)
+        except TimeoutError:
+            return b"", False
+        except OSError:
+            return b"", True
+        return data, not data
+
+    def write(self, data: bytes, stop: threading.Event, close_write: bool = False) -> None:
+        """Sends ``data`` unless ``stop`` is set first, then shuts the write side if ``close_write``.
+        Raises OSError: the connection failed."""
+        view = memoryview(data)
+        while view and not stop.is_set():
+            try:
+                view = view[self._sock.send(view) :]
+            except TimeoutError:
+                continue
+        if close_write and not view:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Resets the connection, so the guest's relay ends whatever the server does."""
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._sock.close()

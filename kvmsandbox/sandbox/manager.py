@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.agent.client import AgentClient, ExitStatus
-from kvmsandbox.agent.streams import PortStream
+from kvmsandbox.agent.streams import PortStream, RelayStream
 from kvmsandbox.config import Config
-from kvmsandbox.errors import FailedPrecondition, NotFound
+from kvmsandbox.errors import AgentError, FailedPrecondition, NotFound
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.accel import Accel
 from kvmsandbox.hypervisor.spec import Hypervisor
@@ -287,14 +287,29 @@ class SandboxManager:
     def attach(self, sandbox_id: str, container_id: str, io: ProcessIO) -> int:
         return interactive.attach(self.ctx, sandbox_id, container_id, io)
 
-    def open_port(self, sandbox_id: str, port: int) -> PortStream:
-        """A TCP connection to 127.0.0.1:``port`` in the pod, made from inside its guest.
+    def open_port(self, sandbox_id: str, port: int) -> PortStream | RelayStream:
+        """A TCP connection to 127.0.0.1:``port`` in the pod, made from inside its guest: relayed
+        over the pod's network when it has one (fast), else through the agent's protocol.
 
         Raises:
             NotFound. FailedPrecondition: the sandbox is not ready. AgentError UNAVAILABLE:
             nothing listens there.
         """
-        return PortStream(self.ctx.ready_client(self.ctx.store.get(sandbox_id)), port)
+        record = self.ctx.store.get(sandbox_id)
+        client = self.ctx.ready_client(record)
+        address = record.network.addresses[0].split("/")[0] if record.network and record.network.addresses else ""
+        if address:
+            try:
+                return RelayStream(client, address, port)
+            except AgentError as e:
+                if e.grpc_code == "UNAVAILABLE":
+                    raise
+                log.info("port-forward to %s: no relay in the guest (%s): through the agent", sandbox_id[:12], e)
+            except OSError as e:
+                log.info(
+                    "port-forward to %s: relay at %s unreachable (%s): through the agent", sandbox_id[:12], address, e
+                )
+        return PortStream(client, port)
 
     # -- figures -----------------------------------------------------------------------------
 

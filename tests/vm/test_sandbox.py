@@ -331,3 +331,38 @@ def test_a_restarted_manager_recovers_sandboxes_and_stop_keeps_their_records(
             again.close()
         manager.destroy_sandbox(record.id)
     assert not manager.sandbox_dir(record.id).exists()
+
+
+def test_port_forward_through_the_agent_when_the_pod_has_no_network(
+    manager: SandboxManager, sandbox: SandboxRecord, busybox_layer: Path
+) -> None:
+    import threading
+
+    from kvmsandbox.agent.streams import PortStream
+
+    c = manager.create_container(sandbox.id, lower_dirs=[busybox_layer], process=sh("nc -ll -p 8081 -e cat"))
+    try:
+        manager.start_container(sandbox.id, c.id)
+        wait_until(
+            lambda: b":8081" in manager.exec_sync(sandbox.id, c.id, ["netstat", "-ltn"]).stdout, 60, "nc to listen"
+        )
+        conn = manager.open_port(sandbox.id, 8081)
+        assert isinstance(conn, PortStream)  # no pod network: no relay
+        payload = bytes(range(256)) * 4096
+        sender = threading.Thread(target=conn.write, args=(payload, threading.Event(), True))
+        sender.start()
+        got, eof = b"", False
+        while not eof:
+            data, eof = conn.read()
+            got += data
+        sender.join(60)
+        assert got == payload
+        conn.close()
+        with pytest.raises(AgentError, match="not found"):
+            conn.read()
+        with pytest.raises(AgentError, match=r"cannot connect to 127\.0\.0\.1:9") as e:
+            manager.open_port(sandbox.id, 9)
+        assert e.value.grpc_code == "UNAVAILABLE"
+    finally:
+        manager.stop_container(sandbox.id, c.id, grace=0)
+        manager.remove_container(sandbox.id, c.id)

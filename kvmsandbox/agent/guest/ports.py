@@ -70,13 +70,20 @@ class PortConnections:
         with conn.read_lock:
             if not _ready(conn.sock, select.POLLIN, wait):
                 return b"", False
-            try:
-                data = conn.sock.recv(max_bytes)
-            except BlockingIOError:
-                return b"", False
-            except OSError:
-                return b"", True
-            return data, not data
+            # What the kernel holds for the connection, up to max_bytes: one call carries as much
+            # as has come since the last one.
+            data = bytearray()
+            while len(data) < max_bytes:
+                try:
+                    chunk = conn.sock.recv(max_bytes - len(data))
+                except BlockingIOError:
+                    break
+                except OSError:
+                    return bytes(data), not data
+                if not chunk:
+                    return bytes(data), not data
+                data += chunk
+            return bytes(data), False
 
     def write(self, conn_id: int, data: bytes, close_write: bool, wait: float) -> int:
         """Sends what the connection takes within ``wait``; then, with all sent and
@@ -126,3 +133,104 @@ def _ready(sock: socket.socket, event: int, wait: float) -> bool:
     poller = select.poll()
     poller.register(sock, event)
     return bool(poller.poll(max(0.0, wait) * 1000))
+
+
+RELAY_TOKEN_BYTES = 32
+RELAY_ACCEPT_SECONDS = 10.0
+SPLICE_BYTES = 1 << 20
+
+
+class PortRelays:
+    """Port-forward over the pod's network: a one-connection listener that joins the host to a
+    connection to 127.0.0.1:<port>, the bytes spliced in the kernel both ways."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def open(self, port: int, token: bytes) -> int:
+        """Returns the port the relay listens on. Raises InvalidArgument, AgentFault UNAVAILABLE
+        (nothing listens on the port), FailedPrecondition (too many relays)."""
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"invalid port {port}: must be 1-65535")
+        if len(token) != RELAY_TOKEN_BYTES:
+            raise InvalidArgument(f"a relay token has {RELAY_TOKEN_BYTES} bytes, not {len(token)}")
+        with self._lock:
+            if self._open >= MAX_CONNECTIONS:
+                raise FailedPrecondition(f"{MAX_CONNECTIONS} port-forward relays are open already")
+            self._open += 1
+        try:
+            target = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            self._closed()
+            why = e.strerror or str(e)
+            raise AgentFault(f"cannot connect to 127.0.0.1:{port} in the pod: {why}", pb.UNAVAILABLE) from None
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind(("::", 0))
+            listener.listen(1)
+        except OSError as e:
+            listener.close()
+            target.close()
+            self._closed()
+            raise AgentFault(f"cannot listen for the relay: {e}") from None
+        threading.Thread(target=self._serve, args=(listener, target, token), name=f"relay-{port}", daemon=True).start()
+        return int(listener.getsockname()[1])
+
+    def _closed(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def _serve(self, listener: socket.socket, target: socket.socket, token: bytes) -> None:
+        try:
+            with listener:
+                listener.settimeout(RELAY_ACCEPT_SECONDS)
+                host, _ = listener.accept()
+            with host, target:
+                host.settimeout(RELAY_ACCEPT_SECONDS)
+                got = b""
+                while len(got) < len(token):
+                    chunk = host.recv(len(token) - len(got))
+                    if not chunk:
+                        return
+                    got += chunk
+                import hmac
+
+                if not hmac.compare_digest(got, token):
+                    return
+                host.settimeout(None)
+                target.settimeout(None)
+                back = threading.Thread(target=_splice, args=(target, host), daemon=True)
+                back.start()
+                _splice(host, target)
+                back.join()
+        except OSError:
+            pass
+        finally:
+            self._closed()
+
+
+def _splice(src: socket.socket, dst: socket.socket) -> None:
+    """Moves bytes from ``src`` to ``dst`` through a pipe in the kernel until ``src`` ends (then
+    shuts ``dst`` for writing) or ``dst`` is reset."""
+    r, w = os.pipe()
+    poller = select.poll()
+    poller.register(src, select.POLLIN)
+    poller.register(dst, 0)  # POLLHUP and POLLERR are always reported: the host reset the relay
+    try:
+        while True:
+            if any(fd == dst.fileno() for fd, _ in poller.poll()):
+                break
+            n = os.splice(src.fileno(), w, SPLICE_BYTES)
+            if n == 0:
+                break
+            while n:
+                n -= os.splice(r, dst.fileno(), n)
+    except OSError:
+        pass
+    finally:
+        os.close(r)
+        os.close(w)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

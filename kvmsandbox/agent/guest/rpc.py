@@ -12,7 +12,7 @@ from kvmsandbox import __version__
 from kvmsandbox.agent import wire
 from kvmsandbox.agent.guest import log
 from kvmsandbox.agent.guest.errors import AgentFault
-from kvmsandbox.agent.guest.ports import PortConnections
+from kvmsandbox.agent.guest.ports import PortConnections, PortRelays
 from kvmsandbox.agent.guest.runner import ContainerRunner
 from kvmsandbox.agent.guest.sandbox import SandboxSetup
 from kvmsandbox.agent.v1 import agent_pb2 as pb
@@ -58,6 +58,7 @@ class AgentService:
         self.runner = runner
         self.sandbox = SandboxSetup()
         self.ports = PortConnections()
+        self.relays = PortRelays()
         self.transport = transport
         self._handlers: dict[str, Callable[[Any], Message]] = {name: getattr(self, name) for name in wire.METHODS}
 
@@ -182,6 +183,9 @@ class AgentService:
     def ClosePort(self, req: pb.ClosePortRequest) -> pb.ClosePortResponse:
         self.ports.close(req.connection_id)
         return pb.ClosePortResponse()
+
+    def OpenPortRelay(self, req: pb.OpenPortRelayRequest) -> pb.OpenPortRelayResponse:
+        return pb.OpenPortRelayResponse(relay_port=self.relays.open(req.port, req.token))
 
     def ListContainers(self, req: pb.ListContainersRequest) -> pb.ListContainersResponse:
         return pb.ListContainersResponse(containers=self.runner.list())

@@ -1364,3 +1364,46 @@ class ClosePortResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClosePortResponse: _TypeAlias = ClosePortResponse  # noqa: Y015
+
+@_typing.final
+class OpenPortRelayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    token: _builtins.bytes
+    """32 random bytes the host's connection starts with; any other connection is closed."""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortRelayRequest: _TypeAlias = OpenPortRelayRequest  # noqa: Y015
+
+@_typing.final
+class OpenPortRelayResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELAY_PORT_FIELD_NUMBER: _builtins.int
+    relay_port: _builtins.int
+    """Where the relay listens (any of the guest's addresses), for one connection within 10 s."""
+    def __init__(
+        self,
+        *,
+        relay_port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["relay_port", b"relay_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenPortRelayResponse: _TypeAlias = OpenPortRelayResponse  # noqa: Y015
