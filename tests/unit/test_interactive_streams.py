@@ -203,3 +203,28 @@ def test_a_client_too_far_behind_is_cut_off_not_buffered_without_bound(monkeypat
         tap.put("stdout", b"x" * 100)
     assert tap.overflowed
     assert tap.get(0.1) is None  # what was held is dropped with the client
+
+
+def test_a_relay_serves_only_the_connection_with_its_token(echo_server: int) -> None:
+    from kvmsandbox.agent.guest.ports import PortRelays
+
+    relays = PortRelays()
+    token = os.urandom(32)
+    with pytest.raises(InvalidArgument, match="32 bytes"):
+        relays.open(echo_server, b"short")
+    port = relays.open(echo_server, token)
+    # A neighbour that comes first with a wrong token is dropped; the host still gets in after it.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as intruder:
+        intruder.sendall(b"x" * 32)
+        assert intruder.recv(10) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as host:
+        host.sendall(token + b"through the kernel")
+        got = b""
+        while len(got) < 18:
+            got += host.recv(100)
+        assert got == b"through the kernel"
+        host.shutdown(socket.SHUT_WR)
+        assert host.recv(10) == b""  # the echo server saw the end and closed: so does the relay
+    # One connection per relay: the listener is gone.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -184,31 +184,47 @@ class PortRelays:
 
     def _serve(self, listener: socket.socket, target: socket.socket, token: bytes) -> None:
         try:
-            with listener:
-                listener.settimeout(RELAY_ACCEPT_SECONDS)
-                host, _ = listener.accept()
-            with host, target:
-                host.settimeout(RELAY_ACCEPT_SECONDS)
-                got = b""
-                while len(got) < len(token):
-                    chunk = host.recv(len(token) - len(got))
-                    if not chunk:
-                        return
-                    got += chunk
-                import hmac
-
-                if not hmac.compare_digest(got, token):
+            with listener, target:
+                host = _accept_with_token(listener, token)
+                listener.close()  # one connection per relay
+                if host is None:
                     return
-                host.settimeout(None)
-                target.settimeout(None)
-                back = threading.Thread(target=_splice, args=(target, host), daemon=True)
-                back.start()
-                _splice(host, target)
-                back.join()
+                target.settimeout(None)  # blocking again: splice needs it
+                with host:
+                    back = threading.Thread(target=_splice, args=(target, host), daemon=True)
+                    back.start()
+                    _splice(host, target)
+                    back.join()
         except OSError:
             pass
         finally:
             self._closed()
+
+
+def _accept_with_token(listener: socket.socket, token: bytes) -> socket.socket | None:
+    """The first connection within RELAY_ACCEPT_SECONDS that starts with ``token``; others (a
+    neighbour on the pod network racing the host) are closed and the wait goes on."""
+    import hmac
+
+    deadline = time.monotonic() + RELAY_ACCEPT_SECONDS
+    while (remaining := deadline - time.monotonic()) > 0:
+        listener.settimeout(remaining)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return None
+        conn.settimeout(1.0)  # the host sends its token at once
+        got = b""
+        try:
+            while len(got) < len(token) and (chunk := conn.recv(len(token) - len(got))):
+                got += chunk
+        except OSError:
+            pass
+        if hmac.compare_digest(got, token):
+            conn.settimeout(None)
+            return conn
+        conn.close()
+    return None
 
 
 def _splice(src: socket.socket, dst: socket.socket) -> None:
