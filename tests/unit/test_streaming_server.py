@@ -14,8 +14,12 @@ from kvmsandbox.cri.streaming import spdy, upgrade
 from kvmsandbox.cri.streaming.server import StreamingServer
 from kvmsandbox.cri.streaming.spdy_session import SpdySession, SpdyStream
 from kvmsandbox.cri.streaming.tokens import TokenStore
+from kvmsandbox.cri.streaming.websocket import WsSession
 
-PROTOCOLS = {"exec": ("v4.channel.k8s.io", "v3.channel.k8s.io"), "portforward": ("portforward.k8s.io",)}
+PROTOCOLS = {
+    "spdy": {"exec": ("v4.channel.k8s.io", "v3.channel.k8s.io"), "portforward": ("portforward.k8s.io",)},
+    "websocket": {"exec": ("v5.channel.k8s.io", "base64.channel.k8s.io")},
+}
 
 
 def echo(stream: SpdyStream) -> None:
@@ -36,9 +40,19 @@ def server() -> Iterator[tuple[StreamingServer[str], TokenStore[tuple[str, str]]
         found = tokens.redeem(token)
         return found[1] if found is not None and found[0] == kind else None
 
-    def serve(kind: str, what: str, protocol: str, sock: socket.socket, first: bytes) -> None:
-        served.append(f"{kind} {what} {protocol}")
-        SpdySession(sock, echo, first).serve()
+    def serve(kind: str, what: str, up: upgrade.Upgraded) -> None:
+        served.append(f"{kind} {what} {up.protocol}")
+        if up.transport == "spdy":
+            SpdySession(up.sock, echo, up.first).serve()
+            return
+        # WebSocket: channel 0 is echoed back on channel 1 until the client closes channel 0.
+        session = WsSession(up.sock, [0, 1], base64_framing="base64" in up.protocol, first=up.first)
+        reader = threading.Thread(target=session.serve, daemon=True)
+        reader.start()
+        while chunk := session.channels[0].read():
+            session.channels[1].write(chunk)
+        session.close()
+        reader.join(5)
 
     srv: StreamingServer[str] = StreamingServer("127.0.0.1", 0, resolve, serve, PROTOCOLS, max_sessions=4)
     srv.start()
@@ -98,7 +112,7 @@ def test_a_token_upgrades_once_to_spdy_with_the_clients_preferred_common_protoco
     ("path", "headers", "status", "words"),
     [
         ("/exec/{token}", ("X-Stream-Protocol-Version: v9.channel.k8s.io", *SPDY), "403", "unable to negotiate"),
-        ("/exec/{token}", (), "400", "serves SPDY/3.1 upgrades"),
+        ("/exec/{token}", (), "400", "serves SPDY/3.1 and WebSocket upgrades"),
         ("/portforward/{token}", SPDY, "404", "no portforward request"),
         ("/exec/not-a-token", SPDY, "404", "unknown, used or expired"),
         ("/metrics", SPDY, "404", "no streaming endpoint"),
@@ -127,9 +141,9 @@ def test_slow_or_idle_heads_are_dropped_and_bounded_apart_from_sessions(monkeypa
     tokens: TokenStore[str] = TokenStore()
     sessions: list[str] = []
 
-    def serve(kind: str, what: str, protocol: str, sock: socket.socket, first: bytes) -> None:
+    def serve(kind: str, what: str, up: upgrade.Upgraded) -> None:
         sessions.append(what)
-        SpdySession(sock, echo, first).serve()
+        SpdySession(up.sock, echo, up.first).serve()
 
     srv: StreamingServer[str] = StreamingServer(
         "127.0.0.1", 0, lambda kind, token: tokens.redeem(token), serve, PROTOCOLS, max_sessions=8, max_heads=3
@@ -160,3 +174,88 @@ def test_slow_or_idle_heads_are_dropped_and_bounded_apart_from_sessions(monkeypa
         ok.close()
     finally:
         srv.stop()
+
+
+RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class WsClient:
+    """A WebSocket client made of wsproto's frame layer, after a hand-made handshake."""
+
+    def __init__(
+        self, srv: StreamingServer[str], path: str, *protocols: str, key: str = "dGhlIHNhbXBsZSBub25jZQ=="
+    ) -> None:
+        from wsproto.connection import Connection, ConnectionType
+
+        self.sock = socket.create_connection((srv.address, srv.port), timeout=10)
+        headers = [
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ] + ([f"Sec-WebSocket-Protocol: {', '.join(protocols)}"] if protocols else [])
+        self.sock.sendall(
+            (f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode()
+        )
+        self.head, rest = response(self.sock)
+        self.ws = Connection(ConnectionType.CLIENT)
+        self.ws.receive_data(rest)
+
+    def send(self, event: object) -> None:
+        self.sock.sendall(self.ws.send(event))  # type: ignore[arg-type]
+
+    def events(self, until: type) -> list[object]:
+        got: list[object] = []
+        while not any(isinstance(e, until) for e in got):
+            got += list(self.ws.events())
+            if any(isinstance(e, until) for e in got):
+                break
+            data = self.sock.recv(65536)
+            self.ws.receive_data(data or None)
+        return got
+
+
+def test_a_token_upgrades_to_a_websocket_with_channels_binary_and_base64(
+    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]],
+) -> None:
+    import base64
+
+    from wsproto.events import BytesMessage, CloseConnection, TextMessage
+
+    srv, tokens, served = server
+    path = "/exec/" + tokens.issue(("exec", "c1"))
+    client = WsClient(srv, path, "v9.nothing", "v5.channel.k8s.io")
+    assert client.head.startswith("HTTP/1.1 101")
+    assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in client.head  # RFC 6455's example
+    assert "Sec-WebSocket-Protocol: v5.channel.k8s.io" in client.head
+    client.send(BytesMessage(data=b"\x00hello"))
+    client.send(BytesMessage(data=b"\x07to a channel nobody reads"))
+    (echoed,) = [e for e in client.events(BytesMessage) if isinstance(e, BytesMessage)]
+    assert echoed.data == b"\x01hello"
+    client.send(BytesMessage(data=bytes([255, 0])))  # v5: close stdin
+    assert any(isinstance(e, CloseConnection) for e in client.events(CloseConnection))
+    assert served == ["exec c1 v5.channel.k8s.io"]
+
+    b64 = WsClient(srv, "/exec/" + tokens.issue(("exec", "c2")), "base64.channel.k8s.io")
+    b64.send(TextMessage(data="0" + base64.b64encode(b"\x00\xffbin").decode()))
+    b64.send(TextMessage(data="0not base64!"))  # dropped, the session goes on
+    (text,) = [e for e in b64.events(TextMessage) if isinstance(e, TextMessage)]
+    assert text.data == "1" + base64.b64encode(b"\x00\xffbin").decode()
+
+
+def test_websocket_handshakes_and_messages_it_cannot_take_are_refused(
+    server: tuple[StreamingServer[str], TokenStore[tuple[str, str]], list[str]],
+) -> None:
+    from wsproto.events import BytesMessage, CloseConnection
+
+    srv, tokens, _ = server
+    bad_version = request(srv, "/exec/" + tokens.issue(("exec", "c")), "Connection: Upgrade", "Upgrade: websocket")
+    head, body = response(bad_version)
+    assert head.startswith("HTTP/1.1 400") and b"Sec-WebSocket-Key" in body
+    head = WsClient(srv, "/exec/" + tokens.issue(("exec", "c")), "v1.unknown").head
+    assert head.startswith("HTTP/1.1 403")
+    # A message over the bound ends the session with 1009, before it is all read.
+    client = WsClient(srv, "/exec/" + tokens.issue(("exec", "c")), "v5.channel.k8s.io")
+    client.send(BytesMessage(data=b"\x00" + b"x" * (2 << 20)))
+    closes = [e for e in client.events(CloseConnection) if isinstance(e, CloseConnection)]
+    assert closes[0].code == 1009

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from kvmsandbox.cri.streaming.spdy_session import MAX_STREAMS, SpdySession, SpdyStream
+from kvmsandbox.cri.streaming.websocket import WsChannel, WsSession
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ Connect = Callable[[int], Connection]
 class _Pair:
     def __init__(self, port: str) -> None:
         self.port = port
-        self.error: SpdyStream | None = None
-        self.data: SpdyStream | None = None
+        self.error: SpdyStream | WsChannel | None = None
+        self.data: SpdyStream | WsChannel | None = None
         self.created = time.monotonic()
 
 
@@ -172,3 +174,40 @@ def _client_to_pod(data: SpdyStream, conn: Connection, done: threading.Event, st
     except Exception as e:
         log.info("port-forward: client's bytes not passed on: %s", e)
         done.set()
+
+
+WS_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "channel.k8s.io", "base64.channel.k8s.io")
+# Ports one WebSocket session forwards (each is one connection for the session's life).
+MAX_WS_PORTS = MAX_PAIRS
+
+
+def serve_port_forward_ws(
+    sock: socket.socket, first: bytes, protocol: str, pod: str, ports: list[int], connect: Connect
+) -> None:
+    """Serves port-forward on a WebSocket: one connection per port of the URL's query, on
+    channels 2i (data) and 2i+1 (error), each opened with the port as two little-endian bytes, as
+    kubelet's server does. The session ends when every connection has. Raises nothing."""
+    session = WsSession(sock, list(range(2 * len(ports))), base64_framing="base64" in protocol, first=first)
+    reader = threading.Thread(target=session.serve, name="port-forward-ws", daemon=True)
+    reader.start()
+    workers = []
+    try:
+        for i, port in enumerate(ports):
+            data, error = session.channels[2 * i], session.channels[2 * i + 1]
+            error.stop_reading()
+            prefix = struct.pack("<H", port)
+            data.write(prefix)
+            error.write(prefix)
+            pair = _Pair(str(port))
+            pair.data, pair.error = data, error
+            worker = threading.Thread(target=_forward, args=(pair, pod, connect, session.closed), daemon=True)
+            worker.start()
+            workers.append(worker)
+        for worker in workers:
+            while worker.is_alive() and not session.closed.is_set():
+                worker.join(1.0)
+    except OSError as e:
+        log.info("port-forward websocket session ended: %s", e)
+    finally:
+        session.close()
+        reader.join(5)

@@ -17,10 +17,12 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvmsandbox.cri.streaming.spdy_session import SpdySession, SpdyStream
+from kvmsandbox.cri.streaming.websocket import WsSession
 from kvmsandbox.sandbox.interactive import ProcessIO
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class StreamSink:
     Sink: positions counted here, every byte passed on). With a terminal there is one stream: what
     comes as stderr (the runtime's own messages about the command) goes to stdout."""
 
-    def __init__(self, streams: dict[str, SpdyStream], tty: bool = False) -> None:
+    def __init__(self, streams: Mapping[str, Stream], tty: bool = False) -> None:
         self._streams = dict(streams)
         if tty and "stdout" in streams:
             self._streams["stderr"] = streams["stdout"]
@@ -89,7 +91,7 @@ class TerminalSizes:
 
     MAX_PENDING = 4096
 
-    def __init__(self, stream: SpdyStream) -> None:
+    def __init__(self, stream: Stream) -> None:
         self._stream = stream
         self._pending = ""
         self._decoder = json.JSONDecoder()
@@ -137,8 +139,17 @@ Run = Callable[[ProcessIO], int]
 set (then it is killed and its code, or -1, returned)."""
 
 
+class Stream(Protocol):
+    """A channel of the session: a SPDY stream or a WebSocket channel."""
+
+    def read(self, timeout: float | None = None) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
 def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Channels, run: Run) -> None:
-    """Serves one exec session on an upgraded connection; returns when it is over. Raises nothing."""
+    """Serves one exec or attach session on a connection upgraded to SPDY; returns when it is
+    over. Raises nothing."""
     streams: dict[str, SpdyStream] = {}
     complete = threading.Event()
     expected = channels.expected()
@@ -165,33 +176,69 @@ def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Chann
             log.info("exec session ended before its streams were open: %s", sorted(streams))
             return
         log.info("exec session streams open: %s", sorted(streams))
-        try:
-            # The session's end (the client gone) cancels the command.
-            io = ProcessIO(
-                StreamSink(streams, channels.tty),
-                session.closed,
-                stdin=streams.get("stdin"),
-                sizes=TerminalSizes(streams["resize"]) if "resize" in streams else None,
-                tty=channels.tty,
-            )
-            code = run(io)
-            log.info("exec session command ended code=%d client_gone=%s", code, session.closed.is_set())
-        except Exception as e:  # the outcome is the client's to see, not a traceback's
-            log.warning("exec failed: %s", e)
-            with contextlib.suppress(OSError):
-                _failure(streams["error"], protocol, str(e)[:1024])
-        else:
-            with contextlib.suppress(OSError):
-                _outcome(streams["error"], protocol, code)
-        for stream in streams.values():
-            stream.close()
-        session.closed.wait(CLOSE_GRACE)
+        _run_session(dict(streams), session.closed, protocol, channels, run)
     finally:
         session.close()
         reader.join(CLOSE_GRACE)
 
 
-def _outcome(error: SpdyStream, protocol: str, code: int) -> None:
+# The channels of the WebSocket protocols, by number.
+WS_CHANNELS = {"stdin": 0, "stdout": 1, "stderr": 2, "error": 3, "resize": 4}
+WS_PROTOCOLS = (
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+    "base64.channel.k8s.io",
+)
+
+
+def serve_exec_ws(sock: socket.socket, first: bytes, protocol: str, channels: Channels, run: Run) -> None:
+    """Serves one exec or attach session on a connection upgraded to WebSocket (every channel
+    is there from the start). Raises nothing."""
+    wanted = channels.expected()
+    session = WsSession(sock, [WS_CHANNELS[name] for name in wanted], base64_framing="base64" in protocol, first=first)
+    for name in wanted - {"stdin", "resize"}:
+        session.channels[WS_CHANNELS[name]].stop_reading()
+    reader = threading.Thread(target=session.serve, name="exec-session-ws", daemon=True)
+    reader.start()
+    try:
+        streams: dict[str, Stream] = {name: session.channels[WS_CHANNELS[name]] for name in wanted}
+        _run_session(streams, session.closed, protocol, channels, run)
+    finally:
+        session.close()
+        reader.join(CLOSE_GRACE)
+
+
+def _run_session(
+    streams: dict[str, Stream], closed: threading.Event, protocol: str, channels: Channels, run: Run
+) -> None:
+    try:
+        io = ProcessIO(
+            StreamSink(streams, channels.tty),
+            closed,
+            stdin=streams.get("stdin"),
+            sizes=TerminalSizes(streams["resize"]) if "resize" in streams else None,
+            tty=channels.tty,
+        )
+        # The session's end (the client gone) cancels the command.
+        code = run(io)
+        log.info("exec session command ended code=%d client_gone=%s", code, closed.is_set())
+    except Exception as e:  # the outcome is the client's to see, not a traceback's
+        log.warning("exec failed: %s", e)
+        with contextlib.suppress(OSError):
+            _failure(streams["error"], protocol, str(e)[:1024])
+    else:
+        with contextlib.suppress(OSError):
+            _outcome(streams["error"], protocol, code)
+    for stream in streams.values():
+        stream.close()
+    closed.wait(CLOSE_GRACE)
+
+
+def _outcome(error: Stream, protocol: str, code: int) -> None:
     if code == 0:
         if protocol.startswith("v4") or protocol.startswith("v5"):
             error.write(json.dumps({"metadata": {}, "status": "Success"}).encode())
@@ -209,7 +256,7 @@ def _outcome(error: SpdyStream, protocol: str, code: int) -> None:
     error.write(json.dumps(status).encode())
 
 
-def _failure(error: SpdyStream, protocol: str, message: str) -> None:
+def _failure(error: Stream, protocol: str, message: str) -> None:
     if protocol.startswith("v4") or protocol.startswith("v5"):
         error.write(json.dumps({"metadata": {}, "status": "Failure", "message": message}).encode())
     else:

@@ -32,16 +32,17 @@ SEND_TIMEOUT = 300.0
 
 class StreamingServer(Generic[T]):
     """``resolve(kind, token)`` gives what the token stands for (once) or None; ``serve(kind,
-    what, protocol, sock, first_bytes)`` serves an upgraded SPDY connection and returns when it
-    is over; ``protocols[kind]`` are the subprotocols served for each kind, preferred first."""
+    what, upgraded)`` serves an upgraded connection and returns when it is over;
+    ``protocols[transport][kind]`` are the subprotocols served for each kind on each transport
+    ("spdy", "websocket"), preferred first."""
 
     def __init__(
         self,
         address: str,
         port: int,
         resolve: Callable[[str, str], T | None],
-        serve: Callable[[str, T, str, socket.socket, bytes], None],
-        protocols: dict[str, tuple[str, ...]],
+        serve: Callable[[str, T, upgrade.Upgraded], None],
+        protocols: dict[str, dict[str, tuple[str, ...]]],
         max_sessions: int = MAX_SESSIONS,
         max_heads: int = MAX_HEADS,
     ) -> None:
@@ -106,12 +107,22 @@ class StreamingServer(Generic[T]):
             what = self._resolve(request.kind, request.token)
             if what is None:
                 raise BadRequest(404, f"no {request.kind} request for this token (unknown, used or expired)")
-            if not upgrade.is_spdy_upgrade(request):
-                raise BadRequest(400, "this endpoint serves SPDY/3.1 upgrades (Connection: Upgrade, Upgrade: SPDY/3.1)")
-            protocol = upgrade.negotiate(request, self._protocols.get(request.kind, ()))
-            _bound_waits(sock)
-            upgrade.answer_spdy_upgrade(sock, protocol)
-            self._serve(request.kind, what, protocol, sock, request.rest)
+            if upgrade.is_spdy_upgrade(request):
+                transport = "spdy"
+                protocol = upgrade.negotiate(request, self._protocols["spdy"].get(request.kind, ()))
+                _bound_waits(sock)
+                upgrade.answer_spdy_upgrade(sock, protocol)
+            elif upgrade.is_websocket_upgrade(request):
+                transport = "websocket"
+                supported = self._protocols["websocket"].get(request.kind, ())
+                protocol = upgrade.negotiate(request, supported, "sec-websocket-protocol")
+                _bound_waits(sock)
+                upgrade.answer_websocket_upgrade(sock, request, protocol)
+            else:
+                raise BadRequest(
+                    400, "this endpoint serves SPDY/3.1 and WebSocket upgrades (Connection: Upgrade, Upgrade: ...)"
+                )
+            self._serve(request.kind, what, upgrade.Upgraded(transport, protocol, sock, request.rest, request.query))
         except BadRequest as e:
             log.info("streaming request refused status=%d reason=%s", e.status, e)
             upgrade.answer_error(sock, e)

@@ -5,7 +5,6 @@ ports in the pod, opened from inside its guest."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 from kvmsandbox.config import StreamingConfig
@@ -14,6 +13,7 @@ from kvmsandbox.cri.streaming.portforward import Connection
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.server import StreamingServer
 from kvmsandbox.cri.streaming.tokens import TokenStore
+from kvmsandbox.cri.streaming.upgrade import Upgraded
 from kvmsandbox.sandbox.interactive import ProcessIO
 from kvmsandbox.sandbox.manager import SandboxManager
 
@@ -54,9 +54,16 @@ class Streaming:
             self._resolve,
             self._serve,
             {
-                "exec": remotecommand.PROTOCOLS,
-                "attach": remotecommand.PROTOCOLS,
-                "portforward": portforward.PROTOCOLS,
+                "spdy": {
+                    "exec": remotecommand.PROTOCOLS,
+                    "attach": remotecommand.PROTOCOLS,
+                    "portforward": portforward.PROTOCOLS,
+                },
+                "websocket": {
+                    "exec": remotecommand.WS_PROTOCOLS,
+                    "attach": remotecommand.WS_PROTOCOLS,
+                    "portforward": portforward.WS_PROTOCOLS,
+                },
             },
         )
 
@@ -80,28 +87,34 @@ class Streaming:
         # A token is spent even on the wrong path: it was shown to someone who guessed the kind.
         return request if request is not None and KINDS[type(request)] == kind else None
 
-    def _serve(self, kind: str, request: Request, protocol: str, sock: socket.socket, first: bytes) -> None:
+    def _serve(self, kind: str, request: Request, up: Upgraded) -> None:
         if isinstance(request, PortForwardRequest):
             sandbox_id = request.sandbox_id
 
             def connect(port: int) -> Connection:
                 return self._manager.open_port(sandbox_id, port)
 
-            portforward.serve_port_forward(sock, first, sandbox_id, connect)
+            if up.transport == "websocket":
+                ports = _query_ports(up.query)
+                portforward.serve_port_forward_ws(up.sock, up.first, up.protocol, sandbox_id, ports, connect)
+            else:
+                portforward.serve_port_forward(up.sock, up.first, sandbox_id, connect)
             return
-        if isinstance(request, AttachRequest):
-            attach = request
-
-            def run_attach(io: ProcessIO) -> int:
-                return self._manager.attach(attach.sandbox_id, attach.container_id, io)
-
-            remotecommand.serve_exec(sock, first, protocol, attach.channels, run_attach)
-            return
-        exec_request = request
 
         def run(io: ProcessIO) -> int:
-            return self._manager.exec_streaming(
-                exec_request.sandbox_id, exec_request.container_id, list(exec_request.cmd), io
-            )
+            if isinstance(request, AttachRequest):
+                return self._manager.attach(request.sandbox_id, request.container_id, io)
+            return self._manager.exec_streaming(request.sandbox_id, request.container_id, list(request.cmd), io)
 
-        remotecommand.serve_exec(sock, first, protocol, exec_request.channels, run)
+        serve = remotecommand.serve_exec_ws if up.transport == "websocket" else remotecommand.serve_exec
+        serve(up.sock, up.first, up.protocol, request.channels, run)
+
+
+def _query_ports(query: dict[str, list[str]]) -> list[int]:
+    """The ports of a WebSocket port-forward URL (``?port=80&port=8080``); bad ones are dropped
+    (their connection is not made), at most MAX_WS_PORTS."""
+    ports = []
+    for value in query.get("port", [])[: portforward.MAX_WS_PORTS]:
+        if value.isdigit() and 0 < int(value) < 65536:
+            ports.append(int(value))
+    return ports

@@ -1,22 +1,25 @@
 """The HTTP side of a streaming URL: read the client's request (bounded), find its token, agree on
-a subprotocol, and hand the upgraded connection to a SPDY session (WebSocket: to come).
+a subprotocol, and hand the upgraded connection to a SPDY session or a WebSocket.
 
-As Kubernetes' ``httpstream`` does: the client lists the subprotocols it speaks in
-``X-Stream-Protocol-Version`` (its preferred first); the server takes the first it also speaks and
-answers ``101 Switching Protocols`` with ``Upgrade: SPDY/3.1`` and the chosen version. No common
-version is a 403 that names both lists; an unknown, used or expired token a 404; anything that
-is not an upgrade a 400.
+As Kubernetes' ``httpstream`` does: a SPDY client lists the subprotocols it speaks in
+``X-Stream-Protocol-Version`` (its preferred first), a WebSocket client in
+``Sec-WebSocket-Protocol``; the server takes the first it also speaks and answers ``101 Switching
+Protocols`` with the chosen one. No common version is a 403 that names both lists; an unknown,
+used or expired token a 404; anything that is not an upgrade a 400.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs
 
 MAX_REQUEST_BYTES = 16 * 1024
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 REQUEST_TIMEOUT = 10.0
 KINDS = ("exec", "attach", "portforward")
 
@@ -37,6 +40,7 @@ class Request:
     headers: dict[str, list[str]]
     rest: bytes
     """What the client sent after the request head (the first frames, when it did not wait)."""
+    query: dict[str, list[str]] = field(default_factory=dict)
 
     def values(self, name: str) -> list[str]:
         """Every value of header ``name``, comma-separated lists split."""
@@ -84,20 +88,25 @@ def read_request(sock: socket.socket) -> Request:
         if not sep or not name.strip():
             raise BadRequest(400, f"a header line without a name: {line[:80]!r}")
         headers.setdefault(name.strip().lower(), []).append(value.strip())
-    parts = target.split("?", 1)[0].strip("/").split("/")
+    path, _, query = target.partition("?")
+    parts = path.strip("/").split("/")
     if len(parts) != 2 or parts[0] not in KINDS or not parts[1]:
         raise BadRequest(404, f"no streaming endpoint at {target[:200]!r}")
-    return Request(method, parts[0], parts[1], headers, rest)
+    try:
+        params = parse_qs(query, max_num_fields=64)
+    except ValueError:
+        raise BadRequest(400, "more than 64 query parameters") from None
+    return Request(method, parts[0], parts[1], headers, rest, params)
 
 
-def negotiate(request: Request, supported: tuple[str, ...]) -> str:
+def negotiate(request: Request, supported: tuple[str, ...], header: str = "x-stream-protocol-version") -> str:
     """The subprotocol to speak: the client's first that the server supports ("" when the client
     names none, as old clients do).
 
     Raises:
         BadRequest: 403, when there is no common one.
     """
-    offered = request.values("x-stream-protocol-version")
+    offered = request.values(header)
     if not offered:
         return ""
     for proto in offered:
@@ -114,6 +123,31 @@ def is_spdy_upgrade(request: Request) -> bool:
     return "upgrade" in [v.lower() for v in request.values("connection")] and any(
         v.lower() == "spdy/3.1" for v in request.values("upgrade")
     )
+
+
+def is_websocket_upgrade(request: Request) -> bool:
+    return "upgrade" in [v.lower() for v in request.values("connection")] and any(
+        v.lower() == "websocket" for v in request.values("upgrade")
+    )
+
+
+def answer_websocket_upgrade(sock: socket.socket, request: Request, protocol: str) -> None:
+    """101 Switching Protocols to WebSocket (RFC 6455) with the chosen subprotocol.
+
+    Raises:
+        BadRequest: not a version 13 handshake with a key. OSError.
+    """
+    key = request.values("sec-websocket-key")
+    if request.method != "GET" or len(key) != 1 or request.values("sec-websocket-version") != ["13"]:
+        raise BadRequest(400, "a WebSocket upgrade is a GET with one Sec-WebSocket-Key and Sec-WebSocket-Version 13")
+    digest = hashlib.sha1((key[0] + WEBSOCKET_GUID).encode(), usedforsecurity=False).digest()
+    head = (
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        f"Sec-WebSocket-Accept: {base64.b64encode(digest).decode()}\r\n"
+    )
+    if protocol:
+        head += f"Sec-WebSocket-Protocol: {protocol}\r\n"
+    sock.sendall((head + "\r\n").encode())
 
 
 def answer_error(sock: socket.socket, error: BadRequest) -> None:
@@ -139,5 +173,13 @@ def answer_spdy_upgrade(sock: socket.socket, protocol: str) -> None:
     sock.sendall((head + "\r\n").encode())
 
 
-Serve = Callable[[socket.socket, Request, str], None]
-"""Serves one upgraded connection: the socket, the request, the negotiated subprotocol."""
+@dataclass(frozen=True)
+class Upgraded:
+    """A connection after its 101: the transport ("spdy" | "websocket"), the subprotocol agreed
+    on, what the client sent after its request head, and the URL's query."""
+
+    transport: str
+    protocol: str
+    sock: socket.socket
+    first: bytes
+    query: dict[str, list[str]]
