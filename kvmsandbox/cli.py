@@ -1,4 +1,4 @@
-"""The ``kvmsandbox`` command: serve, doctor, guest image, demo, overhead."""
+"""The ``kvmsandbox`` command: serve, console, doctor, guest image, demo, overhead."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         threading.Thread(target=run_cri_demo, args=(config, ready), name="demo", daemon=True).start()
     return serve(config, ready=ready)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from kvmsandbox.console.client import run
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(_config(args), args.pod, args.identity, command)
 
 
 def cmd_overhead_measure(args: argparse.Namespace) -> int:
@@ -138,7 +145,7 @@ def cmd_overhead_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmsandbox", description="A container runtime that runs every pod in its own VM."
     )
@@ -150,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("serve", help="serve the CRI (RuntimeService and ImageService) on a unix socket")
     p.add_argument("--demo", action="store_true", help="once serving, run a demo pod through the socket")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("console", help="an authenticated shell in a pod's guest (outside its containers)")
+    p.add_argument("--identity", "-i", help="private key (default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa)")
+    p.add_argument("pod", help="the pod's sandbox id (or a unique prefix)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="a command to run instead of a shell")
+    p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("doctor", help="check this host and say what to fix")
     p.set_defaults(func=cmd_doctor)
@@ -184,8 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--from", dest="from_file", help="measurement file (default: this node's)")
     p.add_argument("--out", default="simulation", help="directory for simulation.md and simulation.png")
     p.set_defaults(func=cmd_overhead_simulate)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -109,6 +109,30 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    # The debug console: an SSH server (public keys only) that opens a shell in a pod's guest,
+    # outside its containers. It always listens on ``<run_dir>/console.sock`` (root only), which
+    # `kvmsandbox console POD` uses; ``listen`` adds an address for any SSH client: "" (off),
+    # "127.0.0.1:PORT" (loopback only) or "unix:/path". The SSH user names the pod (its id or a
+    # unique prefix). Every session is logged to ``<state_dir>/console-audit.log``.
+    authorized_keys: Path = Path("/etc/kvmsandbox/console_authorized_keys")
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.listen or self.listen.startswith("unix:/"):
+            return
+        host, _, port = self.listen.rpartition(":")
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not (loopback and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"config key 'console.listen' must be \"\", a loopback IP:PORT or unix:/path, got {self.listen!r}"
+            )
+
+
+@dataclass(frozen=True)
 class OverheadConfig:
     # Added to the highest observed overhead to make the recommended RuntimeClass podFixed.
     margin_percent: float = 10.0
@@ -176,6 +200,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     overhead: OverheadConfig = field(default_factory=OverheadConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
@@ -191,6 +216,10 @@ class Config:
     def measurement_file(self) -> Path:
         """The node's overhead measurement, written by `kvmsandbox overhead measure`."""
         return self.state_dir / "overhead.json"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
 
     @property
     def guest_image_dir(self) -> Path:

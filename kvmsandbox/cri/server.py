@@ -22,6 +22,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 
 from kvmsandbox.config import Config
+from kvmsandbox.console.server import ConsoleServer
 from kvmsandbox.cri.migrate import migrate_schema_0
 from kvmsandbox.cri.runtime.v1 import api_pb2_grpc
 from kvmsandbox.cri.service import ImageService, RuntimeService
@@ -81,6 +82,32 @@ def _lock_state_dir(state_dir: Path) -> IO[str]:
     return f
 
 
+def _settle_holds(state: CriState, manager: SandboxManager, store: CriStore) -> None:
+    """Images stay held, and CRI facts kept, only for pods and containers that still exist; while
+    a sandbox record cannot be read, nobody knows its containers: every hold stays."""
+    records = manager.list_sandboxes()
+    unreadable = manager.unreadable_records()
+    containers = {c for record in records for c in record.containers}
+    if unreadable:
+        log.error("sandbox records that cannot be read (listed not ready until removed): %s", unreadable)
+    else:
+        state.images.release_all_but(containers)
+    store.retain({r.id for r in records}, containers, unknown_pods=set(unreadable))
+
+
+def _start_fronts(config: Config, state: CriState, manager: SandboxManager) -> ConsoleServer:
+    """Starts the streaming server and the debug console (a console that cannot listen is logged,
+    not fatal: the CRI matters more)."""
+    assert state.streaming is not None
+    state.streaming.start()
+    console = ConsoleServer(config, lambda user: state.find_sandbox_by_prefix(user).id, manager.guest_shell)
+    try:
+        console.start()
+    except OSError as e:
+        log.error("the debug console cannot listen: %s", e)
+    return console
+
+
 def serve(config: Config, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Serves until SIGTERM/SIGINT (or ``stop``); returns the exit code."""
     lock = _lock_state_dir(config.state_dir)
@@ -96,16 +123,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
         store=store,
         streaming=Streaming(config.streaming, manager),
     )
-    records = manager.list_sandboxes()
-    unreadable = manager.unreadable_records()
-    containers = {c for record in records for c in record.containers}
-    # Images stay held, and CRI facts kept, only for pods and containers that still exist; while
-    # a sandbox record cannot be read, nobody knows its containers: every hold stays.
-    if unreadable:
-        log.error("sandbox records that cannot be read (listed not ready until removed): %s", unreadable)
-    else:
-        state.images.release_all_but(containers)
-    store.retain({r.id for r in records}, containers, unknown_pods=set(unreadable))
+    _settle_holds(state, manager, store)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cri"),
         options=[
@@ -118,8 +136,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     config.socket.parent.mkdir(parents=True, exist_ok=True)
     config.socket.unlink(missing_ok=True)
     server.add_insecure_port(f"unix://{config.socket}")
-    assert state.streaming is not None
-    state.streaming.start()
+    console = _start_fronts(config, state, manager)
     server.start()
     stop = stop or threading.Event()
     threading.Thread(target=_housekeeping, args=(stop, manager), name="housekeeping", daemon=True).start()
@@ -134,7 +151,9 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     stop.wait()
     log.warning("stopping: pods keep running")
     server.stop(grace=5).wait()
+    assert state.streaming is not None
     state.streaming.stop()
+    console.stop()
     state.close()
     manager.close()
     manager.hypervisor.close()

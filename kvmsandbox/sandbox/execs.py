@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+from kvmsandbox.agent.client import AgentClient
 from kvmsandbox.agent.streams import StdinWriter
 from kvmsandbox.errors import DeadlineExceeded, KvmSandboxError
 from kvmsandbox.sandbox import oci_spec
@@ -71,7 +72,16 @@ def exec_streaming(ctx: SandboxContext, sandbox_id: str, container_id: str, args
     """
     record = ctx.store.get(sandbox_id)
     find(record, container_id)
-    client = ctx.ready_client(record)
+    return _stream(ctx.ready_client(record), ctx, container_id, args, io)
+
+
+def guest_shell(ctx: SandboxContext, sandbox_id: str, args: list[str], io: ProcessIO) -> int:
+    """As ``exec_streaming``, for a command in the pod's guest itself, outside every container
+    (the debug console). Raises NotFound, FailedPrecondition, KvmSandboxError."""
+    return _stream(ctx.ready_client(ctx.store.get(sandbox_id)), ctx, "", args, io)
+
+
+def _stream(client: AgentClient, ctx: SandboxContext, container_id: str, args: list[str], io: ProcessIO) -> int:
     exec_id = secrets.token_hex(8)
     size = first_size(io, FIRST_SIZE_WAIT_SECONDS)
     process = oci_spec.process_object(oci_spec.ProcessSpec(args=args, terminal=io.tty, console_size=size))

@@ -284,6 +284,9 @@ class SandboxManager:
     def exec_streaming(self, sandbox_id: str, container_id: str, args: list[str], io: ProcessIO) -> int:
         return execs.exec_streaming(self.ctx, sandbox_id, container_id, args, io)
 
+    def guest_shell(self, sandbox_id: str, args: list[str], io: ProcessIO) -> int:
+        return execs.guest_shell(self.ctx, sandbox_id, args, io)
+
     def attach(self, sandbox_id: str, container_id: str, io: ProcessIO) -> int:
         return interactive.attach(self.ctx, sandbox_id, container_id, io)
 

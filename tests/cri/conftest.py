@@ -114,6 +114,7 @@ def cri_server(
         "runtime_handlers": ["kvmsandbox", "kvmsandbox-alt"],
         "agent": {"ready_timeout_seconds": 240},
         "network": {"cni_conf_dirs": [str(write_cni_config(work / "net.d", work / "ipam"))]},
+        "console": {"authorized_keys": str(console_keys(work))},
     }
     config_path = work / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -126,6 +127,17 @@ def cri_server(
             server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
     server.stop()
     subprocess.run(["ip", "link", "del", "dev", TEST_BRIDGE], capture_output=True, check=False)
+
+
+def console_keys(work: Path) -> Path:
+    """An operator's key (``work/console_key``) and the authorized-keys file that lets it in."""
+    import paramiko
+
+    key = paramiko.ECDSAKey.generate()
+    key.write_private_key_file(str(work / "console_key"))
+    keys = work / "console_authorized_keys"
+    keys.write_text(f"# operators\n{key.get_name()} {key.get_base64()} operator@test\n")
+    return keys
 
 
 @pytest.fixture(autouse=True)

@@ -107,6 +107,7 @@ class AgentService:
 
     def DestroySandbox(self, req: pb.DestroySandboxRequest) -> pb.DestroySandboxResponse:
         self.ports.close_all()
+        self.runner.kill_shells()
         self.runner.remove_all()
         self.sandbox.destroy()
         return pb.DestroySandboxResponse()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from kvmsandbox.agent.guest import debug
 from kvmsandbox.agent.guest.cgroup_stats import container_stats, oom_kills
 from kvmsandbox.agent.guest.errors import (
     AgentFault,
@@ -88,6 +91,8 @@ class ContainerRunner:
         self._lock = threading.Lock()
         self._containers: dict[str, Container] = {}
         self.rootfs = RootfsMounts()
+        # Debug shells (container id ""): processes in the guest itself, by exec id.
+        self._shells: dict[str, Process] = {}
 
     def crun_path(self) -> str:
         """Where the OCI runtime is, or "" when it is not installed."""
@@ -129,6 +134,12 @@ class ContainerRunner:
         return c
 
     def process(self, container_id: str, exec_id: str) -> Process:
+        if not container_id:
+            with self._lock:
+                shell = self._shells.get(exec_id)
+            if shell is None:
+                raise NotFound(f"debug shell {exec_id} not found in the guest")
+            return shell
         c = self.get(container_id)
         if not exec_id:
             return c.init
@@ -221,6 +232,8 @@ class ContainerRunner:
             process = validate_process(json.loads(process_json), "process")
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"invalid OCI process: not JSON ({e})") from None
+        if not container_id:
+            return self._start_shell(exec_id, process, stdin)
         c = self.get(container_id)
         if c.state != pb.RUNNING or c.init.exit.info is not None:
             raise FailedPrecondition(f"container {container_id} is not running")
@@ -241,6 +254,31 @@ class ContainerRunner:
         c.execs[exec_id] = Process(pid, exit_, stdio)
         return pid
 
+    def _start_shell(self, exec_id: str, process: dict[str, Any], stdin: bool) -> int:
+        with self._lock:
+            if exec_id in self._shells:
+                raise AlreadyExists(f"debug shell {exec_id} exists already")
+            pid, exit_, stdio = debug.start(self._reaper, exec_id, process, stdin, len(self._shells))
+            self._shells[exec_id] = Process(pid, exit_, stdio)
+        return pid
+
+    def _forget_finished_shell(self, exec_id: str) -> None:
+        with self._lock:
+            p = self._shells.get(exec_id)
+            if p is not None and p.exit.info is not None and p.stdout.finished() and p.stderr.finished():
+                p.close()
+                del self._shells[exec_id]
+
+    def kill_shells(self) -> None:
+        """Ends every debug shell (the sandbox goes away)."""
+        with self._lock:
+            shells = list(self._shells.values())
+        for p in shells:
+            if p.exit.info is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, 9)
+            p.close()
+
     def write_stdin(self, container_id: str, exec_id: str, data: bytes, close: bool, wait: float) -> int:
         """Writes to the process's stdin what it takes within ``wait``; closes it after all of
         ``data`` when ``close`` (not a terminal: that stays until the process ends).
@@ -260,6 +298,10 @@ class ContainerRunner:
 
     def wait(self, container_id: str, exec_id: str, timeout: float) -> ExitInfo | None:
         """The exit of the process, waiting at most ``timeout`` seconds; None while it runs."""
+        if not container_id:
+            info = self.process("", exec_id).exit.wait(timeout)
+            self._forget_finished_shell(exec_id)
+            return info
         c = self.get(container_id)
         p = self.process(container_id, exec_id)
         info = p.exit.wait(timeout)
@@ -285,6 +327,10 @@ class ContainerRunner:
         self, container_id: str, exec_id: str, stream: int, at: tuple[int, int], max_bytes: int, wait: float
     ) -> tuple[bytes, int, bool]:
         """``at``: (offset, acknowledged), see OutputBuffer.read."""
+        if not container_id:
+            data, offset, eof = self.process("", exec_id).stream(stream).read(*at, max_bytes, wait)
+            self._forget_finished_shell(exec_id)
+            return data, offset, eof
         c = self.get(container_id)
         data, offset, eof = self.process(container_id, exec_id).stream(stream).read(*at, max_bytes, wait)
         if eof:
@@ -293,6 +339,12 @@ class ContainerRunner:
 
     def signal(self, container_id: str, exec_id: str, sig: int) -> None:
         """Sends ``sig``; a process that has exited already is left alone (stop is idempotent)."""
+        if not container_id:
+            shell = self.process("", exec_id)
+            if shell.exit.info is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(shell.pid, sig)  # the shell and what it started
+            return
         c = self.get(container_id)
         p = self.process(container_id, exec_id)
         if p.exit.info is not None:

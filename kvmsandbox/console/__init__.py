@@ -1,0 +1,1 @@
+"""The debug console: an authenticated SSH shell in a pod's guest."""
