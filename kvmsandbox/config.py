@@ -98,8 +98,15 @@ class StreamingConfig:
     # default; the kubelet on this node connects to it. Port 0: a free port chosen at start.
     address: str = "127.0.0.1"
     port: int = 0
+    # A session that receives nothing for this long ends (containerd's stream_idle_timeout).
+    idle_timeout_seconds: float = 4 * 3600.0
+    # TLS: both PEM files, or neither (plain HTTP, as containerd's default).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("config keys 'streaming.tls_cert_file' and 'streaming.tls_key_file' go together")
         try:
             ipaddress.ip_address(self.address)
         except ValueError:

@@ -3,10 +3,13 @@ the negotiated subprotocol, then frames flow; bad requests get the right status 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -259,3 +262,66 @@ def test_websocket_handshakes_and_messages_it_cannot_take_are_refused(
     client.send(BytesMessage(data=b"\x00" + b"x" * (2 << 20)))
     closes = [e for e in client.events(CloseConnection) if isinstance(e, CloseConnection)]
     assert closes[0].code == 1009
+
+
+OPENSSL_SELF_SIGNED = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x"]
+
+
+def test_with_tls_the_urls_are_https_and_a_session_works_through_it(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    from kvmsandbox.cri.streaming import tls
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [*OPENSSL_SELF_SIGNED, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    tokens: TokenStore[str] = TokenStore()
+
+    def serve(kind: str, what: str, up: upgrade.Upgraded) -> None:
+        SpdySession(up.sock, echo, up.first).serve()
+
+    srv: StreamingServer[str] = StreamingServer(
+        "127.0.0.1", 0, lambda k, t: tokens.redeem(t), serve, PROTOCOLS, tls=tls.server_context(cert, key)
+    )
+    srv.start()
+    try:
+        url = srv.url("exec", tokens.issue("c1"))
+        assert url.startswith("https://127.0.0.1:")
+        client_context = ssl.create_default_context(cafile=str(cert))
+        client_context.check_hostname = False
+        raw = socket.create_connection((srv.address, srv.port), timeout=10)
+        sock = client_context.wrap_socket(raw)
+        sock.sendall(
+            f"POST {url.split(str(srv.port))[1]} HTTP/1.1\r\nHost: x\r\n{SPDY[0]}\r\n{SPDY[1]}\r\n"
+            "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n".encode()
+        )
+        head, _ = response(sock)  # type: ignore[arg-type]
+        assert head.startswith("HTTP/1.1 101"), head
+        encoder, decoder = spdy.Encoder(), spdy.Decoder()
+        payload = os.urandom(3 << 20)  # more than the bridge holds in a direction
+        sock.sendall(encoder.encode(spdy.SynStream(1, {"streamtype": ["stdin"]})))
+        got = b""
+
+        def send() -> None:
+            for i in range(0, len(payload), 60_000):
+                sock.sendall(encoder.encode(spdy.DataFrame(1, payload[i : i + 60_000])))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        while len(got) < len(payload):
+            for frame in decoder.feed(sock.recv(65536)):
+                if isinstance(frame, spdy.DataFrame):
+                    got += frame.data
+        sender.join(10)
+        assert got == payload
+        sock.close()
+        # Plain HTTP to a TLS server: no answer, the connection is closed (or reset).
+        plain = request(srv, "/exec/" + tokens.issue("c2"), *SPDY)
+        with contextlib.suppress(ConnectionResetError):
+            assert plain.recv(100) == b""
+    finally:
+        srv.stop()

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from kvmsandbox.cri.streaming import upgrade
+from kvmsandbox.cri.streaming import tls, upgrade
 from kvmsandbox.cri.streaming.upgrade import BadRequest
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ class StreamingServer(Generic[T]):
         protocols: dict[str, dict[str, tuple[str, ...]]],
         max_sessions: int = MAX_SESSIONS,
         max_heads: int = MAX_HEADS,
+        tls: ssl.SSLContext | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._resolve, self._serve, self._protocols = resolve, serve, protocols
+        self._tls, self._idle_timeout = tls, idle_timeout
         self._slots = threading.BoundedSemaphore(max_sessions)
         self._heads = threading.BoundedSemaphore(max_heads)
         self._listener = socket.create_server((address, port), family=_family(address), backlog=64)
@@ -62,7 +66,7 @@ class StreamingServer(Generic[T]):
     def url(self, kind: str, token: str) -> str:
         """The fully qualified URL a client (kubelet, crictl) redeems ``token`` at."""
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/{kind}/{token}"
+        return f"{'https' if self._tls else 'http'}://{host}:{self.port}/{kind}/{token}"
 
     def stop(self) -> None:
         """Stops accepting; sessions under way end with their connections. Raises nothing."""
@@ -98,6 +102,14 @@ class StreamingServer(Generic[T]):
         slot = False
         try:
             try:
+                if self._tls is not None:
+                    raw = sock
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    try:
+                        sock = tls.bridge(self._tls, raw)
+                    except (OSError, ssl.SSLError) as e:
+                        log.info("streaming tls handshake failed: %s", e)
+                        return  # nothing to answer in: the connection is closed
                 request = upgrade.read_request(sock)
             finally:
                 self._heads.release()
@@ -110,13 +122,13 @@ class StreamingServer(Generic[T]):
             if upgrade.is_spdy_upgrade(request):
                 transport = "spdy"
                 protocol = upgrade.negotiate(request, self._protocols["spdy"].get(request.kind, ()))
-                _bound_waits(sock)
+                _bound_waits(sock, self._idle_timeout)
                 upgrade.answer_spdy_upgrade(sock, protocol)
             elif upgrade.is_websocket_upgrade(request):
                 transport = "websocket"
                 supported = self._protocols["websocket"].get(request.kind, ())
                 protocol = upgrade.negotiate(request, supported, "sec-websocket-protocol")
-                _bound_waits(sock)
+                _bound_waits(sock, self._idle_timeout)
                 upgrade.answer_websocket_upgrade(sock, request, protocol)
             else:
                 raise BadRequest(
@@ -136,10 +148,10 @@ class StreamingServer(Generic[T]):
                 self._slots.release()
 
 
-def _bound_waits(sock: socket.socket) -> None:
-    """Kernel timeouts on the blocking socket: a receive idle for IDLE_TIMEOUT or a send stuck for
-    SEND_TIMEOUT fails (and ends the session); keepalives find a peer that vanished."""
-    for option, seconds in ((socket.SO_RCVTIMEO, IDLE_TIMEOUT), (socket.SO_SNDTIMEO, SEND_TIMEOUT)):
+def _bound_waits(sock: socket.socket, idle_timeout: float) -> None:
+    """Kernel timeouts on the blocking socket: a receive idle for ``idle_timeout`` or a send stuck
+    for SEND_TIMEOUT fails (and ends the session); keepalives find a peer that vanished."""
+    for option, seconds in ((socket.SO_RCVTIMEO, idle_timeout), (socket.SO_SNDTIMEO, SEND_TIMEOUT)):
         sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 

@@ -5,10 +5,12 @@ ports in the pod, opened from inside its guest."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
-from kvmsandbox.config import StreamingConfig
-from kvmsandbox.cri.streaming import portforward, remotecommand
+from kvmsandbox.config import ConfigError, StreamingConfig
+from kvmsandbox.cri.streaming import portforward, remotecommand, tls
 from kvmsandbox.cri.streaming.portforward import Connection
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.server import StreamingServer
@@ -46,8 +48,15 @@ class Streaming:
     """Issues URLs for Exec, Attach and PortForward and serves them; one per server."""
 
     def __init__(self, config: StreamingConfig, manager: SandboxManager) -> None:
+        """Raises ConfigError: the TLS files cannot be used."""
         self._manager = manager
         self._tokens: TokenStore[Request] = TokenStore()
+        context = None
+        if config.tls_cert_file:
+            try:
+                context = tls.server_context(Path(config.tls_cert_file), Path(config.tls_key_file))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"the streaming server's TLS certificate or key cannot be used: {e}") from None
         self.server: StreamingServer[Request] = StreamingServer(
             config.address,
             config.port,
@@ -65,6 +74,8 @@ class Streaming:
                     "portforward": portforward.WS_PROTOCOLS,
                 },
             },
+            tls=context,
+            idle_timeout=config.idle_timeout_seconds,
         )
 
     def start(self) -> None:
