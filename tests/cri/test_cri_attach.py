@@ -113,3 +113,28 @@ def test_attach_requests_it_cannot_serve_get_a_clear_status(
         assert "/attach/" in rt.Attach(cri.AttachRequest(container_id=cid, stdout=True, stderr=True)).url
     finally:
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+
+
+def test_removing_the_pod_ends_an_exec_session(cri_server: CriServer, busybox_image: str, tmp_path: Path) -> None:
+    pod, cid, _ = start(cri_server, busybox_image, tmp_path, "sleep 3600")
+    session = subprocess.Popen(
+        crictl_command(cri_server, "exec", "-i", cid, "sleep", "1000"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def sleeping() -> bool:
+            ps = cri_server.runtime.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["ps"], timeout=30)).stdout
+            return b"sleep 1000" in ps
+
+        wait_until(sleeping, 60, "the exec to run")
+        started = time.monotonic()
+        cri_server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+        _, err = session.communicate(timeout=120)
+        assert session.returncode != 0 and time.monotonic() - started < 120, err
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()

@@ -23,8 +23,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import paramiko
 import pytest
 
+from kvmsandbox.config import load_config
+from kvmsandbox.console.client import connect
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.streaming import spdy
 from tests.cri.conftest import CriServer
@@ -260,3 +263,78 @@ def test_exec_requests_it_cannot_serve_get_a_clear_status(cri_server: CriServer,
         with pytest.raises(grpc.RpcError) as e:
             cri_server.runtime.Exec(cri.ExecRequest(**fields))  # type: ignore[arg-type]
         assert e.value.code() == code and words in (e.value.details() or ""), changes
+
+
+def server_threads_and_fds(cri_server: CriServer) -> tuple[int, int]:
+    assert cri_server.process is not None
+    pid = cri_server.process.pid
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_sessions_cut_off_mid_stream_leave_no_thread_fd_or_process(cri_server: CriServer, running: str) -> None:
+    rt = cri_server.runtime
+    rt.ExecSync(cri.ExecSyncRequest(container_id=running, cmd=["sh", "-c", "nc -ll -p 8081 -e cat &"], timeout=30))
+    pod = next(c.pod_sandbox_id for c in rt.ListContainers(cri.ListContainersRequest()).containers if c.id == running)
+
+    def sleeping() -> bool:
+        ps = rt.ExecSync(cri.ExecSyncRequest(container_id=running, cmd=["ps"], timeout=30)).stdout
+        return b"sleep 4321" in ps
+
+    def cut_off_sessions() -> None:
+        """An exec with stdin and a port-forward with data in flight, each client gone at once."""
+        url = rt.Exec(cri.ExecRequest(container_id=running, cmd=["sleep", "4321"], stdin=True, stdout=True)).url
+        sock, _ = upgraded(url)
+        encoder = spdy.Encoder()
+        for i, kind in enumerate(("error", "stdin", "stdout")):
+            sock.sendall(encoder.encode(spdy.SynStream(2 * i + 1, {"streamtype": [kind]})))
+        sock.sendall(encoder.encode(spdy.DataFrame(3, b"typed but never read\n")))
+        wait_until(sleeping, 60, "the streamed command to run")
+        sock.close()
+        pf = rt.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod, port=[8081])).url
+        parts = urlsplit(pf)
+        assert parts.hostname and parts.port
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        sock.sendall(
+            f"POST {parts.path} HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            "X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n".encode()
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        headers = {"port": ["8081"], "requestid": ["0"]}
+        sock.sendall(encoder.encode(spdy.SynStream(1, {"streamtype": ["error"], **headers})))
+        sock.sendall(encoder.encode(spdy.SynStream(3, {"streamtype": ["data"], **headers})))
+        sock.sendall(encoder.encode(spdy.DataFrame(3, b"x" * 100_000)))
+        time.sleep(1)
+        sock.close()
+        wait_until(lambda: not sleeping(), 60, "the command to be killed once its client left")
+
+    def agent_threads_and_fds() -> tuple[int, int]:
+        """Counted in the guest, through the debug console (outside the containers)."""
+        config = load_config(cri_server.config_path)
+        key = paramiko.ECDSAKey(filename=str(cri_server.config_path.parent / "console_key"))
+        transport = connect(config, pod, key)
+        try:
+            channel = transport.open_session()
+            channel.exec_command("ls /proc/1/task | wc -l; ls /proc/1/fd | wc -l")
+            out = channel.makefile("rb").read().split()
+        finally:
+            transport.close()
+        return int(out[0]), int(out[1])
+
+    cut_off_sessions()  # the first round may start pool threads that stay
+    time.sleep(3)
+    threads, fds = server_threads_and_fds(cri_server)
+    agent_threads, agent_fds = agent_threads_and_fds()
+    for _ in range(3):
+        cut_off_sessions()
+
+    def back_to_baseline() -> bool:
+        now, agent = server_threads_and_fds(cri_server), agent_threads_and_fds()
+        return (
+            now[0] <= threads + 2 and now[1] <= fds + 2 and agent[0] <= agent_threads + 2 and agent[1] <= agent_fds + 2
+        )
+
+    wait_until(
+        back_to_baseline,
+        60,
+        f"server and agent back to their threads and fds ({threads}, {fds}, {agent_threads}, {agent_fds})",
+    )
