@@ -150,6 +150,14 @@ class RelayStream:
             raise AgentMisbehaved(f"the agent of {client.name} named relay port {relay_port}")
         self._sock = socket.create_connection((address, relay_port), timeout=RELAY_CONNECT_SECONDS)
         self._sock.settimeout(WAIT_SECONDS)
+        # A VM that goes away (pod removed, guest hung) sends no reset: probes find it gone.
+        for level, option, value in (
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 15),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+        ):
+            self._sock.setsockopt(level, option, value)
         try:
             self._sock.sendall(token)
         except OSError:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -29,8 +30,11 @@ from kvmsandbox.sandbox.interactive import ProcessIO
 
 log = logging.getLogger(__name__)
 
+# Per listener: the root-only socket keeps its own, whatever comes in on the others.
 MAX_SESSIONS = 16
 AUTH_TIMEOUT = 30.0
+# Public keys one connection may offer; then it is dropped (and the log says so once).
+MAX_AUTH_ATTEMPTS = 6
 # A login shell in the guest: bash when the guest image has it.
 SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
@@ -46,10 +50,19 @@ def load_host_key(path: Path) -> paramiko.ECDSAKey:
         return paramiko.ECDSAKey(filename=str(path))
     key = paramiko.ECDSAKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    os.close(fd)
-    key.write_private_key_file(str(path))
-    path.with_suffix(".pub").write_text(f"{key.get_name()} {key.get_base64()}\n")
+    for target, write in (
+        (path.with_suffix(".pub"), lambda f: f.write(f"{key.get_name()} {key.get_base64()}\n")),
+        (path, key.write_private_key),
+    ):
+        # Written beside and renamed: a crash leaves the old state or the new, never half a key.
+        partial = target.with_name(f".{target.name}.partial")
+        partial.unlink(missing_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, target)
     return key
 
 
@@ -63,11 +76,15 @@ class _Session(paramiko.ServerInterface):
         self.sizes: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize=64)
         self.command: list[str] | None = None
         self.requested = threading.Event()
+        self.attempts = 0
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey"
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        self.attempts += 1
+        if self.attempts > MAX_AUTH_ATTEMPTS:
+            return AUTH_FAILED  # the serving thread drops the connection
         who = authorized(self.keys_file, key)
         fingerprint = key.fingerprint
         if who is None:
@@ -124,6 +141,8 @@ class _ChannelIO:
         return self._sent[stream], self._sent[stream]
 
     def write(self, stream: str, data: bytes) -> None:
+        """Waits while the client's window is full (the command waits with it); output is dropped
+        only once the channel is closed."""
         self._sent[stream] += len(data)
         with contextlib.suppress(OSError, EOFError):
             if stream == "stderr" and self.session.pty is None:
@@ -135,13 +154,16 @@ class _ChannelIO:
         pass
 
     def read(self, timeout: float | None = None) -> bytes:
-        self.channel.settimeout(timeout)
+        ready, _, _ = select.select([self.channel], [], [], timeout)
+        if not ready:
+            raise TimeoutError
         try:
             return self.channel.recv(32 * 1024)
-        except TimeoutError:
-            raise
         except OSError:
             return b""
+
+    def stop_reading(self) -> None:
+        pass
 
     def next_size(self, timeout: float) -> tuple[int, int] | None:
         try:
@@ -158,7 +180,6 @@ class ConsoleServer:
         self._config, self._resolve, self._run = config, resolve, run
         self._key = load_host_key(config.state_dir / "console_host_key")
         self.audit = AuditLog(config.state_dir / "console-audit.log")
-        self._slots = threading.BoundedSemaphore(MAX_SESSIONS)
         self._listeners: list[socket.socket] = []
         self._stopping = threading.Event()
 
@@ -172,7 +193,8 @@ class ConsoleServer:
             host, _, port = extra.rpartition(":")
             self._listeners.append(socket.create_server((host.strip("[]"), int(port))))
         for listener in self._listeners:
-            threading.Thread(target=self._accept, args=(listener,), name="console-accept", daemon=True).start()
+            slots = threading.BoundedSemaphore(MAX_SESSIONS)
+            threading.Thread(target=self._accept, args=(listener, slots), name="console-accept", daemon=True).start()
         log.info("debug console listening on %s", ", ".join(str(sock.getsockname()) for sock in self._listeners))
 
     def stop(self) -> None:
@@ -183,7 +205,7 @@ class ConsoleServer:
             listener.close()
         self._config.console_socket.unlink(missing_ok=True)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, slots: threading.BoundedSemaphore) -> None:
         while not self._stopping.is_set():
             try:
                 sock, peer = listener.accept()
@@ -192,19 +214,25 @@ class ConsoleServer:
                     return
                 time.sleep(0.1)
                 continue
-            if not self._slots.acquire(blocking=False):
+            if not slots.acquire(blocking=False):
                 sock.close()
                 continue
-            threading.Thread(target=self._serve, args=(sock, str(peer or "unix")), daemon=True).start()
+            threading.Thread(target=self._serve, args=(sock, str(peer or "unix"), slots), daemon=True).start()
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, sock: socket.socket, peer: str, slots: threading.BoundedSemaphore) -> None:
         transport = paramiko.Transport(sock)
         try:
             transport.add_server_key(self._key)
             session = _Session(self._config.console.authorized_keys, self.audit, peer)
             transport.auth_timeout = AUTH_TIMEOUT
             transport.start_server(server=session)
-            channel = transport.accept(AUTH_TIMEOUT)
+            channel = None
+            deadline = time.monotonic() + AUTH_TIMEOUT
+            while channel is None and time.monotonic() < deadline and transport.is_active():
+                if session.attempts > MAX_AUTH_ATTEMPTS:
+                    self.audit.event("auth-dropped", attempts=session.attempts, peer=peer)
+                    return
+                channel = transport.accept(0.2)
             if channel is None or not session.requested.wait(AUTH_TIMEOUT) or session.command is None:
                 return
             self._session(transport, channel, session)
@@ -212,7 +240,7 @@ class ConsoleServer:
             log.info("console connection from %s ended: %s", peer, e)
         finally:
             transport.close()
-            self._slots.release()
+            slots.release()
 
     def _session(self, transport: paramiko.Transport, channel: paramiko.Channel, session: _Session) -> None:
         assert session.command is not None

@@ -20,6 +20,7 @@ from typing import IO
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
+import paramiko
 
 from kvmsandbox.config import Config
 from kvmsandbox.console.server import ConsoleServer
@@ -95,16 +96,22 @@ def _settle_holds(state: CriState, manager: SandboxManager, store: CriStore) -> 
     store.retain({r.id for r in records}, containers, unknown_pods=set(unreadable))
 
 
-def _start_fronts(config: Config, state: CriState, manager: SandboxManager) -> ConsoleServer:
-    """Starts the streaming server and the debug console (a console that cannot listen is logged,
+def _start_fronts(config: Config, state: CriState, manager: SandboxManager) -> ConsoleServer | None:
+    """Starts the streaming server and the debug console (a console that cannot start is logged,
     not fatal: the CRI matters more)."""
     assert state.streaming is not None
     state.streaming.start()
-    console = ConsoleServer(config, lambda user: state.find_sandbox_by_prefix(user).id, manager.guest_shell)
+    try:
+        console = ConsoleServer(config, lambda user: state.find_sandbox_by_prefix(user).id, manager.guest_shell)
+    except (OSError, ValueError, paramiko.SSHException) as e:
+        log.error("the debug console cannot start: its host key: %s", e)
+        return None
     try:
         console.start()
     except OSError as e:
         log.error("the debug console cannot listen: %s", e)
+        console.stop()
+        return None
     return console
 
 
@@ -153,7 +160,8 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     server.stop(grace=5).wait()
     assert state.streaming is not None
     state.streaming.stop()
-    console.stop()
+    if console is not None:
+        console.stop()
     state.close()
     manager.close()
     manager.hypervisor.close()

@@ -32,6 +32,9 @@ class ByteSource(Protocol):
             TimeoutError: nothing came within ``timeout``.
         """
 
+    def stop_reading(self) -> None:
+        """Nothing more will be read: what the client sends is dropped (it does not pile up)."""
+
 
 class SizeSource(Protocol):
     def next_size(self, timeout: float) -> tuple[int, int] | None:
@@ -148,7 +151,8 @@ def attach(ctx: SandboxContext, sandbox_id: str, container_id: str, io: ProcessI
     if sink is None:
         raise FailedPrecondition(f"the output of container {container_id} is not being copied: cannot attach")
     tap = sink.tap(("stdout",) if c.tty else ("stdout", "stderr"))
-    if not c.stdin:
+    if not c.stdin and io.stdin is not None:
+        io.stdin.stop_reading()  # the container has no stdin: what the client types is dropped
         io.stdin = None
     io.tty = c.tty
     io.close_stdin = c.stdin_once

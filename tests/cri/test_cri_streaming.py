@@ -299,11 +299,14 @@ def test_sessions_cut_off_mid_stream_leave_no_thread_fd_or_process(cri_server: C
             "X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n".encode()
         )
         assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        encoder = spdy.Encoder()  # header compression is per connection
         headers = {"port": ["8081"], "requestid": ["0"]}
         sock.sendall(encoder.encode(spdy.SynStream(1, {"streamtype": ["error"], **headers})))
         sock.sendall(encoder.encode(spdy.SynStream(3, {"streamtype": ["data"], **headers})))
         sock.sendall(encoder.encode(spdy.DataFrame(3, b"x" * 100_000)))
-        time.sleep(1)
+        echoed = b""
+        while b"x" * 1000 not in echoed:  # the echo began: the forward is under way
+            echoed += sock.recv(65536)
         sock.close()
         wait_until(lambda: not sleeping(), 60, "the command to be killed once its client left")
 

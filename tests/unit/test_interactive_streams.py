@@ -228,3 +228,16 @@ def test_a_relay_serves_only_the_connection_with_its_token(echo_server: int) -> 
     # One connection per relay: the listener is gone.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_deeply_nested_resize_input_ends_the_sizes_without_a_traceback() -> None:
+    assert sizes_of(b"[" * 3000) == []
+    assert sizes_of(b'{"a":' * 1000 + b"1" + b"}" * 1000) == []
+
+
+def test_websocket_port_forward_ports_come_only_from_ascii_digits_in_range() -> None:
+    from kvmsandbox.cri.streaming.service import _query_ports
+
+    query = {"port": ["80", "²", "٣", "0", "65536", "99999999", "8080", "-1", " 22"]}
+    assert _query_ports(query) == [80, 8080]
+    assert _query_ports({}) == []

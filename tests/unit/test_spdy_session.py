@@ -183,3 +183,33 @@ def test_a_consumer_that_stops_reading_does_not_hold_the_session() -> None:
         session.close()
         client_sock.close()
         server_sock.close()
+
+
+def test_streams_closed_both_ways_free_their_place(pair: tuple[Client, SpdySession, threading.Thread]) -> None:
+    """A long port-forward session opens two streams per connection: far more than MAX_STREAMS
+    over its life, each closed both ways (the client's FIN, the server's) and none reset."""
+    client, _, _ = pair
+    for i in range(spdy_session.MAX_STREAMS + 10):
+        stream_id = 2 * i + 1
+        client.send(spdy.SynStream(stream_id, {"n": [str(i)]}), spdy.DataFrame(stream_id, b"x", fin=True))
+        reply = client.frame()
+        assert isinstance(reply, spdy.SynReply) and reply.stream_id == stream_id, reply
+        assert client.data_until_fin(stream_id) == b"X"
+
+
+def test_a_consumer_that_never_reads_does_not_hide_a_client_that_left() -> None:
+    server_sock, client_sock = socket.socketpair()
+    stuck: list[SpdyStream] = []
+    session = SpdySession(server_sock, stuck.append)  # nobody ever reads the stream
+    reader = threading.Thread(target=session.serve, daemon=True)
+    reader.start()
+    client = Client(client_sock)
+    client.send(spdy.SynStream(1, {}))
+    client_sock.settimeout(2)
+    with contextlib.suppress(TimeoutError):  # more than the stream and the socket hold
+        for _ in range(80):
+            client.send(spdy.DataFrame(1, b"y" * 65536))
+    assert reader.is_alive()  # blocked delivering to a consumer that does not read
+    client_sock.close()
+    reader.join(10)
+    assert not reader.is_alive() and session.closed.is_set()

@@ -124,6 +124,10 @@ class TerminalSizes:
             obj, end = self._decoder.raw_decode(text)
         except json.JSONDecodeError:
             return None  # incomplete (or garbage: it will exceed MAX_PENDING)
+        except (RecursionError, ValueError):
+            log.warning("terminal resize stream ignored: nested beyond what a size is")
+            self._over = True
+            return None
         self._pending = text[end:]
         if not isinstance(obj, dict):
             return 0, 0
@@ -145,6 +149,7 @@ class Stream(Protocol):
     def read(self, timeout: float | None = None) -> bytes: ...
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
+    def stop_reading(self) -> None: ...
 
 
 def serve_exec(sock: socket.socket, first: bytes, protocol: str, channels: Channels, run: Run) -> None:

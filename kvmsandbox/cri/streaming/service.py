@@ -5,6 +5,7 @@ ports in the pod, opened from inside its guest."""
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,6 @@ def _query_ports(query: dict[str, list[str]]) -> list[int]:
     (their connection is not made), at most MAX_WS_PORTS."""
     ports = []
     for value in query.get("port", [])[: portforward.MAX_WS_PORTS]:
-        if value.isdigit() and 0 < int(value) < 65536:
+        if re.fullmatch(r"[0-9]{1,5}", value) and 0 < int(value) < 65536:
             ports.append(int(value))
     return ports

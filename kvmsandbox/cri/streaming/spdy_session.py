@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -38,6 +39,7 @@ class SpdyStream:
         self._chunks: queue.Queue[bytes | None] = queue.Queue()
         self._buffered = threading.Semaphore(STREAM_BUFFER // CHUNK)
         self._closed_local = False
+        self._closed_remote = False
         self._discarding = False
         self._state_lock = threading.Lock()
 
@@ -73,8 +75,11 @@ class SpdyStream:
             if self._closed_local:
                 return
             self._closed_local = True
+            done = self._closed_remote
         with contextlib.suppress(OSError):
             self.session.send(spdy.DataFrame(self.stream_id, b"", fin=True))
+        if done:
+            self.session._forget(self.stream_id)  # closed both ways: its place is free again
 
     def stop_reading(self) -> None:
         """This side wants nothing more from the client: what it sends is dropped (the session
@@ -94,9 +99,13 @@ class SpdyStream:
 
     def _deliver(self, data: bytes) -> None:
         for i in range(0, len(data), CHUNK):
-            # Blocks the session's reader while the consumer is behind (TCP pushes back).
+            # Blocks the session's reader while the consumer is behind (TCP pushes back), but
+            # still notices a client that has gone: the session then ends (and its command).
             while not self._buffered.acquire(timeout=0.5):
                 if self._discarding or self.session.closed.is_set():
+                    return
+                if self.session.peer_gone():
+                    self.session.close()
                     return
             if self._discarding:
                 self._buffered.release()
@@ -105,6 +114,16 @@ class SpdyStream:
 
     def _end(self) -> None:
         self._chunks.put(None)
+
+    def _remote_fin(self) -> None:
+        """The client closed its side: the end for the reader; the place is freed once this side
+        has closed too."""
+        self._end()
+        with self._state_lock:
+            self._closed_remote = True
+            done = self._closed_local
+        if done:
+            self.session._forget(self.stream_id)
 
 
 class SpdySession:
@@ -150,6 +169,10 @@ class SpdySession:
         finally:
             self.close()
 
+    def peer_gone(self) -> bool:
+        """The client hung up or reset the connection (seen without reading from it)."""
+        return peer_gone(self._sock)
+
     def close(self) -> None:
         """Ends every stream and the connection. Idempotent; raises nothing."""
         # The socket first: a thread blocked sending (holding the write lock) fails at once.
@@ -173,7 +196,7 @@ class SpdySession:
             if frame.data:
                 stream._deliver(frame.data)
             if frame.fin:
-                stream._end()
+                stream._remote_fin()
         elif isinstance(frame, spdy.RstStream):
             with self._lock:
                 stream = self._streams.pop(frame.stream_id, None)
@@ -204,5 +227,16 @@ class SpdySession:
             return
         self.send(spdy.SynReply(frame.stream_id, {}))
         if frame.fin:
-            stream._end()
+            stream._remote_fin()
         self._on_stream(stream)
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """True when the peer has shut its side, hung up or reset ``sock``."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLRDHUP)
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return True
+    return any(mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, mask in events)

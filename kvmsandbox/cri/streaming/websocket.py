@@ -24,6 +24,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from kvmsandbox.cri.streaming.spdy_session import peer_gone
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20
@@ -80,6 +82,9 @@ class WsChannel:
             while not self._room.acquire(timeout=0.5):
                 if self._discarding or self.session.closed.is_set():
                     return
+                if peer_gone(self.session.sock):
+                    self.session.close()
+                    return
             if self._discarding:
                 self._room.release()
                 return
@@ -94,7 +99,7 @@ class WsSession:
     messages on others are dropped."""
 
     def __init__(self, sock: socket.socket, channels: list[int], base64_framing: bool, first: bytes = b"") -> None:
-        self._sock = sock
+        self._sock = self.sock = sock
         self._ws = Connection(ConnectionType.SERVER)
         self._first = first
         self._base64 = base64_framing
