@@ -35,6 +35,8 @@ MAX_SESSIONS = 16
 AUTH_TIMEOUT = 30.0
 # Public keys one connection may offer; then it is dropped (and the log says so once).
 MAX_AUTH_ATTEMPTS = 6
+# A client that takes no output for this long is dropped.
+SEND_TIMEOUT = 300.0
 # A login shell in the guest: bash when the guest image has it.
 SHELL = ["/bin/sh", "-c", "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"]
 
@@ -136,6 +138,8 @@ class _ChannelIO:
     def __init__(self, channel: paramiko.Channel, session: _Session) -> None:
         self.channel, self.session = channel, session
         self._sent = {"stdout": 0, "stderr": 0}
+        # Writes wait for the client's window this long at most; then the session is over.
+        channel.settimeout(SEND_TIMEOUT)
 
     def position(self, stream: str) -> tuple[int, int]:
         return self._sent[stream], self._sent[stream]
@@ -144,18 +148,24 @@ class _ChannelIO:
         """Waits while the client's window is full (the command waits with it); output is dropped
         only once the channel is closed."""
         self._sent[stream] += len(data)
-        with contextlib.suppress(OSError, EOFError):
+        try:
             if stream == "stderr" and self.session.pty is None:
                 self.channel.sendall_stderr(data)
             else:
                 self.channel.sendall(data)
+        except TimeoutError:
+            log.info("console client took nothing for %.0f s: session closed", SEND_TIMEOUT)
+            self.channel.close()
+        except (OSError, EOFError):
+            pass
 
     def end(self, stream: str) -> None:
         pass
 
     def read(self, timeout: float | None = None) -> bytes:
-        ready, _, _ = select.select([self.channel], [], [], timeout)
-        if not ready:
+        poller = select.poll()
+        poller.register(self.channel.fileno(), select.POLLIN)
+        if not poller.poll(None if timeout is None else timeout * 1000):
             raise TimeoutError
         try:
             return self.channel.recv(32 * 1024)

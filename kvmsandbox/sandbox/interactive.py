@@ -150,7 +150,6 @@ def attach(ctx: SandboxContext, sandbox_id: str, container_id: str, io: ProcessI
     sink = ctx.stdio.sink((sandbox_id, container_id))
     if sink is None:
         raise FailedPrecondition(f"the output of container {container_id} is not being copied: cannot attach")
-    tap = sink.tap(("stdout",) if c.tty else ("stdout", "stderr"))
     if not c.stdin and io.stdin is not None:
         io.stdin.stop_reading()  # the container has no stdin: what the client types is dropped
         io.stdin = None
@@ -158,8 +157,9 @@ def attach(ctx: SandboxContext, sandbox_id: str, container_id: str, io: ProcessI
     io.close_stdin = c.stdin_once
     ended = threading.Event()
     writer = StdinWriter(client, container_id, "")
-    start_copiers(io, writer, ended, f"attach-{container_id[:12]}")
+    tap = sink.tap(("stdout",) if c.tty else ("stdout", "stderr"))
     try:
+        start_copiers(io, writer, ended, f"attach-{container_id[:12]}")
         while not io.cancelled.is_set():
             try:
                 piece = tap.get(POLL_SECONDS)

@@ -4,6 +4,7 @@ local pipes and sockets, and the host's stream objects against an agent that lie
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -241,3 +242,64 @@ def test_websocket_port_forward_ports_come_only_from_ascii_digits_in_range() -> 
     query = {"port": ["80", "²", "٣", "0", "65536", "99999999", "8080", "-1", " 22"]}
     assert _query_ports(query) == [80, 8080]
     assert _query_ports({}) == []
+
+
+def test_killing_a_shell_s_session_reaches_its_background_jobs() -> None:
+    import subprocess
+    import time
+
+    from kvmsandbox.agent.guest.debug import kill_session
+
+    # A session leader with a job in a process group of its own (as job control makes).
+    leader = subprocess.Popen(["sh", "-c", "set -m; sleep 300 & sleep 300"], start_new_session=True)
+    time.sleep(0.5)
+
+    def in_session(pid: int) -> bool:
+        try:
+            return os.getsid(pid) == leader.pid
+        except OSError:
+            return False
+
+    members = [int(e) for e in os.listdir("/proc") if e.isdigit() and in_session(int(e))]
+    assert len(members) >= 3  # the shell and both sleeps
+    kill_session(leader.pid, 9)
+    leader.wait(10)
+    time.sleep(0.5)
+    alive = []
+    for pid in members:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except OSError:
+            pass
+    assert alive == []
+
+
+def test_a_relay_ends_when_the_host_resets_it_though_the_server_never_reads() -> None:
+    import struct
+    import time
+
+    from kvmsandbox.agent.guest.ports import PortRelays
+
+    deaf = socket.create_server(("127.0.0.1", 0))  # accepts, never reads
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(deaf.accept()[0]), daemon=True).start()
+    relays = PortRelays()
+    token = os.urandom(32)
+    port = relays.open(deaf.getsockname()[1], token)
+    host = socket.create_connection(("127.0.0.1", port), timeout=5)
+    host.sendall(token)
+    host.settimeout(0.5)
+    with contextlib.suppress(TimeoutError):  # until every buffer on the way is full
+        while True:
+            host.send(b"z" * 65536)
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    host.close()  # a reset, as the runtime's close does
+    deadline = time.monotonic() + 10
+    while relays._open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert relays._open == 0
+    deaf.close()
+    for s in held:
+        s.close()

@@ -325,3 +325,44 @@ def test_with_tls_the_urls_are_https_and_a_session_works_through_it(tmp_path: Pa
             assert plain.recv(100) == b""
     finally:
         srv.stop()
+
+
+def test_a_tls_bridge_waits_for_a_slow_client_without_spinning_and_ends_with_a_gone_one(tmp_path: Path) -> None:
+    import resource
+    import ssl
+    import subprocess
+
+    from kvmsandbox.cri.streaming import tls
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([*OPENSSL_SELF_SIGNED, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client_context = ssl.create_default_context(cafile=str(cert))
+    client_context.check_hostname = False
+    raw_client = socket.create_connection(listener.getsockname(), timeout=10)
+    accepted, _ = listener.accept()
+    made: list[socket.socket] = []
+    bridging = threading.Thread(target=lambda: made.append(tls.bridge(tls.server_context(cert, key), accepted)))
+    bridging.start()
+    client = client_context.wrap_socket(raw_client)
+    bridging.join(10)
+    plain = made[0]
+    payload = os.urandom(3_800_000)
+    writer = threading.Thread(target=plain.sendall, args=(payload,))
+    writer.start()
+    time.sleep(0.5)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(2)  # the client reads nothing: the bridge holds its share and waits
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 0.5
+    got = b""
+    while len(got) < len(payload):
+        got += client.recv(1 << 20)
+    writer.join(10)
+    assert got == payload
+    # The client leaves: the session's end of the pair hears of it.
+    client.close()
+    plain.settimeout(10)
+    assert plain.recv(10) == b""
+    plain.close()
+    listener.close()

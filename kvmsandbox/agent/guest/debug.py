@@ -38,7 +38,7 @@ def start(reaper: Reaper, name: str, process: dict[str, Any], stdin: bool, runni
     actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
     try:
         pid = os.posix_spawn(args[0], args, env, file_actions=actions, setsid=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         for fd in (out_r, err_r, in_w):
             if fd >= 0:
                 os.close(fd)
@@ -68,15 +68,16 @@ def _with_terminal(
             (os.POSIX_SPAWN_DUP2, 0, 2),
         ]
         pid = os.posix_spawn(args[0], args, env, file_actions=actions, setsid=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         terminal.close()
         raise AgentFault(f"cannot start {args[0]}: {e}") from None
     finally:
         os.close(slave)
+    exit_ = _watch(reaper, pid)  # first: whatever fails below, the shell is reaped
     empty_r, empty_w = os.pipe()
     os.close(empty_w)
     stdio = Stdio(OutputBuffer(os.dup(master), f"{name}-tty"), OutputBuffer(empty_r, f"{name}-stderr"), terminal)
-    return pid, _watch(reaper, pid), stdio
+    return pid, exit_, stdio
 
 
 def _watch(reaper: Reaper, pid: int) -> Exit:
@@ -84,3 +85,18 @@ def _watch(reaper: Reaper, pid: int) -> Exit:
     reaper.spawned()
     reaper.watch(pid, exit_.set_status)
     return exit_
+
+
+def kill_session(sid: int, sig: int) -> None:
+    """Signals every process of the session a shell leads (its job-control groups too). Raises
+    nothing."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read(4096).rsplit(b")", 1)[1].split()
+            if int(fields[3]) == sid:  # after ")": state, ppid, pgrp, session
+                os.kill(int(entry), sig)
+        except (OSError, IndexError, ValueError):
+            continue

@@ -213,15 +213,23 @@ def _accept_with_token(listener: socket.socket, token: bytes) -> socket.socket |
             conn, _ = listener.accept()
         except TimeoutError:
             return None
-        conn.settimeout(1.0)  # the host sends its token at once
         got = b""
         try:
-            while len(got) < len(token) and (chunk := conn.recv(len(token) - len(got))):
+            while len(got) < len(token) and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(min(1.0, left))  # the host sends its token at once
+                chunk = conn.recv(len(token) - len(got))
+                if not chunk:
+                    break
                 got += chunk
         except OSError:
             pass
         if hmac.compare_digest(got, token):
             conn.settimeout(None)
+            # A host that vanishes without a reset is found by probes.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 15)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             return conn
         conn.close()
     return None
@@ -229,17 +237,24 @@ def _accept_with_token(listener: socket.socket, token: bytes) -> socket.socket |
 
 def _splice(src: socket.socket, dst: socket.socket) -> None:
     """Moves bytes from ``src`` to ``dst`` through a pipe in the kernel until ``src`` ends (then
-    shuts ``dst`` for writing) or ``dst`` is reset."""
+    shuts ``dst`` for writing). A reset on either side, or ``dst`` hanging up, shuts both sockets
+    both ways, which ends the other direction too."""
     r, w = os.pipe()
+    import fcntl
+
+    with contextlib.suppress(OSError):  # a larger pipe: fewer splices (each costs dearly under TCG)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SPLICE_BYTES)
     poller = select.poll()
     poller.register(src, select.POLLIN)
-    poller.register(dst, 0)  # POLLHUP and POLLERR are always reported: the host reset the relay
+    poller.register(dst, 0)  # POLLHUP and POLLERR are always reported: the other side reset
+    clean = False
     try:
         while True:
             if any(fd == dst.fileno() for fd, _ in poller.poll()):
                 break
             n = os.splice(src.fileno(), w, SPLICE_BYTES)
             if n == 0:
+                clean = True
                 break
             while n:
                 n -= os.splice(r, dst.fileno(), n)
@@ -248,5 +263,6 @@ def _splice(src: socket.socket, dst: socket.socket) -> None:
     finally:
         os.close(r)
         os.close(w)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+        for sock, how in ((dst, socket.SHUT_WR),) if clean else ((dst, socket.SHUT_RDWR), (src, socket.SHUT_RDWR)):
+            with contextlib.suppress(OSError):
+                sock.shutdown(how)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -258,6 +257,9 @@ class ContainerRunner:
         with self._lock:
             if exec_id in self._shells:
                 raise AlreadyExists(f"debug shell {exec_id} exists already")
+            # Shells that ended count no more, read to their end or not (a client that left).
+            for gone in [k for k, p in self._shells.items() if p.exit.info is not None]:
+                self._shells.pop(gone).close()
             pid, exit_, stdio = debug.start(self._reaper, exec_id, process, stdin, len(self._shells))
             self._shells[exec_id] = Process(pid, exit_, stdio)
         return pid
@@ -270,13 +272,13 @@ class ContainerRunner:
                 del self._shells[exec_id]
 
     def kill_shells(self) -> None:
-        """Ends every debug shell (the sandbox goes away)."""
+        """Ends every debug shell and whatever it started (the sandbox goes away)."""
         with self._lock:
             shells = list(self._shells.values())
+            self._shells.clear()
         for p in shells:
             if p.exit.info is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, 9)
+                debug.kill_session(p.pid, 9)
             p.close()
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes, close: bool, wait: float) -> int:
@@ -341,9 +343,8 @@ class ContainerRunner:
         """Sends ``sig``; a process that has exited already is left alone (stop is idempotent)."""
         if not container_id:
             shell = self.process("", exec_id)
-            if shell.exit.info is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(shell.pid, sig)  # the shell and what it started
+            if shell.exit.info is None:  # alive: its pid (the session's id) is still its own
+                debug.kill_session(shell.pid, sig)  # the shell and what it started
             return
         c = self.get(container_id)
         p = self.process(container_id, exec_id)

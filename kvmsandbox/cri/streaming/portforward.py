@@ -152,6 +152,7 @@ def _forward(pair: _Pair, pod: str, connect: Connect, stop: threading.Event) -> 
         with contextlib.suppress(OSError):
             pair.error.write(f"error forwarding port {port} to pod {pod}: {e}"[:1024].encode())
     finally:
+        data.stop_reading()  # whatever the client still sends is dropped, not left to block the session
         data.close()
         pair.error.close()
         done.set()

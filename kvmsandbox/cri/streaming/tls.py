@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,9 @@ HANDSHAKE_SECONDS = 10.0
 CHUNK = 64 * 1024
 # Bytes held in the bridge in each direction before it stops reading that side.
 HELD = 1 << 20
-IDLE_POLL_MS = 60_000
+POLL_MS = 5_000
+# A bridge with bytes to move that moves none for this long ends (a client that never reads).
+STALL_SECONDS = 300.0
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -49,53 +52,86 @@ def bridge(context: ssl.SSLContext, raw: socket.socket) -> socket.socket:
 
 
 def _pump(tls: ssl.SSLSocket, inner: socket.socket) -> None:
+    """Long because it is one loop with both directions and both ends' states in view."""
     to_inner = bytearray()  # cleartext from the client, for the session
     to_tls = bytearray()  # cleartext from the session, for the client
-    tls_open = inner_open = True
+    tls_open = inner_open = True  # still reading from that side
+    moved_at = time.monotonic()
     poller = select.poll()
     with tls, inner:
         try:
             while (tls_open or to_inner) and (inner_open or to_tls):
+                moved = 0
                 if tls_open and len(to_inner) < HELD:
-                    tls_open = _move(tls.recv, to_inner)
+                    tls_open, n = _move(tls.recv, to_inner)
+                    moved += n
                 if inner_open and len(to_tls) < HELD:
-                    inner_open = _move(inner.recv, to_tls)
-                _flush(inner.send, to_inner)
-                _flush(tls.send, to_tls)
-                if tls.pending() and len(to_inner) < HELD:
+                    inner_open, n = _move(inner.recv, to_tls)
+                    moved += n
+                moved += _flush(inner.send, to_inner) + _flush(tls.send, to_tls)
+                now = time.monotonic()
+                if moved or not (to_inner or to_tls):
+                    moved_at = now  # an idle session is not a stalled one (its idle timeout is the session's)
+                elif now - moved_at > STALL_SECONDS:
+                    log.info("streaming tls connection ended: nothing moved for %.0f s", STALL_SECONDS)
+                    break
+                if tls_open and tls.pending() and len(to_inner) < HELD:
                     continue  # decrypted bytes wait inside OpenSSL: no poll would report them
-                # Read only where there is room, write only what waits: a full side is not polled.
-                poller.register(
-                    tls, (select.POLLIN if tls_open and len(to_inner) < HELD else 0) | (select.POLLOUT if to_tls else 0)
-                )
-                poller.register(
-                    inner,
-                    (select.POLLIN if inner_open and len(to_tls) < HELD else 0) | (select.POLLOUT if to_inner else 0),
-                )
-                if not poller.poll(IDLE_POLL_MS):
-                    continue
+                reading_tls = tls_open and len(to_inner) < HELD
+                tls_mask = (select.POLLIN if reading_tls else 0) | (select.POLLRDHUP if tls_open else 0)
+                poller.register(tls, tls_mask | (select.POLLOUT if to_tls else 0))
+                if inner_open or to_inner:
+                    reading_inner = inner_open and len(to_tls) < HELD
+                    inner_mask = (select.POLLIN if reading_inner else 0) | (select.POLLOUT if to_inner else 0)
+                    poller.register(inner, inner_mask)
+                for fd, events in poller.poll(POLL_MS):
+                    if fd == tls.fileno():
+                        if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                            raise ConnectionResetError("the client is gone")
+                        if events & select.POLLRDHUP and not reading_tls:
+                            # The client finished while the session was not taking its bytes: the
+                            # session is told at once, as it would be on plain TCP.
+                            tls_open = False
+                            to_inner.clear()
+                            inner.shutdown(socket.SHUT_WR)
+                    elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                        # The session is done: take what it left, then only the client is served.
+                        _drain(inner, to_tls)
+                        inner_open = False
+                        to_inner.clear()
+                        poller.unregister(inner)
         except (OSError, ssl.SSLError) as e:
             log.info("streaming tls connection ended: %s", e)
         with contextlib.suppress(OSError, ssl.SSLError):
             inner.shutdown(socket.SHUT_RDWR)
 
 
-def _move(recv: Callable[[int], bytes], into: bytearray) -> bool:
-    """Reads what is there; False once that side has ended."""
+def _move(recv: Callable[[int], bytes], into: bytearray) -> tuple[bool, int]:
+    """Reads what is there: (whether that side is still open, bytes read)."""
     try:
         data = recv(CHUNK)
     except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        return True
+        return True, 0
     if not data:
-        return False
+        return False, 0
     into += data
-    return True
+    return True, len(data)
 
 
-def _flush(send: Callable[[bytes], int], buffer: bytearray) -> None:
+def _drain(inner: socket.socket, into: bytearray) -> None:
+    """What a closed session wrote last (a socket pair holds a few hundred KiB at most)."""
+    with contextlib.suppress(OSError):
+        while data := inner.recv(CHUNK):
+            into += data
+
+
+def _flush(send: Callable[[bytes], int], buffer: bytearray) -> int:
+    total = 0
     while buffer:
         try:
             sent = send(bytes(buffer[:CHUNK]))
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
+            break
         del buffer[:sent]
+        total += sent
+    return total
