@@ -73,8 +73,9 @@ def test_unknown_ids_are_not_found(cri_server: CriServer) -> None:
 
 
 def test_unimplemented_rpcs_say_so(cri_server: CriServer) -> None:
-    code, details = code_of(lambda: cri_server.runtime.Attach(cri.AttachRequest(container_id="x")))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "does not implement Attach" in details
+    request = cri.CheckpointContainerRequest(container_id="x", location="/tmp/x")
+    code, details = code_of(lambda: cri_server.runtime.CheckpointContainer(request))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "does not implement CheckpointContainer" in details
 
 
 def test_malformed_image_reference_is_invalid_argument(cri_server: CriServer) -> None:
