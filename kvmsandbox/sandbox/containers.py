@@ -156,6 +156,13 @@ def _new_record(
         tty=process.terminal,
         stdin=process.stdin,
         stdin_once=process.stdin_once,
+        exec_base={
+            "env": list(process.env),
+            "cwd": process.cwd,
+            "uid": process.uid,
+            "gid": process.gid,
+            "additional_gids": list(process.additional_gids),
+        },
         **root.record_fields(),
     )
 

@@ -8,6 +8,7 @@ import secrets
 import signal
 import threading
 import time
+from typing import Any
 
 from kvmsandbox.agent.client import AgentClient
 from kvmsandbox.agent.streams import StdinWriter
@@ -16,6 +17,7 @@ from kvmsandbox.sandbox import oci_spec
 from kvmsandbox.sandbox.containers import find
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.interactive import ProcessIO, first_size, join_copiers, start_copiers
+from kvmsandbox.sandbox.records import ContainerRecord
 from kvmsandbox.sandbox.stdio import OutputCollector, OutputPump
 from kvmsandbox.sandbox.types import ExecResult
 
@@ -41,11 +43,11 @@ def exec_sync(ctx: SandboxContext, sandbox_id: str, container_id: str, args: lis
         DeadlineExceeded: it ran longer than ``timeout`` seconds (it is killed).
     """
     record = ctx.store.get(sandbox_id)
-    find(record, container_id)
+    base = exec_base(find(record, container_id))
     client = ctx.ready_client(record)
     exec_id = secrets.token_hex(8)
     deadline = time.monotonic() + timeout
-    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args))
+    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args, **base))
     client.exec_process(container_id, exec_id, process, timeout=max(1.0, timeout))
     collector = OutputCollector()
     pump = OutputPump(client, container_id, exec_id, collector, ctx.stdio.bytes_per_second)
@@ -71,20 +73,39 @@ def exec_streaming(ctx: SandboxContext, sandbox_id: str, container_id: str, args
         NotFound. FailedPrecondition: the sandbox is not ready. KvmSandboxError: the agent failed.
     """
     record = ctx.store.get(sandbox_id)
-    find(record, container_id)
-    return _stream(ctx.ready_client(record), ctx, container_id, args, io)
+    base = exec_base(find(record, container_id))
+    return _stream(ctx.ready_client(record), ctx, container_id, args, io, base)
 
 
 def guest_shell(ctx: SandboxContext, sandbox_id: str, args: list[str], io: ProcessIO) -> int:
     """As ``exec_streaming``, for a command in the pod's guest itself, outside every container
     (the debug console). Raises NotFound, FailedPrecondition, KvmSandboxError."""
-    return _stream(ctx.ready_client(ctx.store.get(sandbox_id)), ctx, "", args, io)
+    return _stream(ctx.ready_client(ctx.store.get(sandbox_id)), ctx, "", args, io, {})
 
 
-def _stream(client: AgentClient, ctx: SandboxContext, container_id: str, args: list[str], io: ProcessIO) -> int:
+def exec_base(c: ContainerRecord) -> dict[str, Any]:
+    """The container's user, groups, environment and directory, for an exec in it (none for a
+    container recorded by a release that did not keep them: the exec runs as root in /)."""
+    base = c.exec_base
+    out: dict[str, Any] = {}
+    if isinstance(base.get("env"), list):
+        out["env"] = [e for e in base["env"] if isinstance(e, str)]
+    if isinstance(base.get("cwd"), str):
+        out["cwd"] = base["cwd"]
+    for key in ("uid", "gid"):
+        if isinstance(base.get(key), int):
+            out[key] = base[key]
+    if isinstance(base.get("additional_gids"), list):
+        out["additional_gids"] = [g for g in base["additional_gids"] if isinstance(g, int)]
+    return out
+
+
+def _stream(
+    client: AgentClient, ctx: SandboxContext, container_id: str, args: list[str], io: ProcessIO, base: dict[str, Any]
+) -> int:
     exec_id = secrets.token_hex(8)
     size = first_size(io, FIRST_SIZE_WAIT_SECONDS)
-    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args, terminal=io.tty, console_size=size))
+    process = oci_spec.process_object(oci_spec.ProcessSpec(args=args, terminal=io.tty, console_size=size, **base))
     client.exec_process(container_id, exec_id, process, stdin=io.stdin is not None and not io.tty)
     pump = OutputPump(client, container_id, exec_id, io.sink, ctx.stdio.bytes_per_second)
     ended = threading.Event()

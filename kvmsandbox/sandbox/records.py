@@ -56,6 +56,9 @@ class ContainerRecord:
     tty: bool = False
     stdin: bool = False
     stdin_once: bool = False
+    # What an exec in it runs as (ProcessSpec fields: env, cwd, uid, gid, additional_gids), as
+    # containerd takes an exec's user, environment and directory from the container's process.
+    exec_base: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value}

@@ -341,3 +341,30 @@ def test_sessions_cut_off_mid_stream_leave_no_thread_fd_or_process(cri_server: C
         60,
         f"server and agent back to their threads and fds ({threads}, {fds}, {agent_threads}, {agent_fds})",
     )
+
+
+def test_exec_runs_as_the_container_with_its_environment_and_directory(
+    cri_server: CriServer, busybox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    rt = cri_server.runtime
+    cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
+    config = pod_config("exec-as", tmp_path_factory.mktemp("exec-as-logs"))
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=300).pod_sandbox_id
+    try:
+        container = container_config("app", busybox_image, "sleep 3600")
+        container.linux.security_context.run_as_user.value = 1000
+        container.linux.security_context.run_as_group.value = 3000
+        container.linux.security_context.supplemental_groups.append(4000)
+        container.working_dir = "/tmp"
+        cid = rt.CreateContainer(
+            cri.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config), timeout=120
+        ).container_id
+        rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+        script = ["sh", "-c", "id -u; id -g; id -G; echo $GREETING; pwd"]
+        expected = b"1000\n3000\n3000 4000\nhello\n/tmp\n"
+        synced = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=script, timeout=30))
+        assert synced.stdout == expected, synced
+        streamed = crictl(cri_server, "exec", cid, *script)
+        assert streamed.returncode == 0 and streamed.stdout == expected, streamed
+    finally:
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
