@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.cri import validate
-from kvmsandbox.cri.process import process_spec
+from kvmsandbox.cri.process import proc_paths, process_spec
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
 from kvmsandbox.cri.store import CriContainer, MountInfo
@@ -43,6 +43,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         raise NotFound(f"image {config.image.image!r} is not present on this node: pull it first")
     layers: list[Path] = state.images.layer_dirs(image.id)
     process = process_spec(config, image.config, layers)
+    masked_paths, readonly_paths = proc_paths(config.linux.security_context)
     mounts = [HostMount(Path(m.host_path), m.container_path, m.readonly) for m in config.mounts if m.host_path]
     log_path = validate.log_path(state.pod(sandbox).log_directory, config.log_path)
     stop_signal = str(image.config.get("StopSignal", ""))
@@ -75,6 +76,8 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
             readonly_rootfs=config.linux.security_context.readonly_rootfs,
             mounts=mounts,
             resources=oci_resources(config.linux.resources),
+            masked_paths=masked_paths,
+            readonly_paths=readonly_paths,
         )
     except BaseException:
         state.store.remove_container(meta.id)

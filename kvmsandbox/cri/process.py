@@ -10,7 +10,7 @@ from typing import Any
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.errors import InvalidArgument
 from kvmsandbox.host.beneath import read_in_root
-from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from kvmsandbox.sandbox.oci_spec import ALL_CAPABILITIES, DEFAULT_CAPABILITIES, ProcessSpec
 
 
 def command_line(image_config: dict[str, Any], command: Sequence[str], args: Sequence[str]) -> list[str]:
@@ -100,6 +100,8 @@ def process_spec(config: cri.ContainerConfig, image_config: dict[str, Any], laye
         InvalidArgument: nothing to run, or a user or group the image does not know.
     """
     sc = config.linux.security_context
+    if sc.HasField("run_as_group") and not (sc.HasField("run_as_user") or sc.run_as_username):
+        raise InvalidArgument("run_as_group needs run_as_user or run_as_username (a group without a user)")
     uid, gid = resolve_user(str(image_config.get("User") or ""), layers)
     if sc.HasField("run_as_user"):
         uid = sc.run_as_user.value
@@ -118,4 +120,56 @@ def process_spec(config: cri.ContainerConfig, image_config: dict[str, Any], laye
         terminal=config.tty,
         stdin=config.stdin,
         stdin_once=config.stdin_once,
+        capabilities=capabilities(sc),
+        no_new_privileges=sc.no_new_privs,
     )
+
+
+# Capability names a security context may carry, without the CAP_ prefix; "ALL" is all of them.
+MAX_CAPABILITY_NAMES = 64
+
+
+def capabilities(sc: cri.LinuxContainerSecurityContext) -> list[str]:
+    """The container's capability set, as containerd makes it: everything when privileged; else
+    the default set, all of them if ``add`` names ALL, none if ``drop`` does, then the other
+    names added and dropped.
+
+    Raises:
+        InvalidArgument: a name Linux does not know, or too many.
+    """
+    if sc.privileged:
+        return list(ALL_CAPABILITIES)
+    add, drop = list(sc.capabilities.add_capabilities), list(sc.capabilities.drop_capabilities)
+    if len(add) + len(drop) > MAX_CAPABILITY_NAMES:
+        raise InvalidArgument(f"at most {MAX_CAPABILITY_NAMES} capabilities may be added and dropped")
+    caps = list(ALL_CAPABILITIES) if "ALL" in add else list(DEFAULT_CAPABILITIES)
+    if "ALL" in drop:
+        caps = []
+    for name, keep in [*((n, True) for n in add), *((n, False) for n in drop)]:
+        if name == "ALL":
+            continue
+        cap = name.upper() if name.upper().startswith("CAP_") else f"CAP_{name.upper()}"
+        if cap not in ALL_CAPABILITIES:
+            raise InvalidArgument(f"unknown capability {name[:40]!r}")
+        if keep and cap not in caps:
+            caps.append(cap)
+        elif not keep and cap in caps:
+            caps.remove(cap)
+    return caps
+
+
+def proc_paths(sc: cri.LinuxContainerSecurityContext) -> tuple[list[str] | None, list[str] | None]:
+    """(masked paths, read-only paths): none for a privileged container, the context's own when
+    it lists any, else None (the runtime's defaults), as containerd does.
+
+    Raises:
+        InvalidArgument: a path that is not absolute, or too many.
+    """
+    if sc.privileged:
+        return [], []
+    out: list[list[str] | None] = []
+    for paths in (sc.masked_paths, sc.readonly_paths):
+        if len(paths) > 256 or any(not p.startswith("/") or len(p) > 4096 or "\0" in p for p in paths):
+            raise InvalidArgument("masked and read-only paths must be at most 256 absolute paths")
+        out.append(list(paths) if paths else None)
+    return out[0], out[1]

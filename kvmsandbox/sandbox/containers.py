@@ -162,6 +162,8 @@ def _new_record(
             "uid": process.uid,
             "gid": process.gid,
             "additional_gids": list(process.additional_gids),
+            "capabilities": process.capabilities,
+            "no_new_privileges": process.no_new_privileges,
         },
         **root.record_fields(),
     )
@@ -179,10 +181,12 @@ def create(
     readonly_rootfs: bool = False,
     mounts: list[HostMount] | None = None,
     resources: dict[str, Any] | None = None,
+    masked_paths: list[str] | None = None,
+    readonly_paths: list[str] | None = None,
 ) -> ContainerRecord:
     """Prepares the rootfs on the host and creates the container in the guest (not started).
     Output goes to ``log_path`` in the CRI log format (default: the container's dir). On failure
-    nothing of the container is left."""
+    nothing of the container is left. Long because it is one transaction, undone as a whole."""
     container_id = check_id("container id", container_id or secrets.token_hex(32))
     # Layer images are made (once per layer, seconds for a large one) before the pod's lock.
     root = _Root(disks.layers_of(lower_dirs) if ctx.config.sandbox.container_rootfs == "block" else [])
@@ -202,6 +206,8 @@ def create(
                 mounts=_guest_mounts(sdir, record, container_id, mounts or [], root.mount_ids),
                 cgroups_path=f"/kvmsandbox/{container_id}",
                 resources=resources,
+                masked_paths=masked_paths,
+                readonly_paths=readonly_paths,
             )
             targets = root.targets if root.layers else None
             pid = client.create_container(

@@ -84,8 +84,8 @@ def guest_shell(ctx: SandboxContext, sandbox_id: str, args: list[str], io: Proce
 
 
 def exec_base(c: ContainerRecord) -> dict[str, Any]:
-    """The container's user, groups, environment and directory, for an exec in it (none for a
-    container recorded by a release that did not keep them: the exec runs as root in /)."""
+    """The container's user, groups, environment, directory and privileges, for an exec in it
+    (none for a container recorded by a release that did not keep them: root in /, defaults)."""
     base = c.exec_base
     out: dict[str, Any] = {}
     if isinstance(base.get("env"), list):
@@ -97,6 +97,10 @@ def exec_base(c: ContainerRecord) -> dict[str, Any]:
             out[key] = base[key]
     if isinstance(base.get("additional_gids"), list):
         out["additional_gids"] = [g for g in base["additional_gids"] if isinstance(g, int)]
+    if isinstance(base.get("capabilities"), list):
+        out["capabilities"] = [c for c in base["capabilities"] if isinstance(c, str)]
+    if isinstance(base.get("no_new_privileges"), bool):
+        out["no_new_privileges"] = base["no_new_privileges"]
     return out
 
 

@@ -241,6 +241,8 @@ class SandboxManager:
         readonly_rootfs: bool = False,
         mounts: list[HostMount] | None = None,
         resources: dict[str, Any] | None = None,
+        masked_paths: list[str] | None = None,
+        readonly_paths: list[str] | None = None,
     ) -> ContainerRecord:
         return containers.create(
             self.ctx,
@@ -253,6 +255,8 @@ class SandboxManager:
             readonly_rootfs=readonly_rootfs,
             mounts=mounts,
             resources=resources,
+            masked_paths=masked_paths,
+            readonly_paths=readonly_paths,
         )
 
     def start_container(self, sandbox_id: str, container_id: str) -> None:

@@ -45,6 +45,54 @@ MASKED_PATHS = [
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
+# Every capability Linux 6.1 (the guest kernel) knows, for "ALL" and privileged containers.
+ALL_CAPABILITIES = [
+    f"CAP_{name}"
+    for name in [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ]
+]
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -70,6 +118,9 @@ class ProcessSpec:
     # with stdin_once. Not part of the OCI process: how the agent starts it.
     stdin: bool = False
     stdin_once: bool = False
+    # None: DEFAULT_CAPABILITIES.
+    capabilities: list[str] | None = None
+    no_new_privileges: bool = False
 
 
 def process_object(process: ProcessSpec) -> dict[str, Any]:
@@ -77,7 +128,7 @@ def process_object(process: ProcessSpec) -> dict[str, Any]:
     env = list(process.env)
     if not any(e.startswith("PATH=") for e in env):
         env.insert(0, f"PATH={DEFAULT_PATH}")
-    caps = list(DEFAULT_CAPABILITIES)
+    caps = list(DEFAULT_CAPABILITIES if process.capabilities is None else process.capabilities)
     if process.terminal and not any(e.startswith("TERM=") for e in env):
         env.append("TERM=xterm")
     extra: dict[str, Any] = {}
@@ -96,7 +147,7 @@ def process_object(process: ProcessSpec) -> dict[str, Any]:
         "cwd": process.cwd or "/",
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
-        "noNewPrivileges": False,
+        "noNewPrivileges": process.no_new_privileges,
     }
 
 
@@ -109,12 +160,15 @@ def container_spec(
     mounts: list[Mount] | None = None,
     cgroups_path: str = "",
     resources: dict[str, Any] | None = None,
+    masked_paths: list[str] | None = None,
+    readonly_paths: list[str] | None = None,
 ) -> dict[str, Any]:
-    """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest."""
+    """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest
+    (``masked_paths``/``readonly_paths``: None for the defaults)."""
     linux: dict[str, Any] = {
         "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
-        "maskedPaths": MASKED_PATHS,
-        "readonlyPaths": READONLY_PATHS,
+        "maskedPaths": MASKED_PATHS if masked_paths is None else masked_paths,
+        "readonlyPaths": READONLY_PATHS if readonly_paths is None else readonly_paths,
     }
     if cgroups_path:
         linux["cgroupsPath"] = cgroups_path

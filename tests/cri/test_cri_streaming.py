@@ -368,3 +368,50 @@ def test_exec_runs_as_the_container_with_its_environment_and_directory(
         assert streamed.returncode == 0 and streamed.stdout == expected, streamed
     finally:
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+
+
+def test_security_context_capabilities_no_new_privs_and_proc_paths_reach_the_container_and_its_execs(
+    cri_server: CriServer, busybox_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    rt = cri_server.runtime
+    cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
+    config = pod_config("secctx", tmp_path_factory.mktemp("secctx-logs"))
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=300).pod_sandbox_id
+    try:
+
+        def create(**changes: object) -> str:
+            container = container_config("app", busybox_image, "sleep 3600")
+            sc = container.linux.security_context
+            for key, value in changes.items():
+                if key == "add":
+                    sc.capabilities.add_capabilities.extend(value)  # type: ignore[arg-type]
+                elif key == "drop":
+                    sc.capabilities.drop_capabilities.extend(value)  # type: ignore[arg-type]
+                elif key in ("masked_paths", "readonly_paths"):
+                    getattr(sc, key).extend(value)
+                elif key == "run_as_group":
+                    sc.run_as_group.value = value  # type: ignore[assignment]
+                else:
+                    setattr(sc, key, value)
+            request = cri.CreateContainerRequest(pod_sandbox_id=pod, config=container, sandbox_config=config)
+            return rt.CreateContainer(request, timeout=120).container_id
+
+        cid = create(
+            drop=["ALL"], add=["NET_ADMIN"], no_new_privs=True, masked_paths=["/etc/hostname"], readonly_paths=["/tmp"]
+        )
+        rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+        script = "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; "
+        script += "cat /etc/hostname | wc -c; touch /tmp/x || echo ro"
+        out = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script], timeout=30)).stdout.decode()
+        fields = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+        assert fields == {"CapEff": "0000000000001000", "CapBnd": "0000000000001000", "NoNewPrivs": "1"}, out
+        assert out.splitlines()[-2:] == ["0", "ro"], out  # masked: empty; read-only: refused
+        for changes, words in (
+            ({"run_as_group": 10}, "run_as_group needs run_as_user"),
+            ({"add": ["NOT_A_CAP"]}, "unknown capability"),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                create(**changes)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in (e.value.details() or "")
+    finally:
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
