@@ -142,11 +142,12 @@ def capabilities(sc: cri.LinuxContainerSecurityContext) -> list[str]:
     add, drop = list(sc.capabilities.add_capabilities), list(sc.capabilities.drop_capabilities)
     if len(add) + len(drop) > MAX_CAPABILITY_NAMES:
         raise InvalidArgument(f"at most {MAX_CAPABILITY_NAMES} capabilities may be added and dropped")
-    caps = list(ALL_CAPABILITIES) if "ALL" in add else list(DEFAULT_CAPABILITIES)
-    if "ALL" in drop:
+    # "ALL" in any case, as containerd compares.
+    caps = list(ALL_CAPABILITIES) if any(n.upper() == "ALL" for n in add) else list(DEFAULT_CAPABILITIES)
+    if any(n.upper() == "ALL" for n in drop):
         caps = []
     for name, keep in [*((n, True) for n in add), *((n, False) for n in drop)]:
-        if name == "ALL":
+        if name.upper() == "ALL":
             continue
         cap = name.upper() if name.upper().startswith("CAP_") else f"CAP_{name.upper()}"
         if cap not in ALL_CAPABILITIES:
