@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import socket
 import subprocess
 import threading
@@ -212,3 +213,17 @@ def upgrade_status(url: str, protocol: str) -> int:
             f"X-Stream-Protocol-Version: {protocol}\r\n\r\n".encode()
         )
         return int(s.recv(4096).split()[1])
+
+
+def test_crictl_port_forward_over_websocket_tunnels_spdy(cri_server: CriServer, pod: Pod) -> None:
+    """crictl --transport websocket (client-go's WebSocket port-forward) speaks
+    SPDY/3.1+portforward.k8s.io: SPDY in binary messages."""
+    local = free_port()
+    command = crictl_command(cri_server, "port-forward", "--transport", "websocket", pod.id, f"{local}:8081")
+    fwd = Forward(command, [local])
+    try:
+        payload = os.urandom(500_000)
+        assert echo(local, payload) == payload
+        assert echo(local, b"and again\n") == b"and again\n"
+    finally:
+        fwd.close()

@@ -415,3 +415,21 @@ def test_security_context_capabilities_no_new_privs_and_proc_paths_reach_the_con
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in (e.value.details() or "")
     finally:
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=300)
+
+
+def test_crictl_exec_over_websocket_streams_apart_gives_the_exit_code_and_ends_stdin(
+    cri_server: CriServer, running: str
+) -> None:
+    """crictl's own WebSocket client (v5.channel.k8s.io, as kubectl's): the same as over SPDY."""
+    done = crictl(cri_server, "exec", "--transport", "websocket", running, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert done.returncode == 1 and b"command terminated with exit code 3" in done.stderr, done.stderr
+    assert done.stdout == b"out\n" and b"err\n" in done.stderr
+    data = os.urandom(300_000)
+    piped = subprocess.run(
+        crictl_command(cri_server, "exec", "-i", "--transport", "websocket", running, "sh", "-c", "md5sum"),
+        input=data,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert piped.returncode == 0 and piped.stdout.split()[0] == hashlib.md5(data).hexdigest().encode(), piped

@@ -231,10 +231,20 @@ def test_a_token_upgrades_to_a_websocket_with_channels_binary_and_base64(
     assert client.head.startswith("HTTP/1.1 101")
     assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in client.head  # RFC 6455's example
     assert "Sec-WebSocket-Protocol: v5.channel.k8s.io" in client.head
-    client.send(BytesMessage(data=b"\x00hello"))
+    client.send(BytesMessage(data=b"\x00hel", message_finished=False))  # a message in fragments
+    client.send(BytesMessage(data=b"lo"))
     client.send(BytesMessage(data=b"\x07to a channel nobody reads"))
     (echoed,) = [e for e in client.events(BytesMessage) if isinstance(e, BytesMessage)]
     assert echoed.data == b"\x01hello"
+    big = os.urandom(300_000)  # arrives over many reads: wsproto hands it out in pieces
+    client.send(BytesMessage(data=b"\x00" + big))
+    got, starting = b"", True
+    while len(got) < len(big):
+        for e in client.events(BytesMessage):
+            if isinstance(e, BytesMessage):  # a message may come in pieces: its channel byte first
+                got += bytes(e.data)[1:] if starting else bytes(e.data)
+                starting = e.message_finished
+    assert got == big
     client.send(BytesMessage(data=bytes([255, 0])))  # v5: close stdin
     assert any(isinstance(e, CloseConnection) for e in client.events(CloseConnection))
     assert served == ["exec c1 v5.channel.k8s.io"]

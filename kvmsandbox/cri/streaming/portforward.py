@@ -177,7 +177,16 @@ def _client_to_pod(data: SpdyStream, conn: Connection, done: threading.Event, st
         done.set()
 
 
-WS_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "channel.k8s.io", "base64.channel.k8s.io")
+# SPDY/3.1+portforward.k8s.io: the SPDY protocol tunnelled in binary messages (client-go's
+# WebSocket port-forward, crictl --transport websocket); the others: kubelet's channel protocols.
+TUNNELLED_SPDY = "SPDY/3.1+portforward.k8s.io"
+WS_PROTOCOLS = (
+    TUNNELLED_SPDY,
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "channel.k8s.io",
+    "base64.channel.k8s.io",
+)
 # Ports one WebSocket session forwards (each is one connection for the session's life).
 MAX_WS_PORTS = MAX_PAIRS
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsandbox.config import ConfigError, StreamingConfig
-from kvmsandbox.cri.streaming import portforward, remotecommand, tls
+from kvmsandbox.cri.streaming import portforward, remotecommand, tls, websocket
 from kvmsandbox.cri.streaming.portforward import Connection
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.server import StreamingServer
@@ -106,7 +106,12 @@ class Streaming:
             def connect(port: int) -> Connection:
                 return self._manager.open_port(sandbox_id, port)
 
-            if up.transport == "websocket":
+            if up.protocol == portforward.TUNNELLED_SPDY:
+                plain, carrier = websocket.tunnel(up.sock, up.first)
+                with plain:
+                    portforward.serve_port_forward(plain, b"", sandbox_id, connect)
+                carrier.join(5)
+            elif up.transport == "websocket":
                 ports = _query_ports(up.query)
                 portforward.serve_port_forward_ws(up.sock, up.first, up.protocol, sandbox_id, ports, connect)
             else:

@@ -98,7 +98,12 @@ class WsSession:
     """Serves one upgraded WebSocket connection: ``channels`` are the numbers the protocol uses;
     messages on others are dropped."""
 
-    def __init__(self, sock: socket.socket, channels: list[int], base64_framing: bool, first: bytes = b"") -> None:
+    def __init__(
+        self, sock: socket.socket, channels: list[int], base64_framing: bool, first: bytes = b"", raw: bool = False
+    ) -> None:
+        """``raw``: no channels, every binary message is the next bytes of one stream (channel 0;
+        how ``SPDY/3.1+portforward.k8s.io`` tunnels SPDY through a WebSocket)."""
+        self._raw = raw
         self._sock = self.sock = sock
         self._ws = Connection(ConnectionType.SERVER)
         self._first = first
@@ -110,7 +115,9 @@ class WsSession:
     def send_channel(self, number: int, data: bytes) -> None:
         """Raises OSError when the connection is gone."""
         message: Message[bytes] | Message[str]
-        if self._base64:
+        if self._raw:
+            message = BytesMessage(data=data)
+        elif self._base64:
             message = TextMessage(data=str(number) + base64.b64encode(data).decode())
         else:
             message = BytesMessage(data=bytes([number]) + data)
@@ -140,7 +147,7 @@ class WsSession:
                     if isinstance(event, Ping):
                         self._send(event.response())
                     elif isinstance(event, Message):
-                        pending += event.data if isinstance(event.data, bytes) else event.data.encode()
+                        pending += event.data if isinstance(event.data, (bytes, bytearray)) else event.data.encode()
                         if len(pending) > MAX_MESSAGE:
                             log.warning("websocket session ended: a message over %d bytes", MAX_MESSAGE)
                             with contextlib.suppress(OSError):
@@ -161,6 +168,9 @@ class WsSession:
 
     def _dispatch(self, message: bytes) -> None:
         if not message:
+            return
+        if self._raw:
+            self.channels[0]._deliver(message)
             return
         if self._base64:
             number = message[0] - ord("0")
@@ -190,3 +200,31 @@ class WsSession:
         self.closed.set()
         for channel in self.channels.values():
             channel._end()
+
+
+def tunnel(sock: socket.socket, first: bytes) -> tuple[socket.socket, threading.Thread]:
+    """The byte stream tunnelled in a WebSocket's binary messages, as the plain end of a socket
+    pair (for a protocol that wants a socket, SPDY); the thread that carries it both ways ends
+    when either side does. Raises OSError."""
+    session = WsSession(sock, [0], base64_framing=False, first=first, raw=True)
+    plain, inner = socket.socketpair()
+
+    def to_inner() -> None:
+        with contextlib.suppress(OSError):
+            while data := session.channels[0].read():
+                inner.sendall(data)
+        with contextlib.suppress(OSError):
+            inner.shutdown(socket.SHUT_WR)
+
+    def to_client() -> None:
+        with contextlib.suppress(OSError):
+            while data := inner.recv(CHUNK):
+                session.send_channel(0, data)
+        session.close()
+        inner.close()
+
+    for target in (session.serve, to_inner):
+        threading.Thread(target=target, name="ws-tunnel", daemon=True).start()
+    carrier = threading.Thread(target=to_client, name="ws-tunnel", daemon=True)
+    carrier.start()
+    return plain, carrier
