@@ -10,7 +10,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-
 	pkg-config gcc mmdebstrap busybox-static e2fsprogs erofs-utils cpio kmod docker-registry skopeo umoci \
 	zstd openssl containernetworking-plugins iproute2 iptables
 
-.PHONY: setup apt cni venv guest-image proto lint typecheck unit test run doctor clean
+.PHONY: setup apt cni venv guest-image proto lint typecheck unit test conformance run doctor clean
 
 setup: apt cni venv guest-image
 
@@ -48,8 +48,8 @@ proto: venv
 	$(PY) -m kvmsandbox.tools.protogen
 
 lint: venv
-	$(VENV)/bin/ruff check kvmsandbox tests benchmarks
-	$(VENV)/bin/ruff format --check kvmsandbox tests benchmarks
+	$(VENV)/bin/ruff check kvmsandbox tests benchmarks conformance
+	$(VENV)/bin/ruff format --check kvmsandbox tests benchmarks conformance
 
 typecheck: venv
 	$(VENV)/bin/mypy kvmsandbox
@@ -59,6 +59,14 @@ unit: venv
 
 test: setup lint typecheck
 	$(PY) -m pytest -q -ra tests
+
+# critest (cri-tools v1.36.0) against a real server: CRITEST=/path/to/critest CRICTL=/path/to/crictl.
+# Builds and pushes the images critest pulls to a loopback registry; fails if any spec fails that
+# conformance/skips.py does not name as not applicable to VM pods.
+CRITEST ?= $(shell command -v critest 2>/dev/null)
+CRICTL ?= $(shell command -v crictl 2>/dev/null)
+conformance: setup
+	$(PY) -m conformance.run --critest "$(CRITEST)" --crictl "$(CRICTL)"
 
 # Serves the CRI on /run/kvmsandbox/kvmsandbox.sock and runs a demo pod through it; Ctrl-C stops
 # serving (pods keep running, the next server recovers them).

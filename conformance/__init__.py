@@ -1,0 +1,1 @@
+"""critest against a real kvmsandbox server: its images, its skip list and its runner."""
