@@ -11,6 +11,7 @@ by that exact digest needs the original bytes (see ``skips.py``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from tests.registry import Layer, Registry, image_config, make_layer, push_image
 
 HERE = Path(__file__).resolve().parent
 # Bump when what the cached nginx layer is made from changes.
-NGINX_RECIPE = "bookworm nginx-light 1"
+NGINX_RECIPE = "bookworm nginx-light on busybox 2"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAGING = "k8s-staging-cri-tools"  # gcr.io/k8s-staging-cri-tools/...
 E2E = "e2e-test-images"  # registry.k8s.io/e2e-test-images/...
 
@@ -81,7 +83,7 @@ IMAGES: tuple[TestImage, ...] = (
     TestImage(
         f"{E2E}/nginx",
         ("1.14-2",),
-        ("nginx",),
+        ("busybox", "nginx"),
         {"Cmd": ["nginx", "-g", "daemon off;"], "ExposedPorts": {"80/tcp": {}}},
     ),
     TestImage(f"{E2E}/nonewprivs", ("1.3",), ("busybox", "nnp"), {"Cmd": ["/usr/local/bin/nnp"]}),
@@ -109,12 +111,43 @@ IMAGES: tuple[TestImage, ...] = (
 )
 
 
+# Two tools the e2e busybox image has and Debian's busybox-static lacks, as small scripts.
+PGREP = """#!/bin/sh
+# pgrep PATTERN: the pids of the processes whose name matches the extended regular expression.
+[ $# -eq 1 ] || { echo "usage: pgrep PATTERN" >&2; exit 2; }
+found=1
+for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" = "$$" ] && continue
+    read -r comm < "$d/comm" 2>/dev/null || continue
+    if echo "$comm" | grep -q -E -e "$1"; then echo "$pid"; found=0; fi
+done
+exit $found
+"""
+IPCS = """#!/bin/sh
+# ipcs -m: the System V shared memory segments of this IPC namespace.
+[ "$1" = "-m" ] || { echo "usage: ipcs -m" >&2; exit 2; }
+echo "------ Shared Memory Segments --------"
+echo "key        shmid      owner      perms      bytes      nattch     status"
+tail -n +2 /proc/sysvipc/shm | while read -r key shmid perms size cpid lpid nattch uid rest; do
+    echo "$key $shmid $uid $perms $size $nattch"
+done
+"""
+
+
 def _busybox(tree: Path) -> None:
+    """The e2e busybox image: applets are hard links to busybox (masking one masks only it)."""
     make_busybox_rootfs(tree)
+    for link in [p for p in tree.rglob("*") if p.is_symlink() and os.readlink(p) == "/bin/busybox"]:
+        link.unlink()
+        os.link(tree / "bin/busybox", link)
     (tree / "etc/passwd").write_text(PASSWD)
     (tree / "etc/group").write_text(GROUP)
     for d in ("var/www", "var/run", "home"):
         (tree / d).mkdir(parents=True, exist_ok=True)
+    for name, text in (("pgrep", PGREP), ("ipcs", IPCS)):
+        (tree / "usr/bin" / name).write_text(text)
+        (tree / "usr/bin" / name).chmod(0o755)
 
 
 def _httpd(tree: Path) -> None:
@@ -150,19 +183,36 @@ def _predefined_group(tree: Path) -> None:
 
 
 def _nginx(tree: Path) -> None:
-    """Debian's nginx on a minimal Debian tree, from the host's apt sources."""
+    """Debian's nginx, its libraries and its config, over the busybox userland the e2e nginx image
+    (Alpine's) has: commands run in it behave as busybox's do (``grep`` on /proc/1/cmdline too)."""
+    debian = tree.with_name("nginx-debian")
+    shutil.rmtree(debian, ignore_errors=True)
     mirrors = apt.mirror_lines(apt.host_sources(), "bookworm", ("bookworm-updates", "bookworm-security"), ("main",))
     subprocess.run(
         [
             *("mmdebstrap", "--variant=essential", "--mode=root", "--format=directory", "--include=nginx-light"),
             *("--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*"),
-            *("--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm", str(tree), *mirrors),
+            *("--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm", str(debian), *mirrors),
         ],
         check=True,
         timeout=1800,
     )
-    for junk in ("var/cache/apt", "var/lib/apt/lists", "var/log/apt"):
-        shutil.rmtree(tree / junk, ignore_errors=True)
+    ldd = subprocess.run(["chroot", str(debian), "ldd", "/usr/sbin/nginx"], capture_output=True, text=True, check=True)
+    files = ["usr/sbin/nginx", "etc/nsswitch.conf"]
+    for line in ldd.stdout.splitlines():
+        words = line.replace("=>", " ").split()
+        files += [w.lstrip("/") for w in words if w.startswith("/")]
+    for rel in files:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(debian / rel), tree / rel)
+    for rel in ("etc/nginx", "usr/share/nginx", "var/www/html"):
+        shutil.copytree(debian / rel, tree / rel, symlinks=True)
+    # nginx-light's dynamic modules would need more libraries: the e2e image loads none.
+    for conf in (tree / "etc/nginx/modules-enabled").iterdir():
+        conf.unlink()
+    for rel in ("var/lib/nginx", "var/log/nginx", "run"):
+        (tree / rel).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(debian)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -217,7 +267,7 @@ def push_test_images(registry: Registry, work: Path, cache: Path, say: Callable[
                 say(f"building layer {name}")
                 layers[name] = _cached_nginx(work, cache) if name == "nginx" else _build(name, work)
         parts = [layers[n] for n in image.layers]
-        config = image_config(parts, **image.config)
+        config = image_config(parts, **{"Env": [f"PATH={PATH}"], **image.config})
         for tag in image.tags:
             push_image(registry, image.repository, tag, parts, config=config)
             pushed += 1
