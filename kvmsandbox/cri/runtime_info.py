@@ -47,7 +47,10 @@ def status(state: CriState, req: cri.StatusRequest) -> cri.StatusResponse:
                 "overhead": node_overhead_info(state),
             }
         )
-    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info)
+    # Every handler (and "", the default one, as containerd lists it) has the same features.
+    features = cri.RuntimeHandlerFeatures(recursive_read_only_mounts=True, user_namespaces=False)
+    handlers = [cri.RuntimeHandler(name=name, features=features) for name in ["", *state.config.runtime_handlers]]
+    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info, runtime_handlers=handlers)
 
 
 def node_overhead_info(state: CriState) -> dict[str, Any]:

@@ -248,7 +248,14 @@ def container_status(c: ContainerRecord, meta: CriContainer) -> cri.ContainerSta
         labels=meta.labels,
         annotations=meta.annotations,
         mounts=[
-            cri.Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly) for m in meta.mounts
+            cri.Mount(
+                container_path=m.container_path,
+                host_path=m.host_path,
+                readonly=m.readonly,
+                recursive_read_only=m.recursive_readonly,
+                propagation=m.propagation,  # type: ignore[arg-type]
+            )
+            for m in meta.mounts
         ],
         log_path=c.log_path,
     )

@@ -63,6 +63,8 @@ class MountInfo:
     container_path: str
     host_path: str
     readonly: bool = False
+    recursive_readonly: bool = False
+    propagation: int = 0  # the CRI MountPropagation value asked for
 
 
 @dataclass(frozen=True)

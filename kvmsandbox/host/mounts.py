@@ -41,6 +41,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MNT_DETACH = 2
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 
 # Whatever a guest writes must stay inert for host processes: no device nodes, no setuid.
@@ -75,16 +76,17 @@ def mount_id(fd: int) -> int:
     raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
-def set_attrs(fd: int, attrs: int = 0, *, private: bool = False) -> None:
-    """mount_setattr(2) on the mount ``fd`` is the root of and every mount below it: ``attrs``
-    (read-only, nosuid, nodev) set, and with ``private`` no propagation to or from any other mount
-    (a host path's submounts, the state dir's peers).
+def set_attrs(fd: int, attrs: int = 0, *, private: bool = False, slave: bool = False, recursive: bool = True) -> None:
+    """mount_setattr(2) on the mount ``fd`` is the root of and (``recursive``) every mount below
+    it: ``attrs`` (read-only, nosuid, nodev) set; with ``private`` no propagation to or from any
+    other mount (a host path's submounts, the state dir's peers); with ``slave`` propagation from
+    the mount's peers (the host's) only, never back.
 
     Raises:
         OSError: the kernel refused.
     """
-    attr = _MountAttr(attrs, 0, MS_PRIVATE if private else 0, 0)
-    flags = AT_EMPTY_PATH | AT_RECURSIVE
+    attr = _MountAttr(attrs, 0, MS_PRIVATE if private else MS_SLAVE if slave else 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)), "mount_setattr")
 
 
@@ -125,11 +127,12 @@ def overlay(lower_dirs: list[Path], upper: Path, work: Path, attrs: int = GUEST_
         os.close(fs)
 
 
-def clone_tree(source: Path, attrs: int) -> int:
+def clone_tree(source: Path, attrs: int, *, top_attrs: int = 0, private: bool = True) -> int:
     """A detached recursive bind of ``source`` (a host path the host trusts), ``attrs`` (e.g.
-    read-only, nosuid, nodev) set on every mount of it, and private: a mount the host makes or
-    removes below ``source`` later is not seen in the clone, and detaching the clone never
-    unmounts anything of the host's.
+    read-only, nosuid, nodev) set on every mount of it and ``top_attrs`` on its own mount only;
+    private: a mount the host makes or removes below ``source`` later is not seen in the clone,
+    and detaching the clone never unmounts anything of the host's. Not ``private``: the clone
+    stays a peer of ``source``'s mount until ``attach(slave=True)`` makes it its slave.
 
     Raises:
         OSError: the kernel refused.
@@ -137,16 +140,20 @@ def clone_tree(source: Path, attrs: int) -> int:
     flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
     fd = _check(_libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(source), flags), f"clone {source}")
     try:
-        set_attrs(fd, attrs, private=True)
+        set_attrs(fd, attrs, private=private)
+        if top_attrs:
+            set_attrs(fd, top_attrs, recursive=False)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def attach(mount_fd: int, target_fd: int) -> int:
+def attach(mount_fd: int, target_fd: int, *, slave: bool = False) -> int:
     """Attaches the detached mount ``mount_fd`` onto exactly what ``target_fd`` names and keeps it
-    private (attaching below a shared mount would share it again); returns the mount's id.
+    private (attaching below a shared mount would share it again), or with ``slave`` makes it a
+    slave of the peers it was cloned from (mounts the host makes there later appear in it, nothing
+    goes back); returns the mount's id.
 
     Raises:
         OSError: the kernel refused.
@@ -154,7 +161,7 @@ def attach(mount_fd: int, target_fd: int) -> int:
     mid = mount_id(mount_fd)
     flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
     _check(_libc.syscall(_SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", flags), "move_mount")
-    set_attrs(mount_fd, private=True)
+    set_attrs(mount_fd, private=not slave, slave=slave)
     return mid
 
 

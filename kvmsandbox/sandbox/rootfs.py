@@ -50,6 +50,8 @@ class HostPath:
 
     source: Path
     readonly: bool
+    recursive_readonly: bool = True
+    host_to_container: bool = False
 
 
 def rootfs_dir(container_id: str) -> str:
@@ -132,7 +134,8 @@ def mount_rootfs(sandbox_dir: Path, container_id: str, lower_dirs: Sequence[Path
 
 
 def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostPath) -> int:
-    """Bind-mounts a host path (recursively; nodev, nosuid, read-only all the way down when asked)
+    """Bind-mounts a host path (recursively; nodev, nosuid; read-only on its own mount, or all the
+    way down, when asked; a slave of the host's mount when mounts made there later must appear)
     as the container's ``index``-th host mount; returns the mount's id.
 
     Raises:
@@ -145,12 +148,21 @@ def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostP
     real, sandboxes = os.path.realpath(host.source), os.path.realpath(sandbox_dir.parent)
     if (real + "/").startswith(sandboxes.rstrip("/") + "/"):
         raise InvalidArgument(f"host path {host.source} is in the runtime's sandbox dirs: pods cannot share it")
-    attrs = mounts.GUEST_WRITABLE | (mounts.MOUNT_ATTR_RDONLY if host.readonly else 0)
+    rdonly = mounts.MOUNT_ATTR_RDONLY if host.readonly else 0
+    recursive = rdonly if host.recursive_readonly else 0
     try:
         with beneath.opened_dir(sandbox_dir) as sfd:
-            tree = mounts.clone_tree(Path(real), attrs)
+            tree = mounts.clone_tree(
+                Path(real), mounts.GUEST_WRITABLE | recursive, top_attrs=rdonly, private=not host.host_to_container
+            )
             try:
-                return _attach_below(sfd, tree, host_path_dir(container_id, index), is_dir=os.path.isdir(real))
+                return _attach_below(
+                    sfd,
+                    tree,
+                    host_path_dir(container_id, index),
+                    is_dir=os.path.isdir(real),
+                    slave=host.host_to_container,
+                )
             finally:
                 os.close(tree)
     except OSError as e:
@@ -195,14 +207,14 @@ def _ensure_pinned(sfd: int, name: str) -> None:
         _self_bind(shared, name)
 
 
-def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool) -> int:
+def _attach_below(sfd: int, tree: int, rel: str, *, is_dir: bool, slave: bool = False) -> int:
     """Attaches ``tree`` at ``rel`` ("containers/<x>" or "mounts/<x>") right in its pinned dir."""
     pinned, name = rel.split("/")
     _ensure_pinned(sfd, pinned)
     with _shared(sfd, pinned) as parent:
         target = beneath.make_dirs(parent, name) if is_dir else beneath.make_file(parent, name)
         try:
-            return mounts.attach(tree, target)
+            return mounts.attach(tree, target, slave=slave)
         finally:
             os.close(target)
 

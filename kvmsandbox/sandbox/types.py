@@ -22,6 +22,15 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class PodKernel:
+    """Pod-wide kernel settings in the guest: sysctls, and whether containers that ask for it share
+    one process namespace (with a pause process as its PID 1)."""
+
+    sysctls: tuple[tuple[str, str], ...] = ()
+    share_pid_namespace: bool = False
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     """The pod's resolv.conf."""
 
@@ -45,6 +54,11 @@ class HostMount:
     host_path: Path
     container_path: str
     readonly: bool = False
+    # Read-only all the way down (the mounts below the host path too); else only the path's own.
+    recursive_readonly: bool = False
+    # Mounts the host makes below the path later appear in the container ("rslave"), or not
+    # ("rprivate"). Nothing made in the guest can appear on the host: "rshared" is "rslave" here.
+    host_to_container: bool = False
 
 
 @dataclass(frozen=True)
