@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmsandbox.cri import validate
-from kvmsandbox.cri.process import proc_paths, process_spec
+from kvmsandbox.cri.isolation import container_isolation
+from kvmsandbox.cri.process import process_spec
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import CONTAINER_STATES, CriState, container, container_status, labels_match
 from kvmsandbox.cri.store import CriContainer, MountInfo
@@ -24,27 +25,39 @@ from kvmsandbox.sandbox.types import HostMount
 EXEC_SYNC_DEFAULT_TIMEOUT = 3600.0
 
 
+def _host_mounts(config: cri.ContainerConfig) -> list[HostMount]:
+    return [
+        HostMount(
+            Path(m.host_path),
+            m.container_path,
+            m.readonly,
+            recursive_readonly=m.recursive_read_only,
+            host_to_container=m.propagation != cri.PROPAGATION_PRIVATE,
+        )
+        for m in config.mounts
+        if m.host_path
+    ]
+
+
 def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContainerResponse:
     """Creates the container from a pulled image.
 
     Raises:
-        NotFound: unknown sandbox, or the image is not pulled. FailedPrecondition: sandbox not ready.
-        InvalidArgument: missing metadata or image, a host path that does not exist, nothing to run.
+        NotFound: unknown sandbox, or the image is not pulled. FailedPrecondition: sandbox not ready,
+        or lacks the PID namespace to join. InvalidArgument: missing metadata or image, a bad host
+        path, seccomp profile or namespace, nothing to run.
     """
     config = req.config
     validate.container_config(config)
     sandbox = state.manager.get_sandbox(req.pod_sandbox_id)
     if sandbox.state is not SandboxState.READY:
-        raise FailedPrecondition(
-            f"sandbox {sandbox.id} is not ready ({sandbox.state.value}): cannot create containers in it"
-        )
+        raise FailedPrecondition(f"sandbox {sandbox.id} is not ready ({sandbox.state.value}): cannot create containers")
     image = state.images.status(config.image.image)
     if image is None:
         raise NotFound(f"image {config.image.image!r} is not present on this node: pull it first")
     layers: list[Path] = state.images.layer_dirs(image.id)
     process = process_spec(config, image.config, layers)
-    masked_paths, readonly_paths = proc_paths(config.linux.security_context)
-    mounts = [HostMount(Path(m.host_path), m.container_path, m.readonly) for m in config.mounts if m.host_path]
+    isolation = container_isolation(sandbox, config, process)
     log_path = validate.log_path(state.pod(sandbox).log_directory, config.log_path)
     stop_signal = str(image.config.get("StopSignal", ""))
     validate.stop_signal(stop_signal)
@@ -58,7 +71,10 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
         image_ref=image.repo_digests[0] if image.repo_digests else image.id,
         labels=dict(config.labels),
         annotations=dict(config.annotations),
-        mounts=tuple(MountInfo(m.container_path, m.host_path, m.readonly) for m in config.mounts),
+        mounts=tuple(
+            MountInfo(m.container_path, m.host_path, m.readonly, m.recursive_read_only, m.propagation)
+            for m in config.mounts
+        ),
         stop_signal=stop_signal,
     )
     # The CRI facts are stored first: a restart during the create finds the container with them.
@@ -74,10 +90,9 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
             name=config.metadata.name,
             log_path=log_path,
             readonly_rootfs=config.linux.security_context.readonly_rootfs,
-            mounts=mounts,
+            mounts=_host_mounts(config),
             resources=oci_resources(config.linux.resources),
-            masked_paths=masked_paths,
-            readonly_paths=readonly_paths,
+            isolation=isolation,
         )
     except BaseException:
         state.store.remove_container(meta.id)

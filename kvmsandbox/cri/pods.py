@@ -10,6 +10,7 @@ import secrets
 from typing import Any
 
 from kvmsandbox.cri import validate
+from kvmsandbox.cri.isolation import pod_kernel
 from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.cri.state import (
     CriState,
@@ -35,7 +36,7 @@ def _handler(state: CriState, req: cri.RunPodSandboxRequest) -> str:
     """The runtime handler asked for (an empty one means the first configured).
 
     Raises:
-        InvalidArgument: unknown handler, missing metadata, host network asked for.
+        InvalidArgument: unknown handler, missing metadata.
         FailedPrecondition: the node's pod network is not ready.
     """
     handlers = state.config.runtime_handlers
@@ -45,8 +46,6 @@ def _handler(state: CriState, req: cri.RunPodSandboxRequest) -> str:
     md = req.config.metadata
     if not md.name or not md.namespace or not md.uid:
         raise InvalidArgument("the pod sandbox config needs metadata with name, namespace and uid")
-    if req.config.linux.security_context.namespace_options.network == cri.NODE:
-        raise InvalidArgument("host network pods cannot run in kvmsandbox: a VM cannot share the host's network")
     net = state.manager.networking.status()
     if not net.ready:
         raise FailedPrecondition(f"the pod network is not ready: {net.message}")
@@ -79,6 +78,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
         FailedPrecondition: see ``_handler``; the manager's errors for the boot.
     """
     validate.pod_config(req.config)
+    kernel = pod_kernel(req.config)
     handler = _handler(state, req)
     config = req.config
     md = config.metadata
@@ -107,6 +107,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             cgroup_parent=linux.cgroup_parent,
             network=network,
             hostname=hostname,
+            kernel=kernel,
             dns=DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options)),
         )
     except BaseException:

@@ -170,6 +170,7 @@ def pod_config(config: cri.PodSandboxConfig) -> None:
             except ValueError:
                 raise InvalidArgument(f"port_mappings[{i}].host_ip is not an IP address: {quote(p.host_ip)}") from None
     cgroup_parent(config.linux.cgroup_parent)
+    sysctls(config.linux.sysctls)
 
 
 def cgroup_parent(value: str) -> str:
@@ -205,7 +206,39 @@ def container_config(config: cri.ContainerConfig) -> None:
     for i, m in enumerate(config.mounts):
         absolute_path(f"mounts[{i}].container_path", m.container_path)
         absolute_path(f"mounts[{i}].host_path", m.host_path, required=False)
+        mount_options(f"mounts[{i}]", m)
     resources("linux.resources", config.linux.resources)
+
+
+MAX_SYSCTLS = 256
+# Dot- or slash-separated words, as Kubernetes names sysctls (the guest checks them again).
+_SYSCTL = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?([./][a-zA-Z0-9]([-_a-zA-Z0-9.]*[a-zA-Z0-9])?)*\Z")
+
+
+def sysctls(values: Mapping[str, str]) -> None:
+    """Pod sysctls: any key of the guest kernel (the VM is the pod's own), well formed and bounded."""
+    if len(values) > MAX_SYSCTLS:
+        raise InvalidArgument(f"linux.sysctls has {len(values)} entries, more than {MAX_SYSCTLS}")
+    for name, value in values.items():
+        if len(name) > 256 or not _SYSCTL.match(name) or ".." in name:
+            raise InvalidArgument(f"linux.sysctls: {quote(name, 64)} is not a sysctl name")
+        if len(value) > 4096 or "\0" in value or "\n" in value:
+            raise InvalidArgument(f"linux.sysctls[{name}]: the value is longer than 4096 or has a NUL or newline")
+
+
+def mount_options(field: str, m: cri.Mount) -> None:
+    """Propagation and read-only flags that can be honoured (as containerd checks them)."""
+    if m.propagation not in cri.MountPropagation.values():
+        raise InvalidArgument(f"{field}.propagation: unknown value {m.propagation}")
+    if m.recursive_read_only and not m.readonly:
+        raise InvalidArgument(f"{field}: recursive_read_only needs readonly")
+    if m.recursive_read_only and m.propagation != cri.PROPAGATION_PRIVATE:
+        raise InvalidArgument(
+            f"{field}: recursive_read_only needs propagation PROPAGATION_PRIVATE "
+            f"(a mount made later below it could not be read-only)"
+        )
+    if m.uidMappings or m.gidMappings:
+        raise InvalidArgument(f"{field}: id-mapped mounts are not supported (user namespaces are not)")
 
 
 _UNIFIED_KEY = re.compile(r"^[a-z][a-z0-9_]*\.[A-Za-z0-9_.]+$")  # memory.high, hugetlb.2MB.max

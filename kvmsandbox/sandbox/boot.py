@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import secrets
 import shutil
 import time
@@ -24,11 +25,12 @@ from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState, move
-from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest
+from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest, PodKernel
 
 log = logging.getLogger(__name__)
 
 GUEST_SHARE = "/run/kvmsandbox/shared"
+PID_NAMESPACE_PATH = re.compile(r"^/proc/[1-9][0-9]{0,9}/ns/pid\Z")
 VIRTIOFSD_SOCKET = "fs.sock"
 
 
@@ -51,6 +53,7 @@ class SandboxBoot:
         *,
         dns: DnsConfig | None,
         network: NetworkRequest | None,
+        kernel: PodKernel | None = None,
         cgroup_parent: str,
         cmdline_extra: tuple[str, ...],
         ready_timeout: float,
@@ -60,6 +63,7 @@ class SandboxBoot:
         # Named from the start, so a teardown after any failure (or a restart) finds the cgroup.
         record.cgroup = cgroup_path(ctx, record.id, cgroup_parent)
         self.dns = dns or DnsConfig()
+        self.kernel = kernel or PodKernel()
         self.network = network
         self.cmdline_extra = cmdline_extra
         self.ready_timeout = ready_timeout
@@ -210,6 +214,8 @@ class SandboxBoot:
                 storages=[pb.Storage(driver="virtiofs", source=SHARED_DIR_TAG, mount_point=GUEST_SHARE)],
                 interfaces=net.guest_interfaces() if net else [],
                 routes=net.guest_routes() if net else [],
+                sysctls=dict(self.kernel.sysctls),
+                share_pid_namespace=self.kernel.share_pid_namespace,
             )
         )
         record.guest_files = {
@@ -217,6 +223,11 @@ class SandboxBoot:
             "hosts": files.hosts_path,
             "resolv.conf": files.resolv_conf_path,
         }
+        if self.kernel.share_pid_namespace:
+            # Only ever handed back to the guest (in specs), never opened here; checked all the same.
+            if not PID_NAMESPACE_PATH.match(files.pid_namespace_path):
+                raise AgentMisbehaved(f"the guest named its pod PID namespace {files.pid_namespace_path[:80]!r}")
+            record.guest_files["pid_namespace"] = files.pid_namespace_path
         if client.violation is not None:
             # It broke the protocol while booting (a probe's answer, a stray frame): no pod on it.
             raise AgentMisbehaved(client.violation)

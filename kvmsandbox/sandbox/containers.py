@@ -53,9 +53,12 @@ def _guest_mounts(
         if name in record.guest_files
     ]
     for i, m in enumerate(mounts):
-        mount_ids.append(rootfs.bind_host_path(sdir, container_id, i, rootfs.HostPath(m.host_path, m.readonly)))
+        host = rootfs.HostPath(m.host_path, m.readonly, m.recursive_readonly, m.host_to_container)
+        mount_ids.append(rootfs.bind_host_path(sdir, container_id, i, host))
         source = f"{GUEST_SHARE}/{rootfs.host_path_dir(container_id, i)}"
-        out.append(oci_spec.Mount(source, m.container_path, m.readonly))
+        # The host's mount is read-only (where asked): the guest sees the host path's mounts as one
+        # file system, so its own read-only flag would reach the submounts a plain readonly spares.
+        out.append(oci_spec.Mount(source, m.container_path, m.readonly and m.recursive_readonly))
     return out
 
 
@@ -181,8 +184,7 @@ def create(
     readonly_rootfs: bool = False,
     mounts: list[HostMount] | None = None,
     resources: dict[str, Any] | None = None,
-    masked_paths: list[str] | None = None,
-    readonly_paths: list[str] | None = None,
+    isolation: oci_spec.Isolation | None = None,
 ) -> ContainerRecord:
     """Prepares the rootfs on the host and creates the container in the guest (not started).
     Output goes to ``log_path`` in the CRI log format (default: the container's dir). On failure
@@ -201,13 +203,11 @@ def create(
             spec = oci_spec.container_spec(
                 root_path=root.path,
                 process=process,
-                hostname=record.hostname,
                 readonly_rootfs=readonly_rootfs,
                 mounts=_guest_mounts(sdir, record, container_id, mounts or [], root.mount_ids),
                 cgroups_path=f"/kvmsandbox/{container_id}",
                 resources=resources,
-                masked_paths=masked_paths,
-                readonly_paths=readonly_paths,
+                isolation=isolation,
             )
             targets = root.targets if root.layers else None
             pid = client.create_container(

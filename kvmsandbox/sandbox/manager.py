@@ -25,7 +25,7 @@ from kvmsandbox.sandbox.boot import SandboxBoot
 from kvmsandbox.sandbox.console import ConsoleSweeper, SweepResult
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.interactive import ProcessIO
-from kvmsandbox.sandbox.oci_spec import ProcessSpec
+from kvmsandbox.sandbox.oci_spec import Isolation, ProcessSpec
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
 from kvmsandbox.sandbox.states import SandboxState
 from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS
@@ -37,6 +37,7 @@ from kvmsandbox.sandbox.types import (
     FilesystemUsage,
     HostMount,
     NetworkRequest,
+    PodKernel,
     VmUsage,
 )
 
@@ -127,6 +128,7 @@ class SandboxManager:
         *,
         hostname: str = "",
         dns: DnsConfig | None = None,
+        kernel: PodKernel | None = None,
         vcpus: int | None = None,
         memory_mib: int | None = None,
         cgroup_parent: str = "",
@@ -167,6 +169,7 @@ class SandboxManager:
                 ctx,
                 record,
                 dns=dns,
+                kernel=kernel,
                 network=network,
                 cgroup_parent=cgroup_parent,
                 cmdline_extra=cmdline_extra,
@@ -241,8 +244,7 @@ class SandboxManager:
         readonly_rootfs: bool = False,
         mounts: list[HostMount] | None = None,
         resources: dict[str, Any] | None = None,
-        masked_paths: list[str] | None = None,
-        readonly_paths: list[str] | None = None,
+        isolation: Isolation | None = None,
     ) -> ContainerRecord:
         return containers.create(
             self.ctx,
@@ -255,8 +257,7 @@ class SandboxManager:
             readonly_rootfs=readonly_rootfs,
             mounts=mounts,
             resources=resources,
-            masked_paths=masked_paths,
-            readonly_paths=readonly_paths,
+            isolation=isolation,
         )
 
     def start_container(self, sandbox_id: str, container_id: str) -> None:

@@ -1,9 +1,10 @@
 """Builds the OCI runtime spec (config.json) the agent hands to crun inside the guest.
 
 Defaults follow runc's and containerd's: the usual pseudo filesystems, Docker's default
-capability set, a masked /proc. Containers of one pod share the guest's network namespace (the
-VM is the pod's network boundary, as in Kata), and get their own pid, ipc, uts and mount
-namespaces.
+capability set, a masked /proc. Containers of one pod share the guest's network, IPC and UTS
+namespaces (the VM is the pod, as the pause container's namespaces are under runc: the guest's
+hostname is the pod's), and get their own mount and cgroup namespaces and, unless the pod shares
+one, their own PID namespace.
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Isolation:
+    """What a container's security context asks of the kernel beyond its process."""
+
+    # None: the defaults (MASKED_PATHS, READONLY_PATHS).
+    masked_paths: list[str] | None = None
+    readonly_paths: list[str] | None = None
+    # The OCI ``linux.seccomp`` object; None: no filter.
+    seccomp: dict[str, Any] | None = None
+    # "": a PID namespace of its own; else the guest path of the one to join (the pod's, a target's).
+    pid_namespace: str = ""
+    # Privileged: /sys and the cgroup tree writable, every device allowed.
+    privileged: bool = False
+
+
+@dataclass(frozen=True)
 class ProcessSpec:
     args: list[str]
     env: list[str] = field(default_factory=list)
@@ -155,35 +171,36 @@ def container_spec(
     *,
     root_path: str,
     process: ProcessSpec,
-    hostname: str = "",
     readonly_rootfs: bool = False,
     mounts: list[Mount] | None = None,
     cgroups_path: str = "",
     resources: dict[str, Any] | None = None,
-    masked_paths: list[str] | None = None,
-    readonly_paths: list[str] | None = None,
+    isolation: Isolation | None = None,
 ) -> dict[str, Any]:
-    """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest
-    (``masked_paths``/``readonly_paths``: None for the defaults)."""
+    """A complete OCI runtime spec for a container whose rootfs is at ``root_path`` in the guest."""
+    iso = isolation or Isolation()
+    pid: dict[str, Any] = {"type": "pid", **({"path": iso.pid_namespace} if iso.pid_namespace else {})}
     linux: dict[str, Any] = {
-        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
-        "maskedPaths": MASKED_PATHS if masked_paths is None else masked_paths,
-        "readonlyPaths": READONLY_PATHS if readonly_paths is None else readonly_paths,
+        "namespaces": [pid, {"type": "mount"}, {"type": "cgroup"}],
+        "maskedPaths": MASKED_PATHS if iso.masked_paths is None else iso.masked_paths,
+        "readonlyPaths": READONLY_PATHS if iso.readonly_paths is None else iso.readonly_paths,
     }
     if cgroups_path:
         linux["cgroupsPath"] = cgroups_path
+    resources = dict(resources or {})
+    if iso.privileged:
+        resources["devices"] = [{"allow": True, "access": "rwm"}]
     if resources:
         linux["resources"] = resources
-    spec: dict[str, Any] = {
+    if iso.seccomp is not None:
+        linux["seccomp"] = iso.seccomp
+    return {
         "ociVersion": OCI_VERSION,
         "process": process_object(process),
         "root": {"path": root_path, "readonly": readonly_rootfs},
-        "mounts": _pseudo_filesystems() + [_bind_mount(m) for m in mounts or []],
+        "mounts": _pseudo_filesystems(writable_sys=iso.privileged) + [_bind_mount(m) for m in mounts or []],
         "linux": linux,
     }
-    if hostname:
-        spec["hostname"] = hostname
-    return spec
 
 
 def _bind_mount(mount: Mount) -> dict[str, Any]:
@@ -195,8 +212,10 @@ def _bind_mount(mount: Mount) -> dict[str, Any]:
     }
 
 
-def _pseudo_filesystems() -> list[dict[str, Any]]:
-    """The mounts every container gets, as runc's and containerd's default spec has them."""
+def _pseudo_filesystems(writable_sys: bool = False) -> list[dict[str, Any]]:
+    """The mounts every container gets, as runc's and containerd's default spec has them (a
+    privileged container's /sys and cgroup tree writable, as containerd makes them)."""
+    ro = [] if writable_sys else ["ro"]
     return [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -227,12 +246,12 @@ def _pseudo_filesystems() -> list[dict[str, Any]]:
             "destination": "/sys",
             "type": "sysfs",
             "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
+            "options": ["nosuid", "noexec", "nodev", *ro],
         },
         {
             "destination": "/sys/fs/cgroup",
             "type": "cgroup",
             "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            "options": ["nosuid", "noexec", "nodev", "relatime", *ro],
         },
     ]

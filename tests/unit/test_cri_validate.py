@@ -35,6 +35,12 @@ def good_pod() -> cri.PodSandboxConfig:
         (lambda c: c.port_mappings.append(cri.PortMapping(host_port=70000)), "port_mappings[0].host_port"),
         (lambda c: c.port_mappings.append(cri.PortMapping(host_ip="not-an-ip")), "port_mappings[0].host_ip"),
         (lambda c: setattr(c.linux, "cgroup_parent", "/kubepods/../../evil"), "linux.cgroup_parent"),
+        (lambda c: c.linux.sysctls.__setitem__("kernel/../../etc/x", "1"), "linux.sysctls"),
+        (lambda c: c.linux.sysctls.__setitem__("net.ipv4..x", "1"), "linux.sysctls"),
+        (lambda c: c.linux.sysctls.__setitem__("", "1"), "linux.sysctls"),
+        (lambda c: c.linux.sysctls.__setitem__("kernel.shmmax", "1\n2"), "linux.sysctls"),
+        (lambda c: c.linux.sysctls.__setitem__("kernel.shmmax", "9" * 5000), "linux.sysctls"),
+        (lambda c: c.linux.sysctls.update({f"net.k{i}": "1" for i in range(300)}), "linux.sysctls"),
     ],
 )
 def test_a_bad_pod_field_is_named(change, field: str) -> None:  # type: ignore[no-untyped-def]
@@ -134,3 +140,37 @@ def test_long_commands_and_fqdn_hostnames() -> None:
     with pytest.raises(InvalidArgument, match="in all"):
         validate.words("cmd", ["x" * 4000] * 1000)
     assert validate.hostname("a" * 30 + "." + "b" * 33, "p") == "a" * 30 + "." + "b" * 33  # 64: an FQDN
+
+
+def test_sysctls_with_dots_or_slashes_pass() -> None:
+    validate.sysctls(
+        {"kernel.shm_rmid_forced": "1", "net/ipv4/conf/eth0.1/forwarding": "1", "fs.mqueue.msg_max": "100"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("mount", "words"),
+    [
+        (cri.Mount(container_path="/m", host_path="/h", recursive_read_only=True), "needs readonly"),
+        (
+            cri.Mount(
+                container_path="/m",
+                host_path="/h",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=cri.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "needs propagation PROPAGATION_PRIVATE",
+        ),
+        (cri.Mount(container_path="/m", host_path="/h", propagation=7), "unknown value 7"),  # type: ignore[arg-type]
+        (
+            cri.Mount(container_path="/m", host_path="/h", uidMappings=[cri.IDMapping(length=1)]),
+            "id-mapped mounts are not supported",
+        ),
+    ],
+)
+def test_mount_options_that_cannot_be_honoured_are_refused(mount: cri.Mount, words: str) -> None:
+    config = cri.ContainerConfig(metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image="i"))
+    config.mounts.append(mount)
+    with pytest.raises(InvalidArgument, match=words):
+        validate.container_config(config)

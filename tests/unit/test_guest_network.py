@@ -23,6 +23,7 @@ from kvmsandbox.agent.guest.network import (
     route_commands,
     run_command,
 )
+from kvmsandbox.agent.guest.reaper import Reaper
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
 IP = ["/bin/busybox", "ip"]
@@ -306,9 +307,9 @@ def test_create_sandbox_configures_the_network(tmp_path: Path, monkeypatch: pyte
     iface = pb.Interface(name="eth0", mac=MAC, addresses=["10.88.0.5/16"])
     route = pb.Route(destination="0.0.0.0/0", gateway="10.88.0.1")
     req = pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0", interfaces=[iface], routes=[route])
-    resp = sandbox.SandboxSetup().create(req)
+    resp = sandbox.SandboxSetup(Reaper()).create(req)
     assert calls == [([iface], [route])]
     assert "10.88.0.5\tweb-0\n" in Path(resp.hosts_path).read_text()
 
-    sandbox.SandboxSetup().create(pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0"))
+    sandbox.SandboxSetup(Reaper()).create(pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0"))
     assert len(calls) == 1

@@ -56,7 +56,7 @@ class AgentService:
 
     def __init__(self, runner: ContainerRunner, transport: str) -> None:
         self.runner = runner
-        self.sandbox = SandboxSetup()
+        self.sandbox = SandboxSetup(runner.reaper)
         self.ports = PortConnections()
         self.relays = PortRelays()
         self.transport = transport

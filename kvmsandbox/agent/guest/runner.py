@@ -83,7 +83,7 @@ class ContainerRunner:
         bundles: Path = Path("/run/kvmsandbox/containers"),
         cgroup_root: Path = Path("/sys/fs/cgroup"),
     ) -> None:
-        self._reaper = reaper
+        self._reaper = self.reaper = reaper
         self._crun = crun
         self._bundles = bundles
         self._cgroup_root = cgroup_root

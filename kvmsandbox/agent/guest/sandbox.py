@@ -1,4 +1,5 @@
-"""Sandbox-wide guest setup: hostname, network, DNS and hosts files, shared storages."""
+"""Sandbox-wide guest setup: sysctls, hostname, network, DNS and hosts files, shared storages, the
+shared process namespace."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
 from kvmsandbox.agent.guest.network import configure_network
+from kvmsandbox.agent.guest.podns import PodPidNamespace, apply_sysctls
+from kvmsandbox.agent.guest.reaper import Reaper
 from kvmsandbox.agent.linux import MNT_DETACH, mount, umount
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
@@ -50,18 +53,21 @@ def hosts_file(hostname: str, extra: list[pb.HostEntry], ip: str = "") -> str:
 class SandboxSetup:
     """What CreateSandbox did, so DestroySandbox can undo it."""
 
-    def __init__(self) -> None:
+    def __init__(self, reaper: Reaper) -> None:
         self.mounted: list[str] = []
         self.sandbox_id = ""
+        self.pid_namespace = PodPidNamespace(reaper)
 
     def create(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
-        """Sets the hostname, configures the network, writes the files containers get, mounts the storages.
+        """Writes the sysctls, sets the hostname, configures the network, writes the files containers
+        get, mounts the storages, starts the shared process namespace.
 
         Raises:
-            InvalidArgument: a storage, interface or route is malformed. AgentFault: a NIC is
-            missing, an ``ip`` command or a mount failed.
+            InvalidArgument: a sysctl, storage, interface or route is malformed (or a sysctl
+            refused). AgentFault: a NIC is missing, an ``ip`` command, a mount or the pause failed.
         """
         self.sandbox_id = req.sandbox_id
+        apply_sysctls(req.sysctls)
         SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
         hostname = req.hostname or req.sandbox_id[:12] or "sandbox"
         try:
@@ -84,6 +90,7 @@ class SandboxSetup:
             hostname_path=str(paths["hostname"]),
             hosts_path=str(paths["hosts"]),
             resolv_conf_path=str(paths["resolv.conf"]),
+            pid_namespace_path=self.pid_namespace.start() if req.share_pid_namespace else "",
         )
 
     def _mount_storage(self, storage: pb.Storage) -> None:
@@ -101,7 +108,9 @@ class SandboxSetup:
         self.mounted.append(storage.mount_point)
 
     def destroy(self) -> None:
-        """Unmounts the storages (lazily: a process may still hold a file)."""
+        """Ends the shared process namespace; unmounts the storages (lazily: a process may still
+        hold a file)."""
+        self.pid_namespace.stop()
         for target in reversed(self.mounted):
             with contextlib.suppress(OSError):
                 umount(target, MNT_DETACH)

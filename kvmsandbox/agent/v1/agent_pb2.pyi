@@ -454,6 +454,26 @@ Global___Route: _TypeAlias = Route  # noqa: Y015
 class CreateSandboxRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SysctlsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     DNS_FIELD_NUMBER: _builtins.int
@@ -461,8 +481,12 @@ class CreateSandboxRequest(_message.Message):
     HOSTS_FIELD_NUMBER: _builtins.int
     INTERFACES_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
+    SYSCTLS_FIELD_NUMBER: _builtins.int
+    SHARE_PID_NAMESPACE_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     hostname: _builtins.str
+    share_pid_namespace: _builtins.bool
+    """Start the pod's shared process namespace (a pause process as its PID 1) for containers to join."""
     @_builtins.property
     def dns(self) -> Global___DNSConfig: ...
     @_builtins.property
@@ -475,6 +499,12 @@ class CreateSandboxRequest(_message.Message):
 
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
+    @_builtins.property
+    def sysctls(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Written to /proc/sys (name with dots or slashes as separators) before anything else runs:
+        containers share the guest's network, IPC and UTS namespaces, so they apply pod-wide.
+        """
+
     def __init__(
         self,
         *,
@@ -485,10 +515,12 @@ class CreateSandboxRequest(_message.Message):
         hosts: _abc.Iterable[Global___HostEntry] | None = ...,
         interfaces: _abc.Iterable[Global___Interface] | None = ...,
         routes: _abc.Iterable[Global___Route] | None = ...,
+        sysctls: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        share_pid_namespace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "interfaces", b"interfaces", "routes", b"routes", "sandbox_id", b"sandbox_id", "storages", b"storages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "interfaces", b"interfaces", "routes", b"routes", "sandbox_id", b"sandbox_id", "share_pid_namespace", b"share_pid_namespace", "storages", b"storages", "sysctls", b"sysctls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,20 +533,24 @@ class CreateSandboxResponse(_message.Message):
     HOSTNAME_PATH_FIELD_NUMBER: _builtins.int
     HOSTS_PATH_FIELD_NUMBER: _builtins.int
     RESOLV_CONF_PATH_FIELD_NUMBER: _builtins.int
+    PID_NAMESPACE_PATH_FIELD_NUMBER: _builtins.int
     hostname_path: _builtins.str
     """Guest paths of the files the host should bind into containers."""
     hosts_path: _builtins.str
     resolv_conf_path: _builtins.str
+    pid_namespace_path: _builtins.str
+    """/proc/PID/ns/pid of the pod's shared process namespace, when asked for."""
     def __init__(
         self,
         *,
         hostname_path: _builtins.str = ...,
         hosts_path: _builtins.str = ...,
         resolv_conf_path: _builtins.str = ...,
+        pid_namespace_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname_path", b"hostname_path", "hosts_path", b"hosts_path", "resolv_conf_path", b"resolv_conf_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname_path", b"hostname_path", "hosts_path", b"hosts_path", "pid_namespace_path", b"pid_namespace_path", "resolv_conf_path", b"resolv_conf_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
