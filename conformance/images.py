@@ -136,8 +136,17 @@ done
 
 
 def _busybox(tree: Path) -> None:
-    """The e2e busybox image: applets are hard links to busybox (masking one masks only it)."""
-    make_busybox_rootfs(tree)
+    """The e2e busybox image: Debian's dynamic busybox, whose shell runs commands from their files
+    as that image's does (busybox-static runs its applets inside the shell, so a masked /bin/ls
+    would still run), its applets hard links to it (masking one masks only it), and its libc."""
+    debs = tree.with_name("busybox-deb")
+    shutil.rmtree(debs, ignore_errors=True)
+    debs.mkdir(parents=True)
+    apt.extract(apt.download(["busybox"], debs)["busybox"], debs / "root")
+    binary = debs / "root/bin/busybox"
+    make_busybox_rootfs(tree, binary)
+    _copy_libraries(binary, tree)
+    shutil.rmtree(debs)
     for link in [p for p in tree.rglob("*") if p.is_symlink() and os.readlink(p) == "/bin/busybox"]:
         link.unlink()
         os.link(tree / "bin/busybox", link)
@@ -148,6 +157,15 @@ def _busybox(tree: Path) -> None:
     for name, text in (("pgrep", PGREP), ("ipcs", IPCS)):
         (tree / "usr/bin" / name).write_text(text)
         (tree / "usr/bin" / name).chmod(0o755)
+
+
+def _copy_libraries(binary: Path, tree: Path) -> None:
+    """The host's copies of the shared libraries ``binary`` needs (bookworm's, as the image's)."""
+    ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True)
+    for line in ldd.stdout.splitlines():
+        for lib in (w for w in line.replace("=>", " ").split() if w.startswith("/")):
+            (tree / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(lib), tree / lib.lstrip("/"))
 
 
 def _httpd(tree: Path) -> None:
