@@ -13,6 +13,7 @@ to mount or umount. Linux 6.8 or later (``lowerdir+`` by fd).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -67,12 +68,20 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def mount_id(fd: int) -> int:
-    """The id of the mount ``fd`` is on (as in /proc/self/mountinfo)."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
+def mount_id(fd: int, proc: int | None = None) -> int:
+    """The id of the mount ``fd`` is on (as in /proc/self/mountinfo); ``proc``: an fd of /proc,
+    for a process whose mount namespace has none."""
+    if proc is None:
+        raw = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    else:
+        info = os.open(f"self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        try:
+            raw = os.read(info, 4096).decode()
+        finally:
+            os.close(info)
+    for line in raw.splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
     raise OSError(errno.EINVAL, f"no mnt_id for fd {fd}")
 
 
@@ -131,8 +140,9 @@ def clone_tree(source: Path, attrs: int, *, top_attrs: int = 0, private: bool = 
     """A detached recursive bind of ``source`` (a host path the host trusts), ``attrs`` (e.g.
     read-only, nosuid, nodev) set on every mount of it and ``top_attrs`` on its own mount only;
     private: a mount the host makes or removes below ``source`` later is not seen in the clone,
-    and detaching the clone never unmounts anything of the host's. Not ``private``: the clone
-    stays a peer of ``source``'s mount until ``attach(slave=True)`` makes it its slave.
+    and detaching the clone never unmounts anything of the host's. Not ``private``: a slave of
+    ``source``'s mounts from the start (never their peer, so nothing done to the clone, even
+    after a failure half-way, goes back to them).
 
     Raises:
         OSError: the kernel refused.
@@ -140,7 +150,7 @@ def clone_tree(source: Path, attrs: int, *, top_attrs: int = 0, private: bool = 
     flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
     fd = _check(_libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(source), flags), f"clone {source}")
     try:
-        set_attrs(fd, attrs, private=private)
+        set_attrs(fd, attrs, private=private, slave=not private)
         if top_attrs:
             set_attrs(fd, top_attrs, recursive=False)
     except BaseException:
@@ -149,7 +159,7 @@ def clone_tree(source: Path, attrs: int, *, top_attrs: int = 0, private: bool = 
     return fd
 
 
-def attach(mount_fd: int, target_fd: int, *, slave: bool = False) -> int:
+def attach(mount_fd: int, target_fd: int, *, slave: bool = False, proc: int | None = None) -> int:
     """Attaches the detached mount ``mount_fd`` onto exactly what ``target_fd`` names and keeps it
     private (attaching below a shared mount would share it again), or with ``slave`` makes it a
     slave of the peers it was cloned from (mounts the host makes there later appear in it, nothing
@@ -158,7 +168,7 @@ def attach(mount_fd: int, target_fd: int, *, slave: bool = False) -> int:
     Raises:
         OSError: the kernel refused.
     """
-    mid = mount_id(mount_fd)
+    mid = mount_id(mount_fd, proc)
     flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
     _check(_libc.syscall(_SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", flags), "move_mount")
     set_attrs(mount_fd, private=not slave, slave=slave)
@@ -233,6 +243,9 @@ def detach(root: Path, expected_id: int) -> bool:
             # umount2 acts on the topmost mount at that point: nothing may be stacked on this one.
             if any(m.parent_id == expected_id and m.mount_point == where[0] for m in mount_table()):
                 return False
+            # Whatever the mount's propagation became, its unmount goes to no mount of the host's.
+            with contextlib.suppress(OSError):
+                set_attrs(fd, private=True)
             if _libc.umount2(fd_path(fd).encode(), MNT_DETACH) != 0:
                 err = ctypes.get_errno()
                 if err == errno.EINVAL:

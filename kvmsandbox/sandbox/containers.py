@@ -13,6 +13,8 @@ from typing import Any
 from kvmsandbox.agent.client import ExitStatus
 from kvmsandbox.agent.guest import storage as guest_storage
 from kvmsandbox.errors import AgentError, DeadlineExceeded, FailedPrecondition, NotFound
+from kvmsandbox.host import nsattach
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.disks import Disk
 from kvmsandbox.sandbox import disks, oci_spec, rootfs
 from kvmsandbox.sandbox.boot import GUEST_SHARE
@@ -46,15 +48,21 @@ def _guest_mounts(
     sdir: Path, record: SandboxRecord, container_id: str, mounts: list[HostMount], mount_ids: list[int]
 ) -> list[oci_spec.Mount]:
     """The pod's hostname, hosts and resolv.conf, then the host paths (bind-mounted below the
-    shared dir here, so the guest sees them; each mount's id added to ``mount_ids``)."""
+    shared dir, so the guest sees them: in the virtio-fs daemon's mount namespace, or here (each
+    mount's id added to ``mount_ids``) for a share without one)."""
     out = [
         oci_spec.Mount(record.guest_files[name], f"/etc/{name}")
         for name in ("hostname", "hosts", "resolv.conf")
         if name in record.guest_files
     ]
+    # Host paths go into the virtio-fs daemon's mount namespace only (not the node's) when it runs.
+    daemon = virtiofsd.running_for(sdir / rootfs.SHARED) if record.shared_fs == "virtio-fs" and mounts else []
+    namespace_pid = nsattach.other_namespace(daemon)
     for i, m in enumerate(mounts):
         host = rootfs.HostPath(m.host_path, m.readonly, m.recursive_readonly, m.host_to_container)
-        mount_ids.append(rootfs.bind_host_path(sdir, container_id, i, host))
+        mid = rootfs.bind_host_path(sdir, container_id, i, host, namespace_pid)
+        if mid:
+            mount_ids.append(mid)
         source = f"{GUEST_SHARE}/{rootfs.host_path_dir(container_id, i)}"
         # The host's mount is read-only (where asked): the guest sees the host path's mounts as one
         # file system, so its own read-only flag would reach the submounts a plain readonly spares.

@@ -17,7 +17,8 @@ removed the same way. Layout of a sandbox dir, relative to it::
     shared/containers/          a bind of itself
     shared/containers/<id>      the container's overlay (its rootfs)
     shared/mounts/              a bind of itself
-    shared/mounts/<id>@<n>      the container's n-th host path
+    shared/mounts/<id>@<n>      the container's n-th host path (mounted in the virtio-fs daemon's
+                                mount namespace only, where it runs; see ``host.nsattach``)
     layers/<id>/{upper,work}    the container's writable layer
 """
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument
-from kvmsandbox.host import beneath, mounts
+from kvmsandbox.host import beneath, mounts, nsattach
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +134,15 @@ def mount_rootfs(sandbox_dir: Path, container_id: str, lower_dirs: Sequence[Path
         raise FailedPrecondition(f"cannot mount the rootfs of container {container_id}: {e.strerror}") from None
 
 
-def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostPath) -> int:
+def bind_host_path(
+    sandbox_dir: Path, container_id: str, index: int, host: HostPath, namespace_pid: int | None = None
+) -> int:
     """Bind-mounts a host path (recursively; nodev, nosuid; read-only on its own mount, or all the
     way down, when asked; a slave of the host's mount when mounts made there later must appear)
-    as the container's ``index``-th host mount; returns the mount's id.
+    as the container's ``index``-th host mount; returns the mount's id. With ``namespace_pid``
+    (the pod's virtio-fs daemon, pivoted into the shared dir) the mount is made in that process's
+    mount namespace only (``host.nsattach``) and 0 is returned: the node keeps no copy of it, and
+    removing its dir from here detaches it there.
 
     Raises:
         InvalidArgument: the host path does not exist.
@@ -156,13 +162,11 @@ def bind_host_path(sandbox_dir: Path, container_id: str, index: int, host: HostP
                 Path(real), mounts.GUEST_WRITABLE | recursive, top_attrs=rdonly, private=not host.host_to_container
             )
             try:
-                return _attach_below(
-                    sfd,
-                    tree,
-                    host_path_dir(container_id, index),
-                    is_dir=os.path.isdir(real),
-                    slave=host.host_to_container,
-                )
+                rel, is_dir, slave = host_path_dir(container_id, index), os.path.isdir(real), host.host_to_container
+                if namespace_pid is not None:
+                    nsattach.attach_in(namespace_pid, tree, "/", rel, is_dir=is_dir, slave=slave)
+                    return 0
+                return _attach_below(sfd, tree, rel, is_dir=is_dir, slave=slave)
             finally:
                 os.close(tree)
     except OSError as e:

@@ -13,13 +13,16 @@ import errno
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvmsandbox.errors import FailedPrecondition
+from kvmsandbox.host import nsattach
 from kvmsandbox.host.mounts import mount_table
+from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.sandbox.manager import SandboxManager
 from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.types import HostMount
@@ -115,8 +118,23 @@ def test_a_hostile_guest_reaches_nothing_outside_its_pod(
                 mounts=[HostMount(data, "/data", readonly=True)],
             )
         # A live container's host path cannot be moved away (a mount point in a mount point), and
-        # links at the other names the host looks at on removal lead nowhere.
-        for name in (f"mounts/{c.id}@0", "containers", "mounts"):
+        # links at the other names the host looks at on removal lead nowhere. The host path is
+        # mounted in the virtio-fs daemon's namespace only, where the guest's renames happen.
+        daemon = nsattach.other_namespace(virtiofsd.running_for(shared))
+        assert daemon is not None
+        # As the daemon renames for the guest: in its namespace (no binaries there, hence Python).
+        rename = (
+            "import ctypes, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "assert ctypes.CDLL(None).setns(fd, 0x20000) == 0; os.rename(sys.argv[2], '/mounts/stolen')"
+        )
+        moved = subprocess.run(
+            [sys.executable, "-c", rename, f"/proc/{daemon}/ns/mnt", f"/mounts/{c.id}@0"],
+            capture_output=True,
+            check=False,
+        )
+        assert moved.returncode != 0 and b"busy" in moved.stderr.lower(), moved.stderr
+        assert not any(m.mount_point.startswith(str(shared / "mounts") + "/") for m in mount_table())
+        for name in ("containers", "mounts"):
             with pytest.raises(OSError) as e:
                 os.rename(shared / name, (shared / name).parent / "stolen")
             assert e.value.errno == errno.EBUSY
