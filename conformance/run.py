@@ -25,6 +25,7 @@ import yaml
 
 from conformance.images import push_test_images
 from conformance.skips import KNOWN_GAPS, NOT_APPLICABLE, skip_regex
+from kvmsandbox.host.mounts import mounts_below
 from kvmsandbox.hypervisor.libvirt_embed import prepare_embed_root, seed_capabilities
 from tests.registry import running_registry
 
@@ -100,6 +101,7 @@ def _serve(base: Path, config: dict[str, object]) -> subprocess.Popen[bytes]:
     while not socket.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
+            process.wait()
             sys.exit(f"conformance: kvmsandbox serve did not start:\n{(base / 'serve.log').read_text()[-3000:]}")
         time.sleep(0.2)
     return process
@@ -148,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _cleanup(crictl, socket, process)
     finally:
-        if args.keep or os.environ.get("CONFORMANCE_KEEP"):
+        # A pod the server could not remove keeps mounts below: never delete through them.
+        left = mounts_below(Path(os.path.realpath(base)))
+        if left:
+            print(f"conformance: {len(left)} mounts left below {base} (kept, not deleted): {left[0].mount_point}")
+        if left or args.keep or os.environ.get("CONFORMANCE_KEEP"):
             print(f"conformance: work directory kept: {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)

@@ -31,8 +31,9 @@ NOT_APPLICABLE: tuple[tuple[str, str], ...] = (
     ),
     (
         "mount with 'rshared' should support propagation from host to container and vice versa",
-        "The host-to-container half holds (as rslave does); a mount made inside the guest cannot "
-        "appear on the host, whose kernel is a different one.",
+        "A mount made inside the guest cannot appear on the host, whose kernel is a different one: "
+        "CreateContainer refuses PROPAGATION_BIDIRECTIONAL with INVALID_ARGUMENT (the host-to-container "
+        "direction, PROPAGATION_HOST_TO_CONTAINER, passes its own spec).",
     ),
     (
         "public image with digest should be pulled and removed",
@@ -42,19 +43,8 @@ NOT_APPLICABLE: tuple[tuple[str, str], ...] = (
 )
 
 
-KNOWN_GAPS: tuple[tuple[str, str], ...] = (
-    (
-        "should support non-recursive readonly mounts",
-        "Passes its checks, then fails its own cleanup: it removes its host directory's tmpfs mount "
-        "point while the container still runs, and the kernel refuses (EBUSY) because the runtime's "
-        "bind of that host path, which virtio-fs serves to the guest, sits in the node's mount "
-        "namespace. Fix: keep those binds in a mount namespace of the runtime's own.",
-    ),
-    (
-        "should support recursive readonly mounts",
-        "As above.",
-    ),
-)
+# Specs that still fail here, each with why and what would fix it (none today).
+KNOWN_GAPS: tuple[tuple[str, str], ...] = ()
 
 
 def skip_regex() -> str:

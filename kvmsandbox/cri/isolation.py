@@ -11,6 +11,7 @@ from kvmsandbox.cri.runtime.v1 import api_pb2 as cri
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument
 from kvmsandbox.sandbox.oci_spec import DEFAULT_CAPABILITIES, Isolation, ProcessSpec
 from kvmsandbox.sandbox.records import SandboxRecord
+from kvmsandbox.sandbox.states import ContainerState
 from kvmsandbox.sandbox.types import PodKernel
 
 POD_PID_NAMESPACE = "pid_namespace"  # its key in SandboxRecord.guest_files
@@ -40,8 +41,11 @@ def _pid_namespace(sandbox: SandboxRecord, ns: cri.NamespaceOption) -> str:
         return ""
     if ns.pid == cri.TARGET:
         target = sandbox.containers.get(ns.target_id)
-        if target is None or not target.pid:
+        if target is None:
             raise FailedPrecondition(f"target container {ns.target_id[:80]!r} is not a container of this pod")
+        # A process that has exited leaves its pid to be reused: only a live one names its namespace.
+        if target.state is not ContainerState.RUNNING or not target.pid:
+            raise FailedPrecondition(f"target container {ns.target_id[:80]!r} is not running")
         return f"/proc/{target.pid}/ns/pid"
     path = sandbox.guest_files.get(POD_PID_NAMESPACE, "")
     if not path:

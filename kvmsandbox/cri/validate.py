@@ -230,6 +230,12 @@ def mount_options(field: str, m: cri.Mount) -> None:
     """Propagation and read-only flags that can be honoured (as containerd checks them)."""
     if m.propagation not in cri.MountPropagation.values():
         raise InvalidArgument(f"{field}.propagation: unknown value {m.propagation}")
+    if m.propagation == cri.PROPAGATION_BIDIRECTIONAL:
+        # Silently weaker would be worse: a CSI plugin's mounts would never reach the node.
+        raise InvalidArgument(
+            f"{field}.propagation: PROPAGATION_BIDIRECTIONAL cannot be honoured: a mount made in the pod's VM "
+            f"cannot appear on the node (PROPAGATION_HOST_TO_CONTAINER can)"
+        )
     if m.recursive_read_only and not m.readonly:
         raise InvalidArgument(f"{field}: recursive_read_only needs readonly")
     if m.recursive_read_only and m.propagation != cri.PROPAGATION_PRIVATE:

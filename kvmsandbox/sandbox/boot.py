@@ -30,7 +30,7 @@ from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest, Pod
 log = logging.getLogger(__name__)
 
 GUEST_SHARE = "/run/kvmsandbox/shared"
-PID_NAMESPACE_PATH = re.compile(r"^/proc/[1-9][0-9]{0,9}/ns/pid\Z")
+PID_NAMESPACE_PATH = re.compile(r"^/run/kvmsandbox/sandbox/pid-namespace\Z")
 VIRTIOFSD_SOCKET = "fs.sock"
 
 

@@ -57,7 +57,7 @@ class HostMount:
     # Read-only all the way down (the mounts below the host path too); else only the path's own.
     recursive_readonly: bool = False
     # Mounts the host makes below the path later appear in the container ("rslave"), or not
-    # ("rprivate"). Nothing made in the guest can appear on the host: "rshared" is "rslave" here.
+    # ("rprivate"). Nothing made in the guest can appear on the host: "rshared" is refused.
     host_to_container: bool = False
 
 

@@ -31,7 +31,12 @@ def test_too_many_or_bad_values_are_refused_before_any_write() -> None:
         apply_sysctls({"kernel.x": "1\n2"})
 
 
-def test_only_a_proc_pid_namespace_path_is_recorded() -> None:
-    assert PID_NAMESPACE_PATH.match("/proc/1234/ns/pid")
-    for bad in ("/etc/passwd", "/proc/self/ns/pid", "/proc/0/ns/pid", "/proc/12/ns/net", "/proc/12/ns/pid\n", ""):
+def test_only_the_agents_pinned_pid_namespace_path_is_recorded() -> None:
+    assert PID_NAMESPACE_PATH.match("/run/kvmsandbox/sandbox/pid-namespace")
+    for bad in ("/etc/passwd", "/proc/12/ns/pid", "/run/kvmsandbox/sandbox/pid-namespace\n", "/run/x/../pid", ""):
         assert not PID_NAMESPACE_PATH.match(bad), bad
+
+
+def test_kubelets_sysctl_form_and_systemds_rule() -> None:
+    # kubelet sends net/ipv4/conf/eno2.100/rp_filter as net.ipv4.conf.eno2/100.rp_filter.
+    assert sysctl_path("net.ipv4.conf.eno2/100.rp_filter") == "/proc/sys/net/ipv4/conf/eno2.100/rp_filter"

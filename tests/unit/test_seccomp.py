@@ -432,3 +432,18 @@ def test_libseccomp_compiles_the_default(caps: list[str]) -> None:
 def test_libseccomp_compiles_the_critest_profiles() -> None:
     _compile(from_profile_json(BLOCK_HOSTNAME, ["CAP_SYS_ADMIN"], "block-host-name.json"))
     _compile(convert(BLOCK_CHMOD))
+
+
+def test_the_default_profile_has_no_way_around_its_socket_rule() -> None:
+    """io_uring makes sockets without socket(2), socketcall hides its arguments behind a pointer:
+    either would reach AF_VSOCK, the guest's channel to the host, past the filter."""
+    allowed = {
+        n for r in seccomp.runtime_default([])["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]
+    }
+    assert not allowed & {"io_uring_setup", "io_uring_enter", "io_uring_register", "socketcall", "name_to_handle_at"}
+    assert "name_to_handle_at" in {
+        n
+        for r in seccomp.runtime_default(["CAP_SYS_ADMIN"])["syscalls"]
+        if r["action"] == "SCMP_ACT_ALLOW"
+        for n in r["names"]
+    }

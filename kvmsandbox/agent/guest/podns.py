@@ -18,10 +18,15 @@ import time
 from collections.abc import Mapping
 
 from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
-from kvmsandbox.agent.guest.process import spawn
+from kvmsandbox.agent.guest.process import Exit, spawn
 from kvmsandbox.agent.guest.reaper import Reaper
+from kvmsandbox.agent.linux import MNT_DETACH, MS_BIND, mount, umount
 
 PAUSE = ("/usr/bin/unshare", "--pid", "--fork", "--kill-child", "/usr/bin/catatonit", "-P")
+# The pod's PID namespace, bound here while the pause process starts: containers join it by this
+# path, which names that namespace and no other for as long as the sandbox lives (a pid could be
+# reused; if the pause process dies, joining fails instead of landing somewhere else).
+POD_PID_NAMESPACE = "/run/kvmsandbox/sandbox/pid-namespace"
 MAX_SYSCTLS = 256
 MAX_SYSCTL_VALUE = 4096
 # Dot- or slash-separated words (as Kubernetes names them); no "..", nothing outside /proc/sys.
@@ -29,15 +34,17 @@ _SYSCTL_NAME = re.compile(r"^[a-z0-9]([-_a-z0-9]*[a-z0-9])?([./][a-zA-Z0-9]([-_a
 
 
 def sysctl_path(name: str) -> str:
-    """/proc/sys path of ``net.ipv4.ip_forward`` or ``net/ipv4/conf/eth0.1/forwarding``.
+    """/proc/sys path of ``net.ipv4.ip_forward``, ``net/ipv4/conf/eth0.1/forwarding`` or
+    kubelet's form of the latter, ``net.ipv4.conf.eth0/1.forwarding``: the first separator
+    decides, as systemd's sysctl.d reads names (a dot first: dots and slashes swap).
 
     Raises:
         InvalidArgument: not a sysctl name.
     """
     if len(name) > 256 or not _SYSCTL_NAME.match(name) or ".." in name:
         raise InvalidArgument(f"sysctl {name[:64]!r}: not a sysctl name")
-    # With a slash anywhere the slashes separate and dots are part of names (an interface "eth0.1").
-    rel = name if "/" in name else name.replace(".", "/")
+    first = next((c for c in name if c in "./"), "/")
+    rel = name if first == "/" else name.translate(str.maketrans("./", "/."))
     return f"/proc/sys/{rel}"
 
 
@@ -71,9 +78,11 @@ def apply_sysctls(sysctls: Mapping[str, str]) -> None:
 class PodPidNamespace:
     """The pause process that holds the pod's shared process namespace."""
 
-    def __init__(self, reaper: Reaper) -> None:
+    def __init__(self, reaper: Reaper, path: str = POD_PID_NAMESPACE) -> None:
         self._reaper = reaper
         self._holder = 0  # the unshare process; its child is the namespace's PID 1
+        self._exit: Exit | None = None
+        self._pin = path
         self.path = ""
 
     def start(self, timeout: float = 10.0) -> str:
@@ -87,6 +96,7 @@ class PodPidNamespace:
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         try:
             self._holder, exit_ = spawn(self._reaper, PAUSE, stdout=devnull, stderr=devnull)
+            self._exit = exit_
         except OSError as e:
             raise AgentFault(f"cannot start the pod's pause process: {e}") from None
         finally:
@@ -99,15 +109,27 @@ class PodPidNamespace:
             except OSError:
                 children = []
             if children:
-                self.path = f"/proc/{int(children[0])}/ns/pid"
+                self._bind(f"/proc/{int(children[0])}/ns/pid")
+                self.path = self._pin
                 return self.path
             time.sleep(0.01)
         self.stop()
         raise AgentFault("the pod's pause process did not start (is catatonit in the guest image?)")
 
+    def _bind(self, ns: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(self._pin), exist_ok=True)
+            os.close(os.open(self._pin, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            mount(ns, self._pin, "", MS_BIND)
+        except OSError as e:
+            self.stop()
+            raise AgentFault(f"cannot pin the pod's PID namespace: {e}") from None
+
     def stop(self) -> None:
         """Ends the pause process, and with it every process left in the namespace."""
-        if self._holder:
+        with contextlib.suppress(OSError):
+            umount(self._pin, MNT_DETACH)
+        if self._holder and self._exit is not None and self._exit.info is None:  # not reaped: still ours
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._holder, signal.SIGKILL)  # --kill-child takes the pause process along
-        self._holder, self.path = 0, ""
+        self._holder, self._exit, self.path = 0, None, ""

@@ -59,7 +59,7 @@ class SandboxSetup:
         self.pid_namespace = PodPidNamespace(reaper)
 
     def create(self, req: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
-        """Writes the sysctls, sets the hostname, configures the network, writes the files containers
+        """Sets the hostname, configures the network, writes the sysctls and the files containers
         get, mounts the storages, starts the shared process namespace.
 
         Raises:
@@ -67,7 +67,6 @@ class SandboxSetup:
             refused). AgentFault: a NIC is missing, an ``ip`` command, a mount or the pause failed.
         """
         self.sandbox_id = req.sandbox_id
-        apply_sysctls(req.sysctls)
         SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
         hostname = req.hostname or req.sandbox_id[:12] or "sandbox"
         try:
@@ -76,6 +75,8 @@ class SandboxSetup:
             raise AgentFault(f"cannot set hostname {hostname!r}: {e}") from None
         if req.interfaces:
             configure_network(req.interfaces, req.routes)
+        # After the network (per-interface keys name the pod's NICs), before any container runs.
+        apply_sysctls(req.sysctls)
         paths = {
             "hostname": SANDBOX_DIR / "hostname",
             "hosts": SANDBOX_DIR / "hosts",
