@@ -22,8 +22,8 @@ def refuse_host_namespaces(what: str, ns: cri.NamespaceOption) -> None:
     for kind, mode in (("network", ns.network), ("PID", ns.pid), ("IPC", ns.ipc)):
         if mode == cri.NODE:
             raise InvalidArgument(
-                f"{what} asks for the node's {kind} namespace: kvmsandbox runs each pod in its own VM, "
-                f"whose kernel cannot share the host's namespaces"
+                f"{what} asks for the host {kind} (the node's {kind} namespace): kvmsandbox runs each pod "
+                f"in its own VM, whose kernel cannot share the host's namespaces"
             )
     if ns.HasField("userns_options") and ns.userns_options.mode != cri.NODE:
         raise InvalidArgument(f"{what} asks for a user namespace: kvmsandbox does not support user namespaces")
@@ -95,4 +95,5 @@ def container_isolation(sandbox: SandboxRecord, config: cri.ContainerConfig, pro
         seccomp=_seccomp(sc, caps),
         pid_namespace=_pid_namespace(sandbox, sc.namespace_options),
         privileged=sc.privileged,
+        shm=sandbox.guest_files.get("shm", ""),
     )

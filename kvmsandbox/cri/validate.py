@@ -243,6 +243,8 @@ def mount_options(field: str, m: cri.Mount) -> None:
             f"{field}: recursive_read_only needs propagation PROPAGATION_PRIVATE "
             f"(a mount made later below it could not be read-only)"
         )
+    if m.HasField("image") and m.image.image:
+        raise InvalidArgument(f"{field}: image volumes are not supported")
     if m.uidMappings or m.gidMappings:
         raise InvalidArgument(f"{field}: id-mapped mounts are not supported (user namespaces are not)")
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 GUEST_SHARE = "/run/kvmsandbox/shared"
 PID_NAMESPACE_PATH = re.compile(r"^/run/kvmsandbox/sandbox/pid-namespace\Z")
+SHM_PATH = re.compile(r"^/run/kvmsandbox/sandbox/shm\Z")
 VIRTIOFSD_SOCKET = "fs.sock"
 
 
@@ -223,6 +224,11 @@ class SandboxBoot:
             "hosts": files.hosts_path,
             "resolv.conf": files.resolv_conf_path,
         }
+        # Guest paths, only ever handed back to the guest (in specs); an older agent has no shm.
+        if files.shm_path:
+            if not SHM_PATH.match(files.shm_path):
+                raise AgentMisbehaved(f"the guest named its pod /dev/shm {files.shm_path[:80]!r}")
+            record.guest_files["shm"] = files.shm_path
         if self.kernel.share_pid_namespace:
             # Only ever handed back to the guest (in specs), never opened here; checked all the same.
             if not PID_NAMESPACE_PATH.match(files.pid_namespace_path):

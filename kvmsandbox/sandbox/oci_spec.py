@@ -117,6 +117,8 @@ class Isolation:
     pid_namespace: str = ""
     # Privileged: /sys and the cgroup tree writable, every device allowed.
     privileged: bool = False
+    # The guest path of the pod's /dev/shm to bind; "": a tmpfs of the container's own.
+    shm: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def container_spec(
         "ociVersion": OCI_VERSION,
         "process": process_object(process),
         "root": {"path": root_path, "readonly": readonly_rootfs},
-        "mounts": _pseudo_filesystems(writable_sys=iso.privileged) + [_bind_mount(m) for m in mounts or []],
+        "mounts": _pseudo_filesystems(iso.privileged, iso.shm) + [_bind_mount(m) for m in mounts or []],
         "linux": linux,
     }
 
@@ -212,10 +214,24 @@ def _bind_mount(mount: Mount) -> dict[str, Any]:
     }
 
 
-def _pseudo_filesystems(writable_sys: bool = False) -> list[dict[str, Any]]:
+def _pseudo_filesystems(writable_sys: bool = False, shm: str = "") -> list[dict[str, Any]]:
     """The mounts every container gets, as runc's and containerd's default spec has them (a
-    privileged container's /sys and cgroup tree writable, as containerd makes them)."""
+    privileged container's /sys and cgroup tree writable, as containerd makes them; the pod's
+    /dev/shm when there is one)."""
     ro = [] if writable_sys else ["ro"]
+    dev_shm: dict[str, Any] = {
+        "destination": "/dev/shm",
+        "type": "tmpfs",
+        "source": "shm",
+        "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+    }
+    if shm:
+        dev_shm = {
+            "destination": "/dev/shm",
+            "type": "bind",
+            "source": shm,
+            "options": ["rbind", "nosuid", "noexec", "nodev"],
+        }
     return [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -230,12 +246,7 @@ def _pseudo_filesystems(writable_sys: bool = False) -> list[dict[str, Any]]:
             "source": "devpts",
             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
         },
-        {
-            "destination": "/dev/shm",
-            "type": "tmpfs",
-            "source": "shm",
-            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-        },
+        dev_shm,
         {
             "destination": "/dev/mqueue",
             "type": "mqueue",

@@ -27,6 +27,7 @@ def pod(cri_server: CriServer, busybox_image: str, tmp_path_factory: pytest.Temp
     cri_server.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=busybox_image)))
     config = pod_config("isolation", tmp_path_factory.mktemp("isolation-logs"))
     config.linux.sysctls.update({"kernel.shm_rmid_forced": "1", "fs/mqueue/msg_max": "100"})
+    config.linux.security_context.namespace_options.pid = cri.POD  # shareProcessNamespace
     rt = cri_server.runtime
     pod_id = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=300).pod_sandbox_id
     yield pod_id
@@ -60,7 +61,7 @@ def sh(cri_server: CriServer, cid: str, script: str) -> tuple[int, str, str]:
 
 
 def test_pod_sysctls_and_process_namespaces(cri_server: CriServer, busybox_image: str, pod: str) -> None:
-    shared = run(cri_server, pod, busybox_image)
+    shared = run(cri_server, pod, busybox_image, pid=cri.POD)
     own = run(cri_server, pod, busybox_image, "sleep 3601", pid=cri.CONTAINER)
     target = run(cri_server, pod, busybox_image, pid=cri.TARGET, target=own)
     # The pod's namespace: a pause process is PID 1, the guest's own processes are not there.
@@ -70,6 +71,9 @@ def test_pod_sysctls_and_process_namespaces(cri_server: CriServer, busybox_image
     assert not {"python3", "crun", "kvmsandbox-agent"} & set(comms), out
     _, out, _ = sh(cri_server, shared, "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max")
     assert out.split() == ["1", "100"]
+    # POSIX shared memory is the pod's, as SysV IPC is: one /dev/shm for every container.
+    sh(cri_server, shared, "echo pod-wide > /dev/shm/note")
+    assert sh(cri_server, own, "cat /dev/shm/note")[1] == "pod-wide\n"
     # Its own namespace: its command is PID 1; a target's: the target's.
     for cid in (own, target):
         assert "sleep 3601" in sh(cri_server, cid, "tr '\\0' ' ' </proc/1/cmdline")[1]

@@ -26,6 +26,10 @@ def pod_config(name: str, log_dir: Path) -> cri.PodSandboxConfig:
         log_directory=str(log_dir),
         dns_config=cri.DNSConfig(servers=["127.0.0.53"], searches=["svc.cluster.local"]),
         labels={"app": name},
+        # As kubelet sends a pod without shareProcessNamespace (the CRI's default, 0, is POD).
+        linux=cri.LinuxPodSandboxConfig(
+            security_context=cri.LinuxSandboxSecurityContext(namespace_options=cri.NamespaceOption(pid=cri.CONTAINER))
+        ),
     )
 
 
@@ -37,6 +41,9 @@ def container_config(name: str, image: str, script: str) -> cri.ContainerConfig:
         envs=[cri.KeyValue(key="GREETING", value=b"hello")],
         log_path=f"{name}/0.log",
         labels={"container": name},
+        linux=cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(namespace_options=cri.NamespaceOption(pid=cri.CONTAINER))
+        ),
     )
 
 

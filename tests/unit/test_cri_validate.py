@@ -167,6 +167,7 @@ def test_sysctls_with_dots_or_slashes_pass() -> None:
             cri.Mount(container_path="/m", host_path="/h", propagation=cri.PROPAGATION_BIDIRECTIONAL),
             "BIDIRECTIONAL cannot be honoured",
         ),
+        (cri.Mount(container_path="/m", image=cri.ImageSpec(image="busybox")), "image volumes are not supported"),
         (
             cri.Mount(container_path="/m", host_path="/h", uidMappings=[cri.IDMapping(length=1)]),
             "id-mapped mounts are not supported",

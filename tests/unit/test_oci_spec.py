@@ -47,5 +47,9 @@ def test_isolation_joins_a_pid_namespace_filters_syscalls_and_opens_up_privilege
     assert linux["namespaces"][0] == {"type": "pid", "path": "/proc/7/ns/pid"}
     assert linux["seccomp"] == seccomp and linux["maskedPaths"] == ["/a"] and linux["readonlyPaths"] == []
     assert linux["resources"] == {"memory": {"limit": 1 << 20}, "devices": [{"allow": True, "access": "rwm"}]}
+    assert next(m for m in spec["mounts"] if m["destination"] == "/dev/shm")["type"] == "tmpfs"
+    pod_shm = container_spec(root_path="/r", process=ProcessSpec(args=["x"]), isolation=Isolation(shm="/run/p/shm"))
+    shm = next(m for m in pod_shm["mounts"] if m["destination"] == "/dev/shm")
+    assert shm["type"] == "bind" and shm["source"] == "/run/p/shm"
     for dest in ("/sys", "/sys/fs/cgroup"):
         assert "ro" not in next(m for m in spec["mounts"] if m["destination"] == dest)["options"]

@@ -7,7 +7,7 @@ import pytest
 
 from kvmsandbox.agent.guest.errors import InvalidArgument
 from kvmsandbox.agent.guest.podns import apply_sysctls, sysctl_path
-from kvmsandbox.sandbox.boot import PID_NAMESPACE_PATH
+from kvmsandbox.sandbox.boot import PID_NAMESPACE_PATH, SHM_PATH
 
 
 def test_sysctl_names_map_below_proc_sys() -> None:
@@ -35,6 +35,8 @@ def test_only_the_agents_pinned_pid_namespace_path_is_recorded() -> None:
     assert PID_NAMESPACE_PATH.match("/run/kvmsandbox/sandbox/pid-namespace")
     for bad in ("/etc/passwd", "/proc/12/ns/pid", "/run/kvmsandbox/sandbox/pid-namespace\n", "/run/x/../pid", ""):
         assert not PID_NAMESPACE_PATH.match(bad), bad
+        assert not SHM_PATH.match(bad), bad
+    assert SHM_PATH.match("/run/kvmsandbox/sandbox/shm")
 
 
 def test_kubelets_sysctl_form_and_systemds_rule() -> None:

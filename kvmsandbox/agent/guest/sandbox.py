@@ -12,7 +12,7 @@ from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
 from kvmsandbox.agent.guest.network import configure_network
 from kvmsandbox.agent.guest.podns import PodPidNamespace, apply_sysctls
 from kvmsandbox.agent.guest.reaper import Reaper
-from kvmsandbox.agent.linux import MNT_DETACH, mount, umount
+from kvmsandbox.agent.linux import MNT_DETACH, MS_NODEV, MS_NOEXEC, MS_NOSUID, mount, umount
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
 SANDBOX_DIR = Path("/run/kvmsandbox/sandbox")
@@ -87,12 +87,26 @@ class SandboxSetup:
         paths["resolv.conf"].write_text(resolv_conf(req.dns))
         for storage in req.storages:
             self._mount_storage(storage)
+        shm = self._mount_shm()
         return pb.CreateSandboxResponse(
             hostname_path=str(paths["hostname"]),
             hosts_path=str(paths["hosts"]),
             resolv_conf_path=str(paths["resolv.conf"]),
             pid_namespace_path=self.pid_namespace.start() if req.share_pid_namespace else "",
+            shm_path=shm,
         )
+
+    def _mount_shm(self) -> str:
+        """The pod's /dev/shm: a tmpfs of the size containerd gives one (64 MiB), made once."""
+        path = SANDBOX_DIR / "shm"
+        if str(path) not in self.mounted:
+            path.mkdir(exist_ok=True)
+            try:
+                mount("shm", str(path), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
+            except OSError as e:
+                raise AgentFault(f"cannot mount the pod's /dev/shm: {e.strerror or e}") from None
+            self.mounted.append(str(path))
+        return str(path)
 
     def _mount_storage(self, storage: pb.Storage) -> None:
         if not storage.mount_point.startswith("/") or not storage.source:

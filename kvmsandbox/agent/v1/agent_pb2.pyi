@@ -534,12 +534,15 @@ class CreateSandboxResponse(_message.Message):
     HOSTS_PATH_FIELD_NUMBER: _builtins.int
     RESOLV_CONF_PATH_FIELD_NUMBER: _builtins.int
     PID_NAMESPACE_PATH_FIELD_NUMBER: _builtins.int
+    SHM_PATH_FIELD_NUMBER: _builtins.int
     hostname_path: _builtins.str
     """Guest paths of the files the host should bind into containers."""
     hosts_path: _builtins.str
     resolv_conf_path: _builtins.str
     pid_namespace_path: _builtins.str
-    """/proc/PID/ns/pid of the pod's shared process namespace, when asked for."""
+    """The pod's shared process namespace (a bind of its nsfs file), when asked for."""
+    shm_path: _builtins.str
+    """The pod's /dev/shm (a tmpfs every container binds): POSIX shared memory is pod-wide, as SysV IPC is."""
     def __init__(
         self,
         *,
@@ -547,10 +550,11 @@ class CreateSandboxResponse(_message.Message):
         hosts_path: _builtins.str = ...,
         resolv_conf_path: _builtins.str = ...,
         pid_namespace_path: _builtins.str = ...,
+        shm_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname_path", b"hostname_path", "hosts_path", b"hosts_path", "pid_namespace_path", b"pid_namespace_path", "resolv_conf_path", b"resolv_conf_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname_path", b"hostname_path", "hosts_path", b"hosts_path", "pid_namespace_path", b"pid_namespace_path", "resolv_conf_path", b"resolv_conf_path", "shm_path", b"shm_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
