@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             process = _serve(base, config)
             socket = Path(str(config["socket"]))
             try:
-                rc = _critest(critest, socket, args.focus, args.report)
+                rc = _critest(critest, socket, args.focus, args.report, base / "critest.json")
+                _summary(base / "critest.json")
             finally:
                 _cleanup(crictl, socket, process)
     finally:
@@ -162,7 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _critest(critest: Path, socket: Path, focus: str, report: str) -> int:
+def _summary(report: Path) -> None:
+    """critest's counts from its JSON report (ginkgo's succinct output does not print them)."""
+    try:
+        suites = json.loads(report.read_text())
+    except (OSError, ValueError) as e:
+        print(f"conformance: no critest report ({e})")
+        return
+    specs = [s for suite in suites for s in suite.get("SpecReports", []) if s.get("LeafNodeType") == "It"]
+    counts: dict[str, int] = {}
+    for s in specs:
+        counts[s.get("State", "?")] = counts.get(s.get("State", "?"), 0) + 1
+    print(
+        f"conformance: critest v1.36.0: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
+        f"{counts.get('skipped', 0)} skipped of {len(specs)} specs"
+    )
+    for s in specs:
+        if s.get("State") not in ("passed", "skipped"):
+            print(f"  {s.get('State')}: {' '.join(s.get('ContainerHierarchyTexts') or [])} {s.get('LeafNodeText')}")
+
+
+def _critest(critest: Path, socket: Path, focus: str, report: str, json_report: Path) -> int:
     print(f"conformance: skipping {len(NOT_APPLICABLE)} not-applicable specs (conformance/skips.py):")
     for text, reason in NOT_APPLICABLE:
         print(f"  - {text}: {reason}")
@@ -176,6 +197,7 @@ def _critest(critest: Path, socket: Path, focus: str, report: str) -> int:
         f"--ginkgo.skip={skip_regex()}",
         "--ginkgo.no-color",
         "--ginkgo.succinct",
+        f"--ginkgo.json-report={json_report}",
     ]
     if focus:
         command.append(f"--ginkgo.focus={focus}")

@@ -17,6 +17,8 @@ from kvmsandbox.cri.store import CriContainer, MountInfo
 from kvmsandbox.cri.streaming.remotecommand import Channels
 from kvmsandbox.cri.streaming.service import AttachRequest, ExecRequest
 from kvmsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
+from kvmsandbox.image.records import ImageRecord
+from kvmsandbox.sandbox.oci_spec import ProcessSpec
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import ContainerState, SandboxState
 from kvmsandbox.sandbox.types import HostMount
@@ -39,6 +41,31 @@ def _host_mounts(config: cri.ContainerConfig) -> list[HostMount]:
     ]
 
 
+def _record(pod_id: str, config: cri.ContainerConfig, image: ImageRecord, process: ProcessSpec) -> CriContainer:
+    """The CRI facts of a new container. Raises InvalidArgument: the image's StopSignal is not one."""
+    stop_signal = str(image.config.get("StopSignal", ""))
+    validate.stop_signal(stop_signal)
+    return CriContainer(
+        id=secrets.token_hex(32),
+        pod_id=pod_id,
+        name=config.metadata.name,
+        attempt=config.metadata.attempt,
+        image=config.image.image,
+        image_id=image.id,
+        image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+        labels=dict(config.labels),
+        annotations=dict(config.annotations),
+        mounts=tuple(
+            MountInfo(m.container_path, m.host_path, m.readonly, m.recursive_read_only, m.propagation)
+            for m in config.mounts
+        ),
+        stop_signal=stop_signal,
+        uid=process.uid,
+        gid=process.gid,
+        supplemental_groups=tuple(process.additional_gids),
+    )
+
+
 def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContainerResponse:
     """Creates the container from a pulled image.
 
@@ -59,24 +86,7 @@ def create(state: CriState, req: cri.CreateContainerRequest) -> cri.CreateContai
     process = process_spec(config, image.config, layers)
     isolation = container_isolation(sandbox, config, process)
     log_path = validate.log_path(state.pod(sandbox).log_directory, config.log_path)
-    stop_signal = str(image.config.get("StopSignal", ""))
-    validate.stop_signal(stop_signal)
-    meta = CriContainer(
-        id=secrets.token_hex(32),
-        pod_id=sandbox.id,
-        name=config.metadata.name,
-        attempt=config.metadata.attempt,
-        image=config.image.image,
-        image_id=image.id,
-        image_ref=image.repo_digests[0] if image.repo_digests else image.id,
-        labels=dict(config.labels),
-        annotations=dict(config.annotations),
-        mounts=tuple(
-            MountInfo(m.container_path, m.host_path, m.readonly, m.recursive_read_only, m.propagation)
-            for m in config.mounts
-        ),
-        stop_signal=stop_signal,
-    )
+    meta = _record(sandbox.id, config, image, process)
     # The CRI facts are stored first: a restart during the create finds the container with them.
     if state.store.pod(sandbox.id) is None:
         state.store.add_pod(state.pod(sandbox))  # a sandbox made below the CRI, or whose file was lost

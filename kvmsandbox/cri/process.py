@@ -68,6 +68,47 @@ def _lookup(layers: Sequence[Path], file: str, name: str, field: int) -> int | N
     return None
 
 
+def _account_lines(layers: Sequence[Path], file: str) -> list[list[str]]:
+    """The colon-separated lines of the image's /etc/passwd or /etc/group (top layer first)."""
+    for layer in layers:
+        try:
+            data = read_in_root(layer, file, MAX_ACCOUNT_FILE_BYTES)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise InvalidArgument(f"the image's /{file} cannot be read: {e.strerror}") from None
+        return [] if data is None else [line.split(":") for line in data.decode(errors="replace").splitlines()]
+    return []
+
+
+def _account_of_uid(layers: Sequence[Path], uid: int) -> tuple[str, int] | None:
+    """(name, primary gid) of ``uid`` in the image's /etc/passwd, if it is there."""
+    for parts in _account_lines(layers, "etc/passwd"):
+        if len(parts) > 3 and parts[2] == str(uid) and parts[3].isdigit() and len(parts[3]) <= 10:
+            return parts[0], int(parts[3])
+    return None
+
+
+def _image_groups(layers: Sequence[Path], name: str) -> list[int]:
+    """The gids of the image's /etc/group entries that list ``name`` as a member."""
+    return [
+        int(parts[2])
+        for parts in _account_lines(layers, "etc/group")
+        if len(parts) > 3 and parts[2].isdigit() and len(parts[2]) <= 10 and name in parts[3].split(",")
+    ]
+
+
+def groups(sc: cri.LinuxContainerSecurityContext, uid: int, gid: int, layers: Sequence[Path]) -> list[int]:
+    """The supplementary groups, as containerd gives them: the primary group, with policy Merge (the
+    default) the image's groups listing the user, then ``supplemental_groups``; each once."""
+    found = [gid]
+    account = _account_of_uid(layers, uid)
+    if sc.supplemental_groups_policy != cri.Strict and account is not None:
+        found += _image_groups(layers, account[0])
+    found += [int(g) for g in sc.supplemental_groups]
+    return list(dict.fromkeys(found))
+
+
 def resolve_user(user: str, layers: Sequence[Path]) -> tuple[int, int]:
     """(uid, gid) for an image ``User`` ("uid", "uid:gid", "name", "name:group"); root if empty.
 
@@ -105,7 +146,8 @@ def process_spec(config: cri.ContainerConfig, image_config: dict[str, Any], laye
     uid, gid = resolve_user(str(image_config.get("User") or ""), layers)
     if sc.HasField("run_as_user"):
         uid = sc.run_as_user.value
-        gid = 0
+        account = _account_of_uid(layers, uid)  # its primary group, as the image's /etc/passwd says
+        gid = account[1] if account is not None else 0
     elif sc.run_as_username:
         uid, gid = resolve_user(sc.run_as_username, layers)
     if sc.HasField("run_as_group"):
@@ -116,7 +158,7 @@ def process_spec(config: cri.ContainerConfig, image_config: dict[str, Any], laye
         cwd=config.working_dir or str(image_config.get("WorkingDir") or "") or "/",
         uid=uid,
         gid=gid,
-        additional_gids=[int(g) for g in sc.supplemental_groups],
+        additional_gids=groups(sc, uid, gid, layers),
         terminal=config.tty,
         stdin=config.stdin,
         stdin_once=config.stdin_once,

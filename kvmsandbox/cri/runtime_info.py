@@ -50,7 +50,12 @@ def status(state: CriState, req: cri.StatusRequest) -> cri.StatusResponse:
     # Every handler (and "", the default one, as containerd lists it) has the same features.
     features = cri.RuntimeHandlerFeatures(recursive_read_only_mounts=True, user_namespaces=False)
     handlers = [cri.RuntimeHandler(name=name, features=features) for name in ["", *state.config.runtime_handlers]]
-    return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions), info=info, runtime_handlers=handlers)
+    return cri.StatusResponse(
+        status=cri.RuntimeStatus(conditions=conditions),
+        info=info,
+        runtime_handlers=handlers,
+        features=cri.RuntimeFeatures(supplemental_groups_policy=True),
+    )
 
 
 def node_overhead_info(state: CriState) -> dict[str, Any]:

@@ -233,7 +233,12 @@ def exit_reason(c: ContainerRecord) -> str:
 
 
 def container_status(c: ContainerRecord, meta: CriContainer) -> cri.ContainerStatus:
+    user = None
+    if meta.uid >= 0:
+        linux = cri.LinuxContainerUser(uid=meta.uid, gid=meta.gid, supplemental_groups=meta.supplemental_groups)
+        user = cri.ContainerUser(linux=linux)
     return cri.ContainerStatus(
+        user=user,
         id=c.id,
         metadata=container_metadata(meta),
         state=CONTAINER_STATES[c.state],

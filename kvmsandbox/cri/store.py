@@ -81,6 +81,10 @@ class CriContainer:
     mounts: tuple[MountInfo, ...] = ()
     # The image's StopSignal, as the image config spells it ("" for SIGTERM).
     stop_signal: str = ""
+    # The identity of its first process (ContainerStatus.user); uid -1: not recorded (older release).
+    uid: int = -1
+    gid: int = 0
+    supplemental_groups: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CriContainer:
@@ -88,6 +92,7 @@ class CriContainer:
         fields["labels"] = dict(fields.get("labels", {}))
         fields["annotations"] = dict(fields.get("annotations", {}))
         fields["mounts"] = tuple(MountInfo(**_known(MountInfo, m)) for m in fields.get("mounts", ()))
+        fields["supplemental_groups"] = tuple(int(g) for g in fields.get("supplemental_groups", ()))
         return cls(**fields)
 
 

@@ -66,7 +66,8 @@ def test_security_context_beats_the_image_user(layers: list[Path]) -> None:
         ),
     )
     spec = process_spec(config, {**IMAGE, "User": "app"}, layers)
-    assert (spec.uid, spec.gid, spec.additional_gids) == (4000, 4001, [9])
+    # The primary group is among the supplementary ones too, as containerd gives them.
+    assert (spec.uid, spec.gid, spec.additional_gids) == (4000, 4001, [4001, 9])
     assert spec.cwd == "/work" and spec.args == ["/entry", "--default"]
     assert process_spec(cri.ContainerConfig(), {**IMAGE, "User": "app"}, layers).cwd == "/app"
 
@@ -106,3 +107,18 @@ def test_image_account_files_are_read_inside_the_image(tmp_path: Path) -> None:
     (layer / "etc" / "passwd").write_bytes(b"x" * (2 * 1024 * 1024))
     with pytest.raises(InvalidArgument, match="larger than"):
         resolve_user("app", [layer])
+
+
+def test_supplementary_groups_merge_the_images_unless_strict(tmp_path: Path) -> None:
+    """As critest's predefined-group image: user 1000 is a member of group 50000 in /etc/group."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\ndefault-user:x:1000:1000::/home:/bin/sh\n")
+    (tmp_path / "etc/group").write_text(
+        "root:x:0:\ndefault-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n"
+    )
+    sc = cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=1000), supplemental_groups=[1234])
+    merged = process_spec(cri.ContainerConfig(linux=cri.LinuxContainerConfig(security_context=sc)), IMAGE, [tmp_path])
+    assert (merged.uid, merged.gid, merged.additional_gids) == (1000, 1000, [1000, 50000, 1234])
+    sc.supplemental_groups_policy = cri.Strict
+    strict = process_spec(cri.ContainerConfig(linux=cri.LinuxContainerConfig(security_context=sc)), IMAGE, [tmp_path])
+    assert (strict.gid, strict.additional_gids) == (1000, [1000, 1234])
