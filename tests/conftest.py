@@ -35,13 +35,16 @@ BACKENDS = ("libvirt", "qemu")
 
 def host_leftovers() -> list[str]:
     """What sandboxes of any test could leave on the host: VMs, pod namespaces, taps, masquerade
-    and port-mapping rules of the test networks, VMM cgroups."""
+    and port-mapping rules of the test networks, VMM cgroups, mounts in the tests' tmp dirs."""
     found = [f"netns {p.name}" for p in Path("/run/netns").glob("kvmsandbox-*")]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if ": kvt" in line]
     nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=False).stdout
     found += [f"iptables {line}" for line in nat.splitlines() if "kvmsandbox-test" in line]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup/memory").glob("kvmsandbox*/kvmsandbox-*")]
+    # Mounts a test (or code it ran on the host, as the agent's sandbox setup) left in its tmp dirs.
+    mounted = Path("/proc/self/mountinfo").read_text().splitlines()
+    found += [f"mount {line.split()[4]}" for line in mounted if "/pytest-of-" in line.split()[4]]
     return found
 
 

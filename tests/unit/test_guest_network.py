@@ -307,9 +307,18 @@ def test_create_sandbox_configures_the_network(tmp_path: Path, monkeypatch: pyte
     iface = pb.Interface(name="eth0", mac=MAC, addresses=["10.88.0.5/16"])
     route = pb.Route(destination="0.0.0.0/0", gateway="10.88.0.1")
     req = pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0", interfaces=[iface], routes=[route])
-    resp = sandbox.SandboxSetup(Reaper()).create(req)
-    assert calls == [([iface], [route])]
-    assert "10.88.0.5\tweb-0\n" in Path(resp.hosts_path).read_text()
-
-    sandbox.SandboxSetup(Reaper()).create(pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0"))
-    assert len(calls) == 1
+    setup = sandbox.SandboxSetup(Reaper())
+    try:
+        resp = setup.create(req)
+        assert calls == [([iface], [route])]
+        assert "10.88.0.5\tweb-0\n" in Path(resp.hosts_path).read_text()
+        assert resp.shm_path == str(tmp_path / "shm") and os.path.ismount(resp.shm_path)
+    finally:
+        setup.destroy()  # the pod's /dev/shm is a real tmpfs here too
+    assert not os.path.ismount(tmp_path / "shm")
+    again = sandbox.SandboxSetup(Reaper())
+    try:
+        again.create(pb.CreateSandboxRequest(sandbox_id="abc", hostname="web-0"))
+        assert len(calls) == 1
+    finally:
+        again.destroy()
