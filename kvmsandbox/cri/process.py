@@ -89,8 +89,13 @@ def _account_of_uid(layers: Sequence[Path], uid: int) -> tuple[str, int] | None:
     return None
 
 
+MAX_GROUPS = 1024  # supplementary groups of a container (the kernel allows 65536; no image needs many)
+
+
 def _image_groups(layers: Sequence[Path], name: str) -> list[int]:
     """The gids of the image's /etc/group entries that list ``name`` as a member."""
+    if not name:
+        return []
     return [
         int(parts[2])
         for parts in _account_lines(layers, "etc/group")
@@ -106,7 +111,10 @@ def groups(sc: cri.LinuxContainerSecurityContext, uid: int, gid: int, layers: Se
     if sc.supplemental_groups_policy != cri.Strict and account is not None:
         found += _image_groups(layers, account[0])
     found += [int(g) for g in sc.supplemental_groups]
-    return list(dict.fromkeys(found))
+    unique = list(dict.fromkeys(found))
+    if len(unique) > MAX_GROUPS:
+        raise InvalidArgument(f"the container would have {len(unique)} supplementary groups, more than {MAX_GROUPS}")
+    return unique
 
 
 def resolve_user(user: str, layers: Sequence[Path]) -> tuple[int, int]:

@@ -122,3 +122,19 @@ def test_supplementary_groups_merge_the_images_unless_strict(tmp_path: Path) -> 
     sc.supplemental_groups_policy = cri.Strict
     strict = process_spec(cri.ContainerConfig(linux=cri.LinuxContainerConfig(security_context=sc)), IMAGE, [tmp_path])
     assert (strict.gid, strict.additional_gids) == (1000, [1000, 1234])
+
+
+def test_a_hostile_group_file_is_bounded(tmp_path: Path) -> None:
+    """An image whose /etc/group lists the user in 5000 groups, or an account with no name."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("u:x:1000:1000::/:/bin/sh\n:x:2000:2000::/:/bin/sh\n")
+    (tmp_path / "etc/group").write_text("".join(f"g{i}:x:{10000 + i}:u\n" for i in range(5000)) + "empty:x:7:\n")
+    config = cri.ContainerConfig(
+        linux=cri.LinuxContainerConfig(
+            security_context=cri.LinuxContainerSecurityContext(run_as_user=cri.Int64Value(value=1000))
+        )
+    )
+    with pytest.raises(InvalidArgument, match="more than 1024"):
+        process_spec(config, IMAGE, [tmp_path])
+    config.linux.security_context.run_as_user.value = 2000
+    assert process_spec(config, IMAGE, [tmp_path]).additional_gids == [2000]  # no name: no image groups
