@@ -1,4 +1,4 @@
-"""The ``kvmsandbox`` command: serve, console, doctor, guest image, demo, overhead."""
+"""The ``kvmsandbox`` command: serve, console, doctor, guest image, demo, templates, overhead."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmsandbox import __version__
 from kvmsandbox.config import Config, load_config
@@ -95,6 +95,51 @@ def cmd_overhead_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template(args: argparse.Namespace) -> int:
+    """``template build|list|rm``: the VM templates of this node (qemu backend)."""
+    from kvmsandbox.runtime import open_manager
+
+    config = _config(args)
+    manager = open_manager(config, "qemu")
+    try:
+        templates = manager.templates
+        if args.template_command == "build":
+            sizes = [int(m) for m in args.memory] if args.memory else templates.classes
+            for memory in sizes:
+                size = templates.memory_class(memory)
+                if size is None:
+                    raise InvalidArgument(f"{memory} MiB is above the largest memory class {templates.classes[-1]}")
+                start = time.monotonic()
+                info = templates.build(args.vcpus, size)
+                print(f"template {info.key}: {args.vcpus} vCPU, {size} MiB, "
+                      f"{info.data_bytes / 2**20:.1f} MiB of guest memory shared, {elapsed(start)}")  # fmt: skip
+        elif args.template_command == "list":
+            listed = templates.listed()
+            print(f"{'KEY':<26}{'VCPUS':>6}{'MEMORY':>9}{'SHARED':>10}  {'BUILT':<20} STATE")
+            for item in listed:
+                if item.info is None:
+                    print(f"{item.key:<26}{'?':>6}{'?':>9}{'?':>10}  {'?':<20} unreadable")
+                    continue
+                i = item.info
+                built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
+                state = "stale" if item.stale else "current"
+                print(f"{i.key:<26}{i.inputs.get('vcpus', '?'):>6}{i.memory_mib:>6}MiB"
+                      f"{i.data_bytes / 2**20:>7.1f}MiB  {built:<20} {state}")  # fmt: skip
+            if not listed:
+                print("(no templates)")
+        else:
+            keys = [t.key for t in templates.listed() if args.all or (args.stale and t.stale) or t.key in args.keys]
+            unknown = set(args.keys) - {t.key for t in templates.listed()}
+            if unknown:
+                raise InvalidArgument(f"no template {sorted(unknown)[0]!r} (see `kvmsandbox template list`)")
+            for key in keys:
+                templates.remove(key)
+                print(f"removed template {key}")
+    finally:
+        manager.close()
+    return 0
+
+
 def _measurement_from(args: argparse.Namespace, config: Config) -> Measurement:
     from kvmsandbox.overhead.model import load_measurement
 
@@ -145,6 +190,22 @@ def cmd_overhead_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_template_parser(sub: Any) -> None:
+    tp = sub.add_parser("template", help="VM templates pods start from (qemu backend, templates.handlers)")
+    tp_sub = tp.add_subparsers(dest="template_command", required=True)
+    p = tp_sub.add_parser("build", help="build the templates now instead of on first use")
+    p.add_argument("--vcpus", type=int, default=1, help="vCPUs of the template (default 1)")
+    p.add_argument("--memory", action="append", help="MiB (rounded up to a class); default: every class")
+    p.set_defaults(func=cmd_template)
+    p = tp_sub.add_parser("list", help="the templates on disk, current or stale")
+    p.set_defaults(func=cmd_template)
+    p = tp_sub.add_parser("rm", help="remove templates (running clones keep running)")
+    p.add_argument("keys", nargs="*", help="template keys (see list)")
+    p.add_argument("--stale", action="store_true", help="every stale template")
+    p.add_argument("--all", action="store_true", help="every template")
+    p.set_defaults(func=cmd_template)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmsandbox", description="A container runtime that runs every pod in its own VM."
@@ -177,6 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["libvirt", "qemu"], help="override the configured hypervisor backend")
     p.add_argument("--keep", action="store_true", help="leave the sandbox running")
     p.set_defaults(func=cmd_demo)
+
+    _add_template_parser(sub)
 
     ov = sub.add_parser("overhead", help="measure what a VM pod costs; RuntimeClass; scheduling experiment")
     ov_sub = ov.add_subparsers(dest="overhead_command", required=True)

@@ -191,6 +191,22 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class TemplateConfig:
+    # Runtime handlers whose pods start as clones of a VM template (qemu backend): they start in a
+    # fraction of a cold boot and share the memory they did not write with every other clone. Off
+    # by default: pages shared between tenants' VMs are a timing side channel (as KSM's), and the
+    # pods of such a handler have no shared filesystem, so no host paths (README "VM templates").
+    handlers: list[str] = field(default_factory=list)
+    # A template has a fixed size: a pod's VM memory is rounded up to the smallest class that holds
+    # it; a larger pod boots cold.
+    memory_classes_mib: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+
+    def __post_init__(self) -> None:
+        if not self.memory_classes_mib or any(c < 128 or c > 65536 for c in self.memory_classes_mib):
+            raise ConfigError("config key 'templates.memory_classes_mib' must list sizes of 128-65536 MiB")
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("/var/lib/kvmsandbox")
     # Sockets live here; keep the path short (unix socket paths are limited to 108 bytes).
@@ -209,6 +225,16 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [h for h in self.templates.handlers if h not in self.runtime_handlers]
+        if unknown:
+            raise ConfigError(
+                f"config key 'templates.handlers' names {unknown[0]!r}, which is not in 'runtime_handlers'"
+            )
+        if self.templates.handlers and self.sandbox.container_rootfs != "block":
+            raise ConfigError("config key 'templates.handlers' needs 'sandbox.container_rootfs: block'")
 
     @property
     def image_dir(self) -> Path:

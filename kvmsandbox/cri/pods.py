@@ -109,6 +109,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
             hostname=hostname,
             kernel=kernel,
             dns=DnsConfig(servers=tuple(dns.servers), searches=tuple(dns.searches), options=tuple(dns.options)),
+            from_template=handler in state.config.templates.handlers,
         )
     except BaseException:
         state.store.remove_pod(pod.id)
@@ -238,6 +239,9 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
                 "agent_transport": record.transport,
                 "vcpus": record.vcpus,
                 "memory_mib": record.memory_mib,
+                # The VM template the VM was cloned from ("": booted cold) and its shared filesystem.
+                "template": record.template,
+                "shared_fs": record.shared_fs,
                 "console_log": str(state.manager.console_log(record.id)),
                 "overhead": overhead_info(state, record),
                 "network": {

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from kvmsandbox.hypervisor.disks import SCSI_CONTROLLER_ID
-from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, VMSpec
+from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, TEMPLATE_NIC_MAC, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE = "q35"
@@ -133,6 +133,10 @@ class QemuFds:
     """A unix socket connected to the pod's virtiofsd."""
     tap: int | None = None
     """The NIC's tap device, attached (TUNSETIFF) with a virtio-net header."""
+    memory: int | None = None
+    """A template's or clone's guest RAM (VMSpec.template): a memfd, reached as /proc/self/fd/N."""
+    incoming: int | None = None
+    """A clone's device state, opened for reading: QEMU waits for it (``-incoming defer``)."""
 
 
 ROOT_DISK_FDSET = 0
@@ -149,7 +153,7 @@ def qemu_argv(spec: VMSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[
     argv = [
         binary,
         "-name", f"guest={spec.name},debug-threads=on",
-        *_machine_args(spec),
+        *_machine_args(spec, fds),
         *_accel_args(spec),
         "-nodefaults", "-no-user-config", "-display", "none",
         # Mirrors libvirt's on_reboot=destroy: a guest reboot (panic=-1, reboot on failure) ends QEMU.
@@ -185,12 +189,7 @@ def qemu_argv(spec: VMSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[
         ]  # fmt: skip
     elif spec.agent is not None and spec.agent.transport == "vsock" and fds.vhost_vsock is not None:
         argv += ["-device", f"vhost-vsock-pci,id=vsock,guest-cid={spec.agent.guest_cid},vhostfd={fds.vhost_vsock}"]
-    if spec.nic is not None and fds.tap is not None:
-        mtu = f",host_mtu={spec.nic.mtu}" if spec.nic.mtu else ""
-        argv += [
-            "-netdev", f"tap,id=net0,fd={fds.tap}",
-            "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={spec.nic.mac}{mtu}",
-        ]  # fmt: skip
+    argv += _template_args(spec, fds) if spec.template is not None else _nic_args(spec, fds)
     argv += [
         "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -201,7 +200,43 @@ def qemu_argv(spec: VMSpec, fds: QemuFds, *, binary: str = QEMU_BINARY) -> list[
     return argv
 
 
-def _machine_args(spec: VMSpec) -> list[str]:
+def _nic_args(spec: VMSpec, fds: QemuFds) -> list[str]:
+    if spec.nic is None or fds.tap is None:
+        return []
+    mtu = f",host_mtu={spec.nic.mtu}" if spec.nic.mtu else ""
+    return [
+        "-netdev", f"tap,id=net0,fd={fds.tap}",
+        "-device", f"virtio-net-pci,id=nic0,netdev=net0,mac={spec.nic.mac}{mtu}",
+    ]  # fmt: skip
+
+
+def _template_args(spec: VMSpec, fds: QemuFds) -> list[str]:
+    """What a template has and each clone has again: a NIC (unconnected in the template, on the
+    pod's tap in a clone; its MAC is the template's until the agent changes it) and vmgenid (a new
+    generation id in every clone, on which the guest kernel reseeds); a clone waits for its state."""
+    netdev = ""
+    argv: list[str] = []
+    if spec.template is not None and spec.template.role == "clone" and fds.tap is not None:
+        argv += ["-netdev", f"tap,id=net0,fd={fds.tap}"]
+        netdev = "netdev=net0,"
+    argv += [
+        "-device", f"virtio-net-pci,id=nic0,{netdev}mac={TEMPLATE_NIC_MAC}",
+        "-device", "vmgenid,id=vmgenid,guid=auto",
+    ]  # fmt: skip
+    if spec.template is not None and spec.template.role == "clone":
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def _machine_args(spec: VMSpec, fds: QemuFds | None = None) -> list[str]:
+    if spec.template is not None and fds is not None and fds.memory is not None:
+        share = "on" if spec.template.role == "build" else "off"
+        return [
+            "-object",
+            f"memory-backend-file,id=ram,size={spec.memory_mib}M,mem-path=/proc/self/fd/{fds.memory},share={share}",
+            "-machine", f"{MACHINE},memory-backend=ram",
+            "-m", str(spec.memory_mib),
+        ]  # fmt: skip
     if spec.shared_fs_socket is None:
         return ["-machine", MACHINE, "-m", str(spec.memory_mib)]
     return [

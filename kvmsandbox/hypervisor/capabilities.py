@@ -30,7 +30,7 @@ class Capabilities:
 
 # Both backends boot what builder.py describes: the shared dir over virtio-fs (virtiofsd, started
 # by the runtime), the agent on a virtio-serial port or vsock; both hotplug SCSI disks (container
-# layers); neither saves device state yet.
+# layers); the qemu backend saves and restores device state (VM templates, hypervisor/qemu_snapshot.py).
 LIBVIRT_CAPABILITIES = Capabilities(
     shared_filesystems=frozenset({"virtio-fs"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
@@ -41,7 +41,7 @@ QEMU_CAPABILITIES = Capabilities(
     shared_filesystems=frozenset({"virtio-fs"}),
     agent_transports=frozenset({"virtio-serial", "vsock"}),
     hotplug=frozenset({"block"}),
-    snapshot_restore=False,
+    snapshot_restore=True,
 )
 
 

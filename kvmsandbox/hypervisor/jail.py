@@ -9,6 +9,8 @@ this file uses the standard library only. JSON holds:
     uid, gid, groups
     files   {name: host path}: bound read-only at /vm/<name>
     devices names below /dev to bind (null, zero, urandom, random are always there)
+    proc    (optional) mount /proc, showing the jail's own processes only (``hidepid=invisible``,
+            ``subset=pid``): a VM template's RAM is an inherited memfd, named /proc/self/fd/N
     argv    the command; argv[0] is a path that exists inside the jail (e.g. under /usr or /vm)
 Everything else the VMM needs (sockets, disks, the console log, the tap) it gets as open fds.
 On failure it says why on stderr and exits 125.
@@ -69,7 +71,7 @@ def _bind(source: str, target: str, *, readonly: bool, directory: bool) -> None:
         _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def build(root: str, files: dict[str, str], devices: list[str]) -> None:
+def build(root: str, files: dict[str, str], devices: list[str], proc: bool = False) -> None:
     """Mounts the jail's tree on ``root`` in the current (new) mount namespace."""
     _mount("jail", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=128")
     _bind("/usr", f"{root}/usr", readonly=True, directory=True)
@@ -93,6 +95,9 @@ def build(root: str, files: dict[str, str], devices: list[str]) -> None:
         if "/" in name or name.startswith("."):
             raise OSError(22, f"file name {name!r}")
         _bind(source, f"{root}/vm/{name}", readonly=True, directory=False)
+    if proc:
+        os.mkdir(f"{root}/proc", 0o555)
+        _mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible,subset=pid")
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
@@ -134,7 +139,7 @@ def main(argv: list[str]) -> int:
         # Its own network namespace (nothing but loopback): QEMU gets its tap and sockets as fds.
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        build(spec["root"], dict(spec["files"]), list(spec["devices"]))
+        build(spec["root"], dict(spec["files"]), list(spec["devices"]), bool(spec.get("proc", False)))
         enter(spec["root"])
         drop_privileges(uid, gid, groups, last_cap)
         command = [str(a) for a in spec["argv"]]

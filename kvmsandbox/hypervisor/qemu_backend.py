@@ -24,7 +24,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from kvmsandbox.errors import HypervisorError
-from kvmsandbox.hypervisor import disks, qemu_launch
+from kvmsandbox.hypervisor import disks, qemu_launch, qemu_snapshot
 from kvmsandbox.hypervisor.builder import QEMU_BINARY, qemu_argv
 from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
 from kvmsandbox.hypervisor.disks import Disk
@@ -140,8 +140,12 @@ class QemuHypervisor:
                 launched = start_time(pid) or -1
                 files = dataclasses.replace(files, pid=pid, start_time=launched, uid=uid)
                 self._write_files_record(files)
+                incoming = opened.fds.incoming
                 opened.close()  # QEMU has its copies: a QEMU that dies now closes the sockets
                 self._wait_ready(spec.name, pid, launched, Path(files.qmp_socket), started + self._boot_timeout)
+                if incoming is not None:
+                    loaded = qemu_snapshot.restore(Path(files.qmp_socket), incoming, self._boot_timeout)
+                    log.info("vm restored backend=qemu vm=%s load_seconds=%.3f", spec.name, loaded)
         except HypervisorError as e:
             if pid:
                 self._stop(spec.name, pid, launched, None)
@@ -178,6 +182,14 @@ class QemuHypervisor:
                 except HypervisorError:
                     pass
             time.sleep(0.01)
+
+    def save_state(self, name: str, state_path: Path) -> dict[str, Any]:
+        """Stops the VM (a template) and writes its device state to ``state_path`` (created, mode
+        0600); returns QEMU's migration report. The VM stays stopped: destroy() it next.
+
+        Raises HypervisorError when the VM is unknown or QEMU fails.
+        """
+        return qemu_snapshot.save_to_file(self._qmp_socket(name), state_path, QMP_TIMEOUT)
 
     def destroy(self, name: str) -> None:
         """Stop the VM (QMP quit, then SIGTERM, then SIGKILL), wait for QEMU to exit, remove its files.

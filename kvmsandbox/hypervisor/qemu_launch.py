@@ -64,6 +64,11 @@ def opened_for(spec: VMSpec, *, jailed: bool) -> Iterator[Opened]:
             shared = _connected(spec.shared_fs_socket, owned)
         if spec.nic is not None:
             tap = _tap(spec.nic.tap, owned)
+        memory = incoming = None
+        if spec.template is not None:
+            memory = _dup(spec.template.memory_fd, owned)
+            if spec.template.role == "clone" and spec.template.state_path is not None:
+                incoming = _open(spec.template.state_path, os.O_RDONLY, owned)
         fds = QemuFds(
             qmp=qmp,
             console=_open(spec.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, owned),
@@ -74,6 +79,8 @@ def opened_for(spec: VMSpec, *, jailed: bool) -> Iterator[Opened]:
             vhost_vsock=vhost,
             shared_fs=shared,
             tap=tap,
+            memory=memory,
+            incoming=incoming,
         )
     except BaseException:
         for fd in owned:
@@ -93,6 +100,14 @@ def _open(path: Path, flags: int, owned: list[int]) -> int:
         raise HypervisorError(f"cannot open {path} for QEMU: {e.strerror}") from None
     owned.append(fd)
     return fd
+
+
+def _dup(fd: int, owned: list[int]) -> int:
+    try:
+        owned.append(os.dup(fd))
+    except OSError as e:
+        raise HypervisorError(f"cannot pass the template's memory to QEMU: {e.strerror}") from None
+    return owned[-1]
 
 
 def _listener(path: Path, owned: list[int]) -> int:
@@ -152,6 +167,8 @@ def jail_argv(spec: VMSpec, uid: int, qemu_argv: list[str]) -> list[str]:
         "groups": groups,
         "files": files,
         "devices": devices,
+        # A template's or clone's RAM is named /proc/self/fd/N: its own processes only.
+        "proc": spec.template is not None,
         "argv": [binary, *qemu_argv[1:]],
     }
     return [sys.executable, "-I", "-S", str(JAIL_SCRIPT), json.dumps(plan)]

@@ -82,6 +82,26 @@ class AgentChannel:
             raise InvalidArgument(f"unknown agent transport {self.transport!r}")
 
 
+TEMPLATE_NIC_MAC = "02:6b:76:73:00:01"
+"""The MAC of a template's NIC: every clone starts with it, and its agent gives the NIC the pod's."""
+
+
+@dataclass(frozen=True)
+class TemplateRole:
+    """A VM that is a template (``build``: its RAM is written to ``memory_fd``, shared, and its
+    device state saved with ``save_state``) or a clone of one (``clone``: ``memory_fd`` mapped
+    private, so the clone's writes are its own, and the device state read from ``state_path``).
+
+    ``memory_fd`` is an fd of the runtime's (a memfd, sealed against writes for clones); QEMU
+    inherits a copy. A template VM has the devices every clone has: no shared filesystem (its
+    daemon would need the clone's RAM shared), an unconnected NIC at TEMPLATE_NIC_MAC, vmgenid.
+    """
+
+    role: Literal["build", "clone"]
+    memory_fd: int
+    state_path: Path | None = None
+
+
 @dataclass(frozen=True)
 class VMSpec:
     """Everything needed to boot one guest. All paths are absolute; the caller creates run_dir."""
@@ -111,6 +131,8 @@ class VMSpec:
     cgroup_procs: tuple[Path, ...] = ()
     """``cgroup.procs`` files of the host cgroup the VMM is accounted in. Recent kernels no longer
     move memory charges with a process, so the VMM joins the cgroup before it touches memory."""
+    template: TemplateRole | None = None
+    """A template VM or a clone of one (qemu backend); None: a cold boot."""
 
     def __post_init__(self) -> None:
         """Raises InvalidArgument when a field is out of range or a path is unusable."""
@@ -143,6 +165,14 @@ class VMSpec:
             if not path.is_absolute():
                 raise InvalidArgument(f"VM {self.name}: {field} must be an absolute path, got {path}")
         _check_socket_path(self.run_dir / QMP_SOCKET_NAME, f"VM {self.name}: run_dir")
+        if self.template is not None:
+            if self.shared_fs_socket is not None:
+                # vhost-user maps guest RAM through its fd: a clone's private pages are not there.
+                raise InvalidArgument(f"VM {self.name}: a template or clone cannot have a shared filesystem")
+            if self.agent is not None and self.agent.transport != "virtio-serial":
+                raise InvalidArgument(f"VM {self.name}: a template or clone reaches its agent over virtio-serial")
+            if self.template.role == "clone" and self.template.state_path is None:
+                raise InvalidArgument(f"VM {self.name}: a clone needs its template's state_path")
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvmsandbox.agent.v1 import agent_pb2 as pb
-from kvmsandbox.errors import AgentMisbehaved, DeadlineExceeded, FailedPrecondition, KvmSandboxError, Unavailable
+from kvmsandbox.errors import (
+    AgentMisbehaved,
+    DeadlineExceeded,
+    FailedPrecondition,
+    HypervisorError,
+    KvmSandboxError,
+    Unavailable,
+)
 from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor import virtiofsd
-from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, AgentChannel, VMSpec
+from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, TEMPLATE_NIC_MAC, AgentChannel, TemplateRole, VMSpec
+from kvmsandbox.hypervisor.template_store import LoadedTemplate, TemplateUnusable
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
 from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
 from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState, move
+from kvmsandbox.sandbox.templates import Templates
 from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest, PodKernel
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,9 @@ GUEST_SHARE = "/run/kvmsandbox/shared"
 PID_NAMESPACE_PATH = re.compile(r"^/run/kvmsandbox/sandbox/pid-namespace\Z")
 SHM_PATH = re.compile(r"^/run/kvmsandbox/sandbox/shm\Z")
 VIRTIOFSD_SOCKET = "fs.sock"
+# A clone's agent answers within a second of its restore (it was up when its template was saved);
+# one that does not is given up for a cold boot well before a cold boot's own deadline.
+CLONE_READY_SECONDS = 20.0
 
 
 def cgroup_path(ctx: SandboxContext, sandbox_id: str, cgroup_parent: str) -> str:
@@ -58,6 +70,7 @@ class SandboxBoot:
         cgroup_parent: str,
         cmdline_extra: tuple[str, ...],
         ready_timeout: float,
+        templates: Templates | None = None,
     ) -> None:
         self.ctx = ctx
         self.record = record
@@ -72,6 +85,8 @@ class SandboxBoot:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._channel: AgentChannel | None = None
         self._cgroup_procs: tuple[Path, ...] = ()
+        self._templates = templates
+        self._template: LoadedTemplate | None = None
 
     def run(self) -> None:
         """Runs every phase; on failure undoes what was made (reverse order) and re-raises."""
@@ -115,6 +130,7 @@ class SandboxBoot:
         run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         os.chmod(run_dir, 0o711)
         rootfs.seal_shared_dir(sdir)
+        self._template = self._choose_template()
         if record.transport == "vsock":
             record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
             self._channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
@@ -157,8 +173,93 @@ class SandboxBoot:
         self.ctx.store.save(record)
         self._cgroup_procs = tuple(cg.procs_files())
 
+    def _choose_template(self) -> LoadedTemplate | None:
+        """The template this pod is cloned from (built first when missing), or None: no template
+        asked for, or none usable (said in a warning; the pod boots cold)."""
+        record, templates = self.record, self._templates
+        if templates is None:
+            return None
+        size = templates.memory_class(record.memory_mib)
+        try:
+            if self.cmdline_extra:
+                raise TemplateUnusable("the pod needs kernel arguments of its own")
+            if size is None:
+                raise TemplateUnusable(f"{record.memory_mib} MiB is above the largest memory class")
+            loaded = templates.get(record.vcpus, size)
+        except (TemplateUnusable, OSError) as e:
+            log.warning("sandbox %s: booting cold, no VM template: %s", record.id, e)
+            return None
+        record.memory_mib = size
+        record.transport = "virtio-serial"
+        record.shared_fs = "none"
+        record.template = loaded.info.key
+        return loaded
+
     def start_vm(self) -> None:
-        """Starts QEMU and joins the pod's tap to its network namespace."""
+        """Starts QEMU (a clone of the pod's template, or a cold boot when there is none or the
+        clone fails) and joins the pod's tap to its network namespace."""
+        started = False
+        if self._template is not None:
+            try:
+                self._start_clone(self._template)
+                started = True
+            except (HypervisorError, DeadlineExceeded, Unavailable, AgentMisbehaved) as e:
+                log.warning("sandbox %s: the clone of template %s failed, booting cold: %s",
+                            self.record.id, self.record.template, e)  # fmt: skip
+                self._abandon_clone()
+        if not started:
+            self._start_cold()
+        # Only now does the tap leave the runtime's namespace: a cold boot after a failed clone
+        # opens it again by name.
+        if self.record.network is not None:
+            self.ctx.networking.attach(self.record.network)
+
+    def _start_clone(self, template: LoadedTemplate) -> None:
+        ctx, record = self.ctx, self.record
+        spec = VMSpec(
+            name=record.vm_name,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            accel=ctx.accel,
+            kernel=ctx.image.kernel,
+            initrd=ctx.image.initrd,
+            cmdline=ctx.image.cmdline(),
+            root_disk=ctx.image.rootfs,
+            shared_fs_socket=None,
+            agent=self._channel,
+            console_log=ctx.console_log(record.id),
+            run_dir=ctx.run_dir(record.id),
+            tb_cache_mib=ctx.config.hypervisor.tb_cache_mib,
+            cgroup_procs=self._cgroup_procs,
+            nic=record.network.nic() if record.network else None,
+            template=TemplateRole("clone", template.memory_fd, template.state_path),
+        )
+        self._undo.append(("the VM", lambda: ctx.hypervisor.destroy(record.vm_name)))
+        ctx.hypervisor.boot(spec)
+        ctx.store.save(record)
+        # A clone that restored but whose guest does not answer (its template's memory damaged,
+        # say) is given up here, while a cold boot can still take its place.
+        ctx.client_for(record).wait_ready(min(CLONE_READY_SECONDS, self.ready_timeout), self._vm_alive)
+
+    def _abandon_clone(self) -> None:
+        """Undoes a failed clone's VM and agent connection; the pod boots cold after it."""
+        ctx, record = self.ctx, self.record
+        ctx.drop_client(record.id)
+        ctx.hypervisor.destroy(record.vm_name)
+        record.template = ""
+        record.shared_fs = ctx.shared_fs
+        record.transport = ctx.transport
+        if record.transport == "vsock":
+            record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
+            record.agent_socket = ""
+            self._channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
+        ctx.store.save(record)
+
+    def _vm_alive(self) -> bool:
+        info = self.ctx.hypervisor.info(self.record.vm_name)
+        return info is not None and info.running
+
+    def _start_cold(self) -> None:
         ctx, record = self.ctx, self.record
         spec = VMSpec(
             name=record.vm_name,
@@ -179,21 +280,14 @@ class SandboxBoot:
         )
         self._undo.append(("the VM", lambda: ctx.hypervisor.destroy(record.vm_name)))
         ctx.hypervisor.boot(spec)
-        if record.network is not None:
-            ctx.networking.attach(record.network)
 
     def connect_agent(self) -> None:
         """Waits for the agent; a guest that does not answer gives its console tail."""
         ctx, record = self.ctx, self.record
         self._undo.append(("the agent connection", lambda: ctx.drop_client(record.id)))
         client = ctx.client_for(record)
-
-        def alive() -> bool:
-            info = ctx.hypervisor.info(record.vm_name)
-            return info is not None and info.running
-
         try:
-            client.wait_ready(self.ready_timeout, alive)
+            client.wait_ready(self.ready_timeout, self._vm_alive)
         except (DeadlineExceeded, Unavailable) as e:
             console = ctx.console_log(record.id)
             raise type(e)(
@@ -207,18 +301,23 @@ class SandboxBoot:
         ctx, record = self.ctx, self.record
         client = ctx.client_for(record)
         net = record.network
-        files = client.create_sandbox(
-            pb.CreateSandboxRequest(
-                sandbox_id=record.id,
-                hostname=record.hostname,
-                dns=pb.DNSConfig(servers=self.dns.servers, searches=self.dns.searches, options=self.dns.options),
-                storages=[pb.Storage(driver="virtiofs", source=SHARED_DIR_TAG, mount_point=GUEST_SHARE)],
-                interfaces=net.guest_interfaces() if net else [],
-                routes=net.guest_routes() if net else [],
-                sysctls=dict(self.kernel.sysctls),
-                share_pid_namespace=self.kernel.share_pid_namespace,
-            )
+        request = pb.CreateSandboxRequest(
+            sandbox_id=record.id,
+            hostname=record.hostname,
+            dns=pb.DNSConfig(servers=self.dns.servers, searches=self.dns.searches, options=self.dns.options),
+            interfaces=net.guest_interfaces() if net else [],
+            routes=net.guest_routes() if net else [],
+            sysctls=dict(self.kernel.sysctls),
+            share_pid_namespace=self.kernel.share_pid_namespace,
         )
+        if record.shared_fs != "none":
+            request.storages.append(pb.Storage(driver="virtiofs", source=SHARED_DIR_TAG, mount_point=GUEST_SHARE))
+        if record.template:
+            request.clone.entropy = os.urandom(64)
+            request.clone.realtime_unix_ns = time.time_ns()
+            for iface in request.interfaces:
+                iface.template_mac = TEMPLATE_NIC_MAC
+        files = client.create_sandbox(request)
         record.guest_files = {
             "hostname": files.hostname_path,
             "hosts": files.hosts_path,

@@ -202,6 +202,12 @@ def create(
     root = _Root(disks.layers_of(lower_dirs) if ctx.config.sandbox.container_rootfs == "block" else [])
     with ctx.lock_for(sandbox_id):
         record = _record_to_create_in(ctx, sandbox_id, container_id)
+        if mounts and record.shared_fs == "none":
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is a clone of a VM template, which has no shared filesystem: "
+                f"host paths (here {str(mounts[0].host_path)[:200]}) cannot be mounted into its containers; "
+                "run the pod with a runtime handler that boots cold"
+            )
         client = ctx.ready_client(record)
         sdir = ctx.sandbox_dir(sandbox_id)
         log_file = log_path or sdir / "logs" / f"{container_id}.log"

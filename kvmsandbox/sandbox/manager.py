@@ -29,6 +29,7 @@ from kvmsandbox.sandbox.oci_spec import Isolation, ProcessSpec
 from kvmsandbox.sandbox.records import ContainerRecord, SandboxRecord, check_id
 from kvmsandbox.sandbox.states import SandboxState
 from kvmsandbox.sandbox.stdio import STDIO_POLL_SECONDS
+from kvmsandbox.sandbox.templates import Templates
 from kvmsandbox.sandbox.types import (
     BootTimings,
     ContainerStats,
@@ -55,6 +56,7 @@ class SandboxManager:
     def __init__(self, config: Config, hypervisor: Hypervisor, image: GuestImage) -> None:
         self.ctx = SandboxContext(config, hypervisor, image)
         self.ctx.on_agent_violation = self._agent_misbehaved
+        self.templates = Templates(self.ctx)
         self._consoles = ConsoleSweeper(self.ctx)
 
     def _agent_misbehaved(self, sandbox_id: str, reason: str) -> None:
@@ -135,6 +137,7 @@ class SandboxManager:
         network: NetworkRequest | None = None,
         cmdline_extra: tuple[str, ...] = (),
         ready_timeout: float | None = None,
+        from_template: bool = False,
     ) -> SandboxRecord:
         """Boots a VM, waits for its agent and sets the sandbox up in the guest (``boot``).
 
@@ -145,6 +148,9 @@ class SandboxManager:
 
         On any failure everything created so far is released before the error is raised; a guest
         that does not answer gives DeadlineExceeded naming the sandbox, with its console tail.
+
+        ``from_template``: the VM is a clone of the template of its size class (built first when
+        there is none); where no template can be used, the VM boots cold (with a warning).
         """
         ctx = self.ctx
         sandbox_id = check_id("sandbox id", sandbox_id or secrets.token_hex(32))
@@ -174,6 +180,7 @@ class SandboxManager:
                 cgroup_parent=cgroup_parent,
                 cmdline_extra=cmdline_extra,
                 ready_timeout=ready_timeout or ctx.config.agent.ready_timeout_seconds,
+                templates=self.templates if from_template else None,
             ).run()
             return record
 
@@ -229,6 +236,7 @@ class SandboxManager:
         self.ctx.stdio.stop_all()
         self.ctx.drop_all_clients()
         self.ctx.stdio.close_all(STDIO_POLL_SECONDS + 5)
+        self.templates.close()
 
     # -- containers --------------------------------------------------------------------------
 

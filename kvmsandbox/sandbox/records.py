@@ -88,7 +88,9 @@ class SandboxRecord:
     state: SandboxState
     agent_socket: str = ""
     guest_cid: int = 0
-    shared_fs: str = "virtio-9p"
+    shared_fs: str = "virtio-9p"  # "none": a clone of a VM template (no shared filesystem)
+    # The VM template the VM was cloned from ("": booted cold).
+    template: str = ""
     created_at_ns: int = 0
     stopped_at_ns: int = 0
     # Why the sandbox is BROKEN.

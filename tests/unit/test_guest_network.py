@@ -322,3 +322,41 @@ def test_create_sandbox_configures_the_network(tmp_path: Path, monkeypatch: pyte
         assert len(calls) == 1
     finally:
         again.destroy()
+
+
+# --- a clone's NIC (still at its template's MAC) ---
+
+TEMPLATE_MAC = "02:6b:76:73:00:01"
+
+
+def test_clone_nic_found_by_template_mac_takes_the_pod_mac_first(sysfs: Path) -> None:
+    (sysfs / "enp0s3" / "address").write_text(TEMPLATE_MAC + "\n")
+    run = FakeRun()
+    configure_network(
+        [pb.Interface(name="eth0", mac=MAC, addresses=["10.88.0.5/16"], template_mac=TEMPLATE_MAC)],
+        [],
+        run=run,
+        sys_class_net=sysfs,
+        wait=0,
+    )
+    assert run.calls[0] == [*IP, "link", "set", "dev", "enp0s3", "address", MAC]
+    assert [*IP, "link", "set", "dev", "eth0", "up"] in run.calls
+
+
+def test_clone_nic_retried_after_its_mac_changed_is_not_changed_again(sysfs: Path) -> None:
+    run = FakeRun()
+    configure_network(
+        [pb.Interface(name="eth0", mac=MAC, template_mac=TEMPLATE_MAC)], [], run=run, sys_class_net=sysfs, wait=0
+    )
+    assert not any("address" in call for call in run.calls)
+
+
+def test_template_mac_matches_no_other_nic(sysfs: Path) -> None:
+    with pytest.raises(AgentFault, match="no network interface"):
+        configure_network(
+            [pb.Interface(mac="02:00:00:00:00:99", template_mac="02:00:00:00:00:98")],
+            [],
+            run=FakeRun(),
+            sys_class_net=sysfs,
+            wait=0,
+        )

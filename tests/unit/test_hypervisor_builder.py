@@ -20,7 +20,15 @@ from kvmsandbox.hypervisor.libvirt_embed import (
     embed_uri,
     prepare_embed_root,
 )
-from kvmsandbox.hypervisor.spec import AGENT_PORT_NAME, SHARED_DIR_TAG, AgentChannel, Nic, VMSpec
+from kvmsandbox.hypervisor.spec import (
+    AGENT_PORT_NAME,
+    SHARED_DIR_TAG,
+    TEMPLATE_NIC_MAC,
+    AgentChannel,
+    Nic,
+    TemplateRole,
+    VMSpec,
+)
 
 
 def make_spec(**changes: Any) -> VMSpec:
@@ -309,3 +317,54 @@ def test_an_embed_root_behind_a_closed_dir_is_named() -> None:
         Path(short).chmod(0o711)
         (root.parent).chmod(0o711)
         assert closed_ancestor(root) is None
+
+
+# --- VM templates ---
+
+
+def template_spec(role: str, **changes: Any) -> VMSpec:
+    state = Path("/var/lib/ks/templates/k/state") if role == "clone" else None
+    return make_spec(shared_fs_socket=None, template=TemplateRole(role, 7, state), **changes)  # type: ignore[arg-type]
+
+
+def test_template_ram_is_the_memfd_shared_and_a_clone_maps_it_private() -> None:
+    built = qemu_argv(template_spec("build"), fds_for(template_spec("build"), memory=20))
+    clone = qemu_argv(template_spec("clone"), fds_for(template_spec("clone"), memory=20, incoming=21))
+    assert "memory-backend-file,id=ram,size=384M,mem-path=/proc/self/fd/20,share=on" in option_values(built, "-object")
+    assert "memory-backend-file,id=ram,size=384M,mem-path=/proc/self/fd/20,share=off" in option_values(clone, "-object")
+    assert option_values(built, "-incoming") == []
+    assert option_values(clone, "-incoming") == ["defer"]
+
+
+def test_template_and_clone_have_the_same_devices_and_no_shared_filesystem() -> None:
+    nic = Nic(tap="kvsb-tap1", mac="52:54:00:00:00:09")
+    built = qemu_argv(template_spec("build"), fds_for(template_spec("build"), memory=20))
+    clone_spec = template_spec("clone", nic=nic)
+    clone = qemu_argv(clone_spec, fds_for(clone_spec, memory=20, incoming=21))
+
+    def ids(argv: list[str]) -> list[str]:
+        return sorted(v.split("id=")[1].split(",")[0] for v in option_values(argv, "-device") if "id=" in v)
+
+    assert ids(built) == ids(clone)
+    assert not any("vhost-user-fs" in v for v in option_values(clone, "-device"))
+    # The clone's NIC starts with the template's MAC (the guest takes the pod's) on the pod's tap.
+    assert f"virtio-net-pci,id=nic0,netdev=net0,mac={TEMPLATE_NIC_MAC}" in option_values(clone, "-device")
+    assert "tap,id=net0,fd=16" in option_values(clone, "-netdev")
+    assert option_values(built, "-netdev") == []
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"shared_fs_socket": Path("/run/ks/1/fs.sock")}, "shared filesystem"),
+        ({"agent": AgentChannel("vsock", guest_cid=9)}, "virtio-serial"),
+    ],
+)
+def test_a_template_refuses_what_a_clone_could_not_keep(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        make_spec(**{"shared_fs_socket": None, **changes}, template=TemplateRole("build", 7))
+
+
+def test_a_clone_needs_its_templates_state() -> None:
+    with pytest.raises(InvalidArgument, match="state_path"):
+        make_spec(shared_fs_socket=None, template=TemplateRole("clone", 7))

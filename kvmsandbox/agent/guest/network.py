@@ -32,13 +32,17 @@ def _read_mac(dev: Path) -> str:
         return ""
 
 
-def find_interface_by_mac(mac: str, sys_class_net: Path = SYS_CLASS_NET, timeout: float = NIC_WAIT_SECONDS) -> str:
-    """The kernel name of the NIC whose address is ``mac``, waiting up to ``timeout`` seconds for it.
+def find_interface_by_mac(
+    mac: str, sys_class_net: Path = SYS_CLASS_NET, timeout: float = NIC_WAIT_SECONDS, also: str = ""
+) -> str:
+    """The kernel name of the NIC whose address is ``mac`` (or ``also``), waiting up to ``timeout``
+    seconds for it.
 
     Raises:
         AgentFault: no such NIC appeared; the message lists the interfaces seen.
     """
     wanted = mac.strip().lower()
+    accepted = {wanted, also.strip().lower()} - {""}
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -47,7 +51,7 @@ def find_interface_by_mac(mac: str, sys_class_net: Path = SYS_CLASS_NET, timeout
             devs = []
         seen = {dev.name: _read_mac(dev) for dev in devs}
         for name, address in seen.items():
-            if address == wanted:
+            if address in accepted:
                 return name
         if time.monotonic() >= deadline:
             listed = ", ".join(f"{n} ({a or '?'})" for n, a in seen.items()) or "none"
@@ -64,8 +68,10 @@ def _check_ifname(name: str) -> None:
         raise InvalidArgument(f"invalid interface name {name!r}")
 
 
-def interface_commands(current_name: str, iface: pb.Interface) -> list[list[str]]:
-    """The commands that give NIC ``current_name`` the wanted name, MTU and addresses, then bring it up.
+def interface_commands(current_name: str, iface: pb.Interface, current_mac: str = "") -> list[list[str]]:
+    """The commands that give NIC ``current_name`` (whose address is ``current_mac``) the wanted
+    name, MTU and addresses, then bring it up; a clone's NIC (still at ``iface.template_mac``) gets
+    the pod's MAC first.
 
     IPv6 addresses skip duplicate address detection (busybox ``ip`` has no ``nodad``: the
     interface's ``accept_dad`` is turned off instead), so they are usable at once.
@@ -79,6 +85,9 @@ def interface_commands(current_name: str, iface: pb.Interface) -> list[list[str]
         if "/" not in address or address.startswith("-"):
             raise InvalidArgument(f"interface {name}: address {address!r} needs a prefix length, e.g. 10.88.0.5/16")
     cmds: list[list[str]] = []
+    if iface.template_mac and current_mac.lower() == iface.template_mac.lower():
+        # A clone's NIC: the pod's address first (the device learns it through its control queue).
+        cmds.append([*IP, "link", "set", "dev", current_name, "address", iface.mac.lower()])
     if name != current_name:
         cmds.append([*IP, "link", "set", "dev", current_name, "down"])
         cmds.append([*IP, "link", "set", "dev", current_name, "name", name])
@@ -170,8 +179,9 @@ def configure_network(
     for iface in interfaces:
         if not iface.mac:
             raise InvalidArgument(f"interface {iface.name!r} has no MAC address")
-        current = find_interface_by_mac(iface.mac, sys_class_net, wait)
-        plan += interface_commands(current, iface)
+        # A clone's NIC has its template's MAC, or the pod's already when CreateSandbox is retried.
+        current = find_interface_by_mac(iface.mac, sys_class_net, wait, also=iface.template_mac)
+        plan += interface_commands(current, iface, _read_mac(sys_class_net / current))
         names.append(iface.name or current)
     plan += route_commands(routes, names[0] if names else "")
     for cmd in plan:

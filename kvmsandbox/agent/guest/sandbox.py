@@ -8,6 +8,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvmsandbox.agent.guest import clone
 from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
 from kvmsandbox.agent.guest.network import configure_network
 from kvmsandbox.agent.guest.podns import PodPidNamespace, apply_sysctls
@@ -66,6 +67,8 @@ class SandboxSetup:
             InvalidArgument: a sysctl, storage, interface or route is malformed (or a sysctl
             refused). AgentFault: a NIC is missing, an ``ip`` command, a mount or the pause failed.
         """
+        if req.HasField("clone"):
+            clone.apply(req.clone)
         self.sandbox_id = req.sandbox_id
         SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
         hostname = req.hostname or req.sandbox_id[:12] or "sandbox"

@@ -396,12 +396,15 @@ class Interface(_message.Message):
     MAC_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     MTU_FIELD_NUMBER: _builtins.int
+    TEMPLATE_MAC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name it gets in the guest, e.g. "eth0"."""
     mac: _builtins.str
     """"aa:bb:cc:dd:ee:ff", lower case."""
     mtu: _builtins.int
     """0 keeps the guest's default."""
+    template_mac: _builtins.str
+    """A clone's NIC still has its template's address: the NIC with this MAC takes `mac` first."""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Addresses with their prefix length, e.g. "10.88.0.5/16" or "fd00::5/64"."""
@@ -413,10 +416,11 @@ class Interface(_message.Message):
         mac: _builtins.str = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         mtu: _builtins.int = ...,
+        template_mac: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "mac", b"mac", "mtu", b"mtu", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "mac", b"mac", "mtu", b"mtu", "name", b"name", "template_mac", b"template_mac"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,6 +487,7 @@ class CreateSandboxRequest(_message.Message):
     ROUTES_FIELD_NUMBER: _builtins.int
     SYSCTLS_FIELD_NUMBER: _builtins.int
     SHARE_PID_NAMESPACE_FIELD_NUMBER: _builtins.int
+    CLONE_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     hostname: _builtins.str
     share_pid_namespace: _builtins.bool
@@ -505,6 +510,12 @@ class CreateSandboxRequest(_message.Message):
         containers share the guest's network, IPC and UTS namespaces, so they apply pod-wide.
         """
 
+    @_builtins.property
+    def clone(self) -> Global___CloneIdentity:
+        """Set when the guest is a clone of a VM template: what must differ from its template and from
+        every other clone, applied before anything else.
+        """
+
     def __init__(
         self,
         *,
@@ -517,14 +528,41 @@ class CreateSandboxRequest(_message.Message):
         routes: _abc.Iterable[Global___Route] | None = ...,
         sysctls: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         share_pid_namespace: _builtins.bool = ...,
+        clone: Global___CloneIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clone", b"clone", "dns", b"dns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "interfaces", b"interfaces", "routes", b"routes", "sandbox_id", b"sandbox_id", "share_pid_namespace", b"share_pid_namespace", "storages", b"storages", "sysctls", b"sysctls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clone", b"clone", "dns", b"dns", "hostname", b"hostname", "hosts", b"hosts", "interfaces", b"interfaces", "routes", b"routes", "sandbox_id", b"sandbox_id", "share_pid_namespace", b"share_pid_namespace", "storages", b"storages", "sysctls", b"sysctls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateSandboxRequest: _TypeAlias = CreateSandboxRequest  # noqa: Y015
+
+@_typing.final
+class CloneIdentity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    REALTIME_UNIX_NS_FIELD_NUMBER: _builtins.int
+    entropy: _builtins.bytes
+    """Fresh randomness from the host (at most 512 bytes): mixed into the kernel's pool, which is then
+    reseeded, and into the agent's own generators.
+    """
+    realtime_unix_ns: _builtins.int
+    """The host's wall clock: a clone's clock still shows the moment its template was saved."""
+    def __init__(
+        self,
+        *,
+        entropy: _builtins.bytes = ...,
+        realtime_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entropy", b"entropy", "realtime_unix_ns", b"realtime_unix_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloneIdentity: _TypeAlias = CloneIdentity  # noqa: Y015
 
 @_typing.final
 class CreateSandboxResponse(_message.Message):
