@@ -75,7 +75,13 @@ def cmd_overhead_measure(args: argparse.Namespace) -> int:
     margin = config.overhead.margin_percent if args.margin is None else args.margin
     if margin < 0:
         raise InvalidArgument("--margin must not be negative")
-    manager = open_manager(config, args.backend)
+    handler = args.handler or config.runtime_handlers[0]
+    if handler not in config.runtime_handlers:
+        raise InvalidArgument(
+            f"unknown runtime handler {handler!r}: this node serves {', '.join(config.runtime_handlers)}"
+        )
+    from_template = handler in config.templates.handlers
+    manager = open_manager(config, "qemu" if from_template else args.backend)
     start = time.monotonic()
 
     def progress(message: str) -> None:
@@ -83,12 +89,15 @@ def cmd_overhead_measure(args: argparse.Namespace) -> int:
 
     try:
         layer = make_busybox_rootfs(config.cache_dir / "overhead-busybox-rootfs")
-        m = measure_node(manager, layer, args.samples, margin_percent=margin, progress=progress)
+        m = measure_node(
+            manager, layer, args.samples, margin_percent=margin, progress=progress, from_template=from_template
+        )
     finally:
         manager.close()
     print(render_measurement(m))
-    m.save(config.measurement_file)
-    print(f"\nwritten to {config.measurement_file} (read by the runtime for sizing and checks)")
+    target = config.measurement_file_for(handler)
+    m.save(target)
+    print(f"\nwritten to {target} (read for handler {handler}'s RuntimeClass; the node's file for sizing and checks)")
     if args.json:
         m.save(Path(args.json))
         print(f"written to {args.json}")
@@ -143,7 +152,8 @@ def cmd_template(args: argparse.Namespace) -> int:
 def _measurement_from(args: argparse.Namespace, config: Config) -> Measurement:
     from kvmsandbox.overhead.model import load_measurement
 
-    return load_measurement(Path(args.from_file) if args.from_file else config.measurement_file)
+    handler = getattr(args, "handler", None) or config.runtime_handlers[0]
+    return load_measurement(Path(args.from_file) if args.from_file else config.measurement_file_for(handler))
 
 
 def cmd_overhead_runtimeclass(args: argparse.Namespace) -> int:
@@ -248,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the measurement to this file")
     p.add_argument("--margin", type=float, help="percent added to the highest observed (default from config)")
     p.add_argument("--backend", choices=["libvirt", "qemu"], help="override the configured hypervisor backend")
+    p.add_argument("--handler", help="measure this runtime handler's pods (clones for a template handler)")
     p.set_defaults(func=cmd_overhead_measure)
     p = ov_sub.add_parser("runtimeclass", help="print a RuntimeClass with the measured overhead.podFixed")
     p.add_argument("--handler", help="RuntimeClass handler (default: the first configured runtime handler)")

@@ -250,6 +250,13 @@ class Config:
         """The node's overhead measurement, written by `kvmsandbox overhead measure`."""
         return self.state_dir / "overhead.json"
 
+    def measurement_file_for(self, handler: str) -> Path:
+        """The measurement a handler's RuntimeClass is made from: a template handler's pods cost
+        another amount (their guest pages are shared) and have a file of their own."""
+        if handler in self.templates.handlers:
+            return self.state_dir / f"overhead-{handler}.json"
+        return self.measurement_file
+
     @property
     def console_socket(self) -> Path:
         return self.run_dir / "console.sock"

@@ -65,7 +65,8 @@ def vmm_memory(pid: int, guest_ram_bytes: int, tcg_cache_bytes: int = 0, proc: P
             perms = fields[1]
             kind = ""
             ram_sized = guest_ram_bytes <= size <= guest_ram_bytes + _MAPPING_SLACK
-            if ram_sized and ((anonymous and perms == "rw-p") or (memfd and perms == "rw-s")):
+            # Anonymous; a memfd shared with virtiofsd; a clone's private map of its template's memfd.
+            if ram_sized and ((anonymous and perms == "rw-p") or (memfd and perms in ("rw-s", "rw-p"))):
                 kind = "ram"
             elif anonymous and tcg_cache_bytes and tcg_cache_bytes - _MAPPING_SLACK <= size <= tcg_cache_bytes:
                 kind = "tcg" if perms == "rwxp" else ""

@@ -70,12 +70,13 @@ def _boot_pods(
     network: NetworkRequest | None,
     pods: list[_Pod],
     progress: Callable[[str], None],
+    from_template: bool = False,
 ) -> None:
     """Boots the pods one after the other, each with an idle container; appends each to ``pods``
     as soon as it exists, so the caller destroys it whatever happens next."""
     for i in range(samples):
         progress(f"booting sandbox {i + 1}/{samples}")
-        record = manager.create_sandbox(hostname=f"overhead-{i + 1}", network=network)
+        record = manager.create_sandbox(hostname=f"overhead-{i + 1}", network=network, from_template=from_template)
         pod = _Pod(record=record, pid=vmm_pid(manager, record), sample=Sample())
         pods.append(pod)
         progress(f"starting an idle container in sandbox {i + 1}/{samples}")
@@ -111,7 +112,17 @@ def _measure_idle(
         at_boot = {k: v for k, v in p.record.overhead_at_boot.items() if k.startswith(("guest_", "agent_"))}
         p.sample.memory.update(at_boot or probes.guest_memory(details, p.record.memory_mib * MIB))
         p.sample.memory.update(manager.vmm_memory(p.record.id))
+        if p.record.template:
+            p.sample.memory["template_shared"] = -template_saving(p.sample.memory)
     return wall, start_details
+
+
+def template_saving(memory: dict[str, int]) -> int:
+    """What a clone's guest costs the host less than its own view says: its kernel's and agent's
+    pages are mostly its template's, shared with every other clone (PSS divides them). The guest's
+    cost is taken as its RAM's PSS on the host, never as more than the guest's own figures."""
+    guest = memory.get("guest_kernel_reserved", 0) + memory.get("guest_idle_used", 0)
+    return max(0, guest - memory.get("vmm_guest_ram_pss", guest))
 
 
 def measure_node(
@@ -123,10 +134,11 @@ def measure_node(
     idle_seconds: float = 10.0,
     settle_seconds: float = 3.0,
     progress: Callable[[str], None] = lambda _: None,
+    from_template: bool = False,
 ) -> Measurement:
-    """Boots ``samples`` sandboxes one after the other, each with an idle container from ``layer``,
-    lets them all idle, and measures each. Every sandbox is destroyed before returning, also on
-    failure."""
+    """Boots ``samples`` sandboxes one after the other (clones of a VM template with
+    ``from_template``), each with an idle container from ``layer``, lets them all idle, and
+    measures each. Every sandbox is destroyed before returning, also on failure."""
     if samples < 1:
         raise FailedPrecondition("at least one sample is needed")
     config: Config = manager.config
@@ -136,7 +148,7 @@ def measure_node(
     try:
         runtime_before = host.process_pss()
         runtime_cpu0 = time.process_time()
-        _boot_pods(manager, layer, samples, network, pods, progress)
+        _boot_pods(manager, layer, samples, network, pods, progress, from_template)
         progress(f"letting {samples} sandboxes settle for {settle_seconds:.0f}s")
         time.sleep(settle_seconds)
         # The runtime's growth with N pods, shared out: per-pod increments are mostly allocator
@@ -161,6 +173,9 @@ def measure_node(
             "runtime_pss_before_bytes": runtime_before,
             "runtime_cpu_seconds_total": round(time.process_time() - runtime_cpu0, 3),
             "with_network": network is not None,
+            # A template's memory is held once per node (its pages no clone touched are in no PSS).
+            "template": pods[0].record.template,
+            "template_memory_bytes": manager.template_memory_bytes(pods[0].record.template),
             "memory_components": list(MEMORY_COMPONENTS),
             "cpu_components": list(CPU_COMPONENTS),
         }

@@ -25,8 +25,14 @@ MIB = 1024 * 1024
 # guest itself needs (kernel reservation and idle use, which includes the agent) plus what the host
 # spends beside the guest's RAM (VMM and the runtime's share). `agent_rss` and `vmm_tcg_cache`
 # are parts of other components, shown to explain them.
-MEMORY_COMPONENTS = ("guest_kernel_reserved", "guest_idle_used", "vmm_beyond_guest_ram", "runtime_share")
-MEMORY_DETAILS = ("agent_rss", "vmm_tcg_cache", "vmm_guest_ram_touched", "vmm_pss")
+MEMORY_COMPONENTS = (
+    "guest_kernel_reserved",
+    "guest_idle_used",
+    "template_shared",
+    "vmm_beyond_guest_ram",
+    "runtime_share",
+)
+MEMORY_DETAILS = ("agent_rss", "vmm_tcg_cache", "vmm_guest_ram_touched", "vmm_guest_ram_pss", "vmm_pss")
 # CPU components, in millicores. The idle ones are what the pod costs all the time; the start
 # burst is shown beside them (it is transient and not part of podFixed).
 CPU_COMPONENTS = ("vmm_idle", "runtime_idle")

@@ -10,11 +10,13 @@ MIB = 1024 * 1024
 LABELS = {
     "guest_kernel_reserved": "guest kernel reservation (VM memory - MemTotal)",
     "guest_idle_used": "guest idle use, kernel + agent (MemTotal - MemAvailable)",
+    "template_shared": "guest pages shared with other clones (template pods)",
     "vmm_beyond_guest_ram": "VMM PSS beyond the guest RAM it touched",
     "runtime_share": "runtime's growth with N pods / N (PSS)",
     "agent_rss": "  of which: agent RSS (in guest idle use)",
     "vmm_tcg_cache": "  of which: TCG translation cache (in VMM)",
     "vmm_guest_ram_touched": "  guest RAM touched on the host (RSS)",
+    "vmm_guest_ram_pss": "  guest RAM on the host, shared pages divided (PSS)",
     "vmm_pss": "  VMM PSS, all of it",
     "vmm_idle": "VMM threads at idle (all guest work)",
     "runtime_idle": "runtime's share at idle",

@@ -226,6 +226,11 @@ class SandboxManager:
     def recover(self) -> None:
         recovery.recover(self.ctx)
 
+    def template_memory_bytes(self, key: str) -> int:
+        """How much guest memory the template ``key`` holds (0 for none or an unknown one)."""
+        info = self.templates.store.info(key) if key else None
+        return info.data_bytes if info else 0
+
     def trim_consoles(self) -> SweepResult:
         """Cuts every console log past ``sandbox.console_log_max_bytes`` back to its latest half."""
         return self._consoles.sweep()

@@ -55,6 +55,8 @@ def vmm_memory(ctx: SandboxContext, record: SandboxRecord) -> dict[str, int]:
         "vmm_beyond_guest_ram": mem.beyond_guest_ram + daemons,
         "vmm_tcg_cache": mem.tcg_cache_pss,
         "vmm_guest_ram_touched": mem.guest_ram_rss,
+        # What the guest's RAM costs the host, pages shared with other clones of a template divided.
+        "vmm_guest_ram_pss": mem.guest_ram_pss,
         "vmm_pss": mem.pss + daemons,
     }
 

@@ -73,6 +73,32 @@ def test_guest_ram_in_a_shared_memfd_is_found_too(tmp_path: Path) -> None:
     assert mem.beyond_guest_ram == (1240 + 29664 + 65532 + 1000) * 1024
 
 
+def test_a_clones_private_map_of_its_templates_memfd_is_its_guest_ram_in_pss(tmp_path: Path) -> None:
+    smaps = SMAPS.replace(
+        "7fd4a7e00000-7fd4b7e00000 rw-p 00000000 00:00 0\nSize:             262144 kB\n"
+        "Rss:              108544 kB\nPss:              108544 kB\n",
+        "7fd4a7e00000-7fd4b7e00000 rw-p 00000000 00:01 77     /memfd:kvmsandbox-template-k (deleted)\n"
+        "Size:             262144 kB\nRss:              108544 kB\nPss:               30000 kB\n",
+    )
+    proc = fake_proc(tmp_path)
+    (proc / "42" / "smaps").write_text(smaps)
+    mem = host.vmm_memory(42, 256 * MIB, 64 * MIB, proc=proc)
+    assert mem.guest_ram_rss == 108544 * 1024 and mem.guest_ram_pss == 30000 * 1024
+    assert mem.beyond_guest_ram == (1240 + 29664 + 65532 + 1000) * 1024
+
+
+def test_a_clones_guest_costs_its_ram_pss_never_more_than_its_own_figures() -> None:
+    from kvmsandbox.overhead.measure import template_saving
+
+    figures = {"guest_kernel_reserved": 20 * MIB, "guest_idle_used": 60 * MIB}
+    assert template_saving({**figures, "vmm_guest_ram_pss": 30 * MIB}) == 50 * MIB
+    # One clone alone shares nothing: its PSS holds the whole template, the saving is none.
+    assert template_saving({**figures, "vmm_guest_ram_pss": 130 * MIB}) == 0
+    sample = Sample(memory={**figures, "vmm_guest_ram_pss": 30 * MIB, "template_shared": -50 * MIB})
+    assert sample.memory_total == 30 * MIB
+    assert sample.guest_memory == 80 * MIB  # VM sizing still takes the guest's own view
+
+
 def test_without_tcg_the_rwx_mapping_is_not_singled_out(tmp_path: Path) -> None:
     mem = host.vmm_memory(42, 256 * MIB, 0, proc=fake_proc(tmp_path))
     assert mem.tcg_cache_pss == 0
