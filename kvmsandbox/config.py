@@ -200,8 +200,14 @@ class TemplateConfig:
     # A template has a fixed size: a pod's VM memory is rounded up to the smallest class that holds
     # it; a larger pod boots cold.
     memory_classes_mib: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    # vCPU counts templates are kept for (one template per count and class); other pods boot cold.
+    vcpus: list[int] = field(default_factory=lambda: [1, 2])
 
     def __post_init__(self) -> None:
+        if not self.vcpus or len(self.vcpus) * len(self.memory_classes_mib) > 32 or any(v > 64 for v in self.vcpus):
+            raise ConfigError(
+                "config key 'templates.vcpus' must list 1-64 vCPUs, at most 32 templates with the memory classes"
+            )
         if not self.memory_classes_mib or any(c < 128 or c > 65536 for c in self.memory_classes_mib):
             raise ConfigError("config key 'templates.memory_classes_mib' must list sizes of 128-65536 MiB")
 

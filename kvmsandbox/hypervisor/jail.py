@@ -24,6 +24,7 @@ import os
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
@@ -137,7 +138,10 @@ def main(argv: list[str]) -> int:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last_cap = int(f.read())
         # Its own network namespace (nothing but loopback): QEMU gets its tap and sockets as fds.
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+        if spec.get("proc"):
+            flags |= CLONE_NEWCGROUP  # its /proc/self/cgroup names no pod
+        _check(_libc.unshare(flags), "unshare")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         build(spec["root"], dict(spec["files"]), list(spec["devices"]), bool(spec.get("proc", False)))
         enter(spec["root"])

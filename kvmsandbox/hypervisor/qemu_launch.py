@@ -67,8 +67,9 @@ def opened_for(spec: VMSpec, *, jailed: bool) -> Iterator[Opened]:
         memory = incoming = None
         if spec.template is not None:
             memory = _dup(spec.template.memory_fd, owned)
-            if spec.template.role == "clone" and spec.template.state_path is not None:
-                incoming = _open(spec.template.state_path, os.O_RDONLY, owned)
+            if spec.template.role == "clone" and spec.template.state_fd is not None:
+                _check_sealed(memory)
+                incoming = _reopen(spec.template.state_fd, owned)
         fds = QemuFds(
             qmp=qmp,
             console=_open(spec.console_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, owned),
@@ -107,6 +108,26 @@ def _dup(fd: int, owned: list[int]) -> int:
         owned.append(os.dup(fd))
     except OSError as e:
         raise HypervisorError(f"cannot pass the template's memory to QEMU: {e.strerror}") from None
+    return owned[-1]
+
+
+def _check_sealed(fd: int) -> None:
+    """A clone's QEMU gets its template's memory only sealed against every write."""
+    wanted = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise HypervisorError(f"the template's memory is not a sealed memfd: {e.strerror}") from None
+    if seals & wanted != wanted:
+        raise HypervisorError(f"the template's memory is not sealed against writes (seals {seals:#x})")
+
+
+def _reopen(fd: int, owned: list[int]) -> int:
+    """A new open file of what ``fd`` is, with an offset of its own (QEMU reads it from the start)."""
+    try:
+        owned.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        raise HypervisorError(f"cannot reopen the template's state: {e.strerror}") from None
     return owned[-1]
 
 

@@ -90,7 +90,8 @@ TEMPLATE_NIC_MAC = "02:6b:76:73:00:01"
 class TemplateRole:
     """A VM that is a template (``build``: its RAM is written to ``memory_fd``, shared, and its
     device state saved with ``save_state``) or a clone of one (``clone``: ``memory_fd`` mapped
-    private, so the clone's writes are its own, and the device state read from ``state_path``).
+    private, so the clone's writes are its own, and the device state read from ``state_fd``, an
+    fd of the runtime's reopened for each clone).
 
     ``memory_fd`` is an fd of the runtime's (a memfd, sealed against writes for clones); QEMU
     inherits a copy. A template VM has the devices every clone has: no shared filesystem (its
@@ -99,7 +100,7 @@ class TemplateRole:
 
     role: Literal["build", "clone"]
     memory_fd: int
-    state_path: Path | None = None
+    state_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ class VMSpec:
                 raise InvalidArgument(f"VM {self.name}: a template or clone cannot have a shared filesystem")
             if self.agent is not None and self.agent.transport != "virtio-serial":
                 raise InvalidArgument(f"VM {self.name}: a template or clone reaches its agent over virtio-serial")
-            if self.template.role == "clone" and self.template.state_path is None:
-                raise InvalidArgument(f"VM {self.name}: a clone needs its template's state_path")
+            if self.template.role == "clone" and self.template.state_fd is None:
+                raise InvalidArgument(f"VM {self.name}: a clone needs its template's state_fd")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ FORMAT = 1
 META_MAX_BYTES = 64 << 10
 STATE_MAX_BYTES = 64 << 20
 COPY_CHUNK = 1 << 20
+PAGE = 4096
+ZERO_PAGE = bytes(PAGE)
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -78,27 +80,58 @@ class TemplateInfo:
 
 
 @dataclass
+class CloneSource:
+    """What one clone is started from: its own copies of the template's fds (the caller closes
+    them once QEMU has its own; closing twice closes nothing the second time)."""
+
+    key: str
+    memory_fd: int
+    """The sealed memfd."""
+    state_fd: int
+    """The device state, as loaded (a later file under the same name is another template)."""
+
+    def close(self) -> None:
+        for fd in (self.memory_fd, self.state_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.memory_fd = self.state_fd = -1
+
+
+@dataclass
 class LoadedTemplate:
-    """A template ready to clone: its RAM in a sealed memfd (held while the server runs)."""
+    """A template ready to clone: its RAM in a sealed memfd and its state file open (both held
+    while the server runs)."""
 
     info: TemplateInfo
     memory_fd: int
-    state_path: Path
+    state_fd: int
+
+    def source(self) -> CloneSource:
+        """Copies of the fds for one clone. Raises OSError."""
+        memory = os.dup(self.memory_fd)
+        try:
+            return CloneSource(self.info.key, memory, os.dup(self.state_fd))
+        except OSError:
+            os.close(memory)
+            raise
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.memory_fd)
-        self.memory_fd = -1
+        for fd in (self.memory_fd, self.state_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.memory_fd = self.state_fd = -1
 
 
 def copy_data(src: int, dst: int, size: int, digest: Any = None) -> int:
-    """Copies the data extents of ``src``'s first ``size`` bytes to the same offsets of ``dst``
-    (holes stay holes), feeding each piece and its offset to ``digest`` (a hashlib object) if
-    given; returns the bytes copied. Raises OSError."""
+    """Copies the pages of ``src``'s first ``size`` bytes that hold data (not holes, not all zero)
+    to the same offsets of ``dst``, feeding each such page and its index to ``digest`` (a hashlib
+    object) if given: the digest depends on the content only, however a file system stores zero
+    pages. Returns the bytes copied. Raises OSError."""
     offset = copied = 0
     while offset < size:
         try:
-            offset = os.lseek(src, offset, os.SEEK_DATA)
+            offset = os.lseek(src, offset, os.SEEK_DATA) // PAGE * PAGE
         except OSError:  # ENXIO: no data past offset
             break
         end = min(os.lseek(src, offset, os.SEEK_HOLE), size)
@@ -106,13 +139,29 @@ def copy_data(src: int, dst: int, size: int, digest: Any = None) -> int:
             block = os.pread(src, min(COPY_CHUNK, end - offset), offset)
             if not block:
                 return copied
-            if digest is not None:
-                digest.update(offset.to_bytes(8, "little") + len(block).to_bytes(8, "little"))
-                digest.update(block)
-            os.pwrite(dst, block, offset)
+            copied += _copy_pages(block, offset, dst, digest)
             offset += len(block)
-            copied += len(block)
     return copied
+
+
+def _copy_pages(block: bytes, offset: int, dst: int, digest: Any) -> int:
+    """Writes the runs of non-zero pages of ``block`` (read at ``offset``); returns their bytes."""
+    view = memoryview(block)
+    written = 0
+    run_start = -1
+    for at in range(0, len(block) + PAGE, PAGE):
+        page = view[at : at + PAGE] if at < len(block) else None
+        data = page is not None and page != ZERO_PAGE[: len(page)]
+        if data and digest is not None:
+            digest.update(((offset + at) // PAGE).to_bytes(8, "little"))
+            digest.update(page)
+        if data and run_start < 0:
+            run_start = at
+        elif not data and run_start >= 0:
+            os.pwrite(dst, view[run_start:at], offset + run_start)
+            written += at - run_start
+            run_start = -1
+    return written
 
 
 def new_memory(memory_mib: int, name: str) -> int:
@@ -219,10 +268,11 @@ class TemplateStore:
             src = os.open(directory / "memory", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
             raise TemplateUnusable(f"template {key}: cannot open its memory: {e.strerror}") from None
-        fd = -1
+        fd = state_fd = -1
         try:
-            state = os.stat(directory / "state", follow_symlinks=False)
-            if os.fstat(src).st_size != size or not 0 < state.st_size <= STATE_MAX_BYTES:
+            state_fd = os.open(directory / "state", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            state_size = os.fstat(state_fd).st_size
+            if os.fstat(src).st_size != size or not 0 < state_size <= STATE_MAX_BYTES:
                 raise TemplateUnusable(f"template {key}: its files do not have the sizes its metadata says")
             fd = new_memory(info.memory_mib, key)
             digest = hashlib.sha256()
@@ -230,17 +280,16 @@ class TemplateStore:
             if digest.hexdigest() != info.memory_sha256:
                 raise TemplateUnusable(f"template {key}: its memory does not match its checksum")
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            raise TemplateUnusable(f"template {key}: cannot load it: {e.strerror or e}") from None
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
+        except BaseException as e:
+            for opened in (fd, state_fd):
+                if opened >= 0:
+                    os.close(opened)
+            if isinstance(e, OSError):
+                raise TemplateUnusable(f"template {key}: cannot load it: {e.strerror or e}") from None
             raise
         finally:
             os.close(src)
-        return LoadedTemplate(info, fd, directory / "state")
+        return LoadedTemplate(info, fd, state_fd)
 
     def remove(self, key: str) -> bool:
         """Removes the template's files (running clones keep their memory). True if it existed.

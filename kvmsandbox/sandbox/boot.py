@@ -19,7 +19,6 @@ from kvmsandbox.errors import (
     AgentMisbehaved,
     DeadlineExceeded,
     FailedPrecondition,
-    HypervisorError,
     KvmSandboxError,
     Unavailable,
 )
@@ -27,7 +26,7 @@ from kvmsandbox.host.beneath import private_dir
 from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, TEMPLATE_NIC_MAC, AgentChannel, TemplateRole, VMSpec
-from kvmsandbox.hypervisor.template_store import LoadedTemplate, TemplateUnusable
+from kvmsandbox.hypervisor.template_store import CloneSource, TemplateUnusable
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
 from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
@@ -86,7 +85,8 @@ class SandboxBoot:
         self._channel: AgentChannel | None = None
         self._cgroup_procs: tuple[Path, ...] = ()
         self._templates = templates
-        self._template: LoadedTemplate | None = None
+        self._template: CloneSource | None = None
+        self._requested_memory_mib = 0
 
     def run(self) -> None:
         """Runs every phase; on failure undoes what was made (reverse order) and re-raises."""
@@ -173,9 +173,9 @@ class SandboxBoot:
         self.ctx.store.save(record)
         self._cgroup_procs = tuple(cg.procs_files())
 
-    def _choose_template(self) -> LoadedTemplate | None:
-        """The template this pod is cloned from (built first when missing), or None: no template
-        asked for, or none usable (said in a warning; the pod boots cold)."""
+    def _choose_template(self) -> CloneSource | None:
+        """What this pod is cloned from (its template built first when missing), or None: no
+        template asked for, or none usable (said in a warning; the pod boots cold)."""
         record, templates = self.record, self._templates
         if templates is None:
             return None
@@ -185,15 +185,17 @@ class SandboxBoot:
                 raise TemplateUnusable("the pod needs kernel arguments of its own")
             if size is None:
                 raise TemplateUnusable(f"{record.memory_mib} MiB is above the largest memory class")
-            loaded = templates.get(record.vcpus, size)
+            source = templates.clone_source(record.vcpus, size)
         except (TemplateUnusable, OSError) as e:
             log.warning("sandbox %s: booting cold, no VM template: %s", record.id, e)
             return None
+        self._undo.append(("the template's fds", source.close))
+        self._requested_memory_mib = record.memory_mib
         record.memory_mib = size
         record.transport = "virtio-serial"
         record.shared_fs = "none"
-        record.template = loaded.info.key
-        return loaded
+        record.template = source.key
+        return source
 
     def start_vm(self) -> None:
         """Starts QEMU (a clone of the pod's template, or a cold boot when there is none or the
@@ -203,10 +205,14 @@ class SandboxBoot:
             try:
                 self._start_clone(self._template)
                 started = True
-            except (HypervisorError, DeadlineExceeded, Unavailable, AgentMisbehaved) as e:
+            except KvmSandboxError as e:
                 log.warning("sandbox %s: the clone of template %s failed, booting cold: %s",
                             self.record.id, self.record.template, e)  # fmt: skip
+                if self._templates is not None:
+                    self._templates.failed(self.record.template, str(e))
                 self._abandon_clone()
+            finally:
+                self._template.close()  # QEMU has its own
         if not started:
             self._start_cold()
         # Only now does the tap leave the runtime's namespace: a cold boot after a failed clone
@@ -214,7 +220,7 @@ class SandboxBoot:
         if self.record.network is not None:
             self.ctx.networking.attach(self.record.network)
 
-    def _start_clone(self, template: LoadedTemplate) -> None:
+    def _start_clone(self, source: CloneSource) -> None:
         ctx, record = self.ctx, self.record
         spec = VMSpec(
             name=record.vm_name,
@@ -232,21 +238,24 @@ class SandboxBoot:
             tb_cache_mib=ctx.config.hypervisor.tb_cache_mib,
             cgroup_procs=self._cgroup_procs,
             nic=record.network.nic() if record.network else None,
-            template=TemplateRole("clone", template.memory_fd, template.state_path),
+            template=TemplateRole("clone", source.memory_fd, source.state_fd),
         )
         self._undo.append(("the VM", lambda: ctx.hypervisor.destroy(record.vm_name)))
         ctx.hypervisor.boot(spec)
         ctx.store.save(record)
         # A clone that restored but whose guest does not answer (its template's memory damaged,
         # say) is given up here, while a cold boot can still take its place.
+        self._undo.append(("the agent connection", lambda: ctx.drop_client(record.id)))
         ctx.client_for(record).wait_ready(min(CLONE_READY_SECONDS, self.ready_timeout), self._vm_alive)
 
     def _abandon_clone(self) -> None:
-        """Undoes a failed clone's VM and agent connection; the pod boots cold after it."""
+        """Undoes a failed clone's VM and agent connection; the pod boots cold after it, at the
+        size it asked for."""
         ctx, record = self.ctx, self.record
         ctx.drop_client(record.id)
         ctx.hypervisor.destroy(record.vm_name)
         record.template = ""
+        record.memory_mib = self._requested_memory_mib or record.memory_mib
         record.shared_fs = ctx.shared_fs
         record.transport = ctx.transport
         if record.transport == "vsock":

@@ -225,6 +225,8 @@ class SandboxManager:
 
     def recover(self) -> None:
         recovery.recover(self.ctx)
+        if self.config.templates.handlers:
+            self.templates.clean_up()
 
     def template_memory_bytes(self, key: str) -> int:
         """How much guest memory the template ``key`` holds (0 for none or an unknown one)."""

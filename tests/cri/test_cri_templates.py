@@ -254,14 +254,20 @@ def test_clones_survive_a_server_kill_and_leave_nothing_once_removed(
     info = vm_info(server, pod)
     cid = start(server, pod, "c", image, "sleep 600", tmp_path)
     server.kill()
+    # What a build killed with the server would leave: its work dirs and run dir.
+    run_dir = Path(yaml.safe_load(server.config_path.read_text())["run_dir"])
+    leftovers = [templates_dir(server) / ".build-dead", templates_dir(server) / ".new-dead", run_dir / "t-dead"]
+    for leftover in leftovers:
+        leftover.mkdir()
+        (leftover / "memory").write_bytes(b"x")
     server.start()
+    assert not any(leftover.exists() for leftover in leftovers)
     status = server.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
     assert status.state == cri.SANDBOX_READY
     assert sh(server, cid, "hostname").strip() == "survivor"
     server.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod))
     server.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod))
     assert processes_mentioning(info["vm"]) == []
-    run_dir = Path(yaml.safe_load(server.config_path.read_text())["run_dir"])
     assert [p.name for p in run_dir.iterdir() if p.is_dir()] == []
     # The last clone gone, the template stays until `template rm`.
     assert (templates_dir(server) / info["template"] / "memory").exists()

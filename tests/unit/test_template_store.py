@@ -136,3 +136,63 @@ def test_copy_data_copies_only_what_was_written(tmp_path: Path) -> None:
     assert os.pread(dst, 10, 5 * MIB) == b"a" * 10
     os.close(src)
     os.close(dst)
+
+
+def test_the_checksum_depends_on_content_not_on_how_zero_pages_are_stored(tmp_path: Path) -> None:
+    import hashlib
+
+    holes, zeros = tmp_path / "holes", tmp_path / "zeros"
+    for path, fill in ((holes, False), (zeros, True)):
+        with open(path, "wb") as f:
+            f.truncate(8 * MIB)
+            if fill:  # a file system that keeps zero pages as data
+                f.write(bytes(8 * MIB))
+            f.seek(3 * MIB)
+            f.write(b"data")
+    digests = []
+    for path in (holes, zeros):
+        digest = hashlib.sha256()
+        fd, out = os.open(path, os.O_RDONLY), new_memory(8, "x")
+        copy_data(fd, out, 8 * MIB, digest)
+        assert os.pread(out, 4, 3 * MIB) == b"data"
+        assert os.fstat(out).st_blocks * 512 <= 64 << 10  # zero pages stay holes in the copy
+        os.close(fd)
+        os.close(out)
+        digests.append(digest.hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_a_clone_source_closes_its_fds_once(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path / "templates")
+    os.close(built(store, tmp_path))
+    loaded = store.load("k1")
+    source = loaded.source()
+    assert source.memory_fd not in (loaded.memory_fd, loaded.state_fd)
+    source.close()
+    reused = os.open("/dev/null", os.O_RDONLY)  # may take a number the source had
+    source.close()
+    os.fstat(reused)  # still open: the second close closed nothing
+    os.close(reused)
+    loaded.close()
+
+
+def test_templates_exist_only_for_the_configured_vcpu_counts(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kvmsandbox.config import Config, TemplateConfig
+    from kvmsandbox.hypervisor.capabilities import QEMU_CAPABILITIES
+    from kvmsandbox.sandbox.templates import Templates
+
+    config = Config(state_dir=tmp_path, templates=TemplateConfig(vcpus=[1, 2]))
+    ctx = SimpleNamespace(config=config, hypervisor=SimpleNamespace(capabilities=QEMU_CAPABILITIES, name="qemu"))
+    templates = Templates(ctx)  # type: ignore[arg-type]
+    with pytest.raises(TemplateUnusable, match="no template has 7 vCPUs"):
+        templates.clone_source(7, 256)
+    assert templates.memory_class(300) == 512 and templates.memory_class(4096) is None
+
+
+def test_too_many_template_sizes_are_a_config_error() -> None:
+    from kvmsandbox.config import ConfigError, TemplateConfig
+
+    with pytest.raises(ConfigError, match=r"templates\.vcpus"):
+        TemplateConfig(vcpus=list(range(1, 20)))

@@ -6,6 +6,7 @@ else of the pod is set up."""
 from __future__ import annotations
 
 import fcntl
+import os
 import random
 import struct
 import time
@@ -45,7 +46,8 @@ def reseed(entropy: bytes, device: str = URANDOM) -> None:
             fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
     except OSError as e:
         raise AgentFault(f"cannot reseed the kernel's random generator: {e}") from None
-    random.seed(entropy)
+    # From the reseeded kernel, not from the bytes credited to it.
+    random.seed(os.urandom(32))
 
 
 def set_clock(realtime_unix_ns: int) -> None:
