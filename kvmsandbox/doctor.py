@@ -24,6 +24,7 @@ def run_doctor(config: Config) -> int:
         _check_accel,
         _check_transport,
         _check_shared_fs,
+        _check_templates,
         _check_qemu,
         _check_hypervisor,
         _check_guest_image,
@@ -67,6 +68,23 @@ def _check_shared_fs(config: Config) -> list[str]:
         print("shared fs:        virtio-fs, but no virtiofsd")
         return [f"virtiofsd is missing (looked in PATH and at {', '.join(virtiofsd.PATHS)}): install qemu-system-x86"]
     print(f"shared fs:        virtio-fs ({binary}: root, its own mount, pid and network namespaces, seccomp)")
+    return []
+
+
+def _check_templates(config: Config) -> list[str]:
+    handlers = config.templates.handlers
+    if not handlers:
+        print("vm templates:     off (templates.handlers is empty)")
+        return []
+    if not backend_capabilities(config.hypervisor.backend).snapshot_restore:
+        print(f"vm templates:     asked for {', '.join(handlers)}, but the {config.hypervisor.backend} backend "
+              "cannot restore them: those pods boot cold")  # fmt: skip
+        return [
+            f"templates.handlers needs hypervisor.backend: qemu (the {config.hypervisor.backend} backend "
+            "has no device-state restore here); until then those handlers' pods boot cold"
+        ]
+    print(f"vm templates:     {', '.join(handlers)}: clones of templates of {config.templates.vcpus} vCPUs x "
+          f"{config.templates.memory_classes_mib} MiB (pages shared between tenants' VMs; no host paths)")  # fmt: skip
     return []
 
 
