@@ -202,8 +202,15 @@ class TemplateConfig:
     memory_classes_mib: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     # vCPU counts templates are kept for (one template per count and class); other pods boot cold.
     vcpus: list[int] = field(default_factory=lambda: [1, 2])
+    # Clones of the default-size template (sandbox.vcpus, sandbox.memory_mib) restored ahead and
+    # waiting for pods of a template handler; 0: none. Refilled in the background, drained when the
+    # server stops, given back while the host's available memory is below the floor.
+    warm_pool: int = 0
+    warm_pool_min_available_mib: int = 1024
 
     def __post_init__(self) -> None:
+        if self.warm_pool > 64:
+            raise ConfigError("config key 'templates.warm_pool' must be at most 64")
         if not self.vcpus or len(self.vcpus) * len(self.memory_classes_mib) > 32 or any(v > 64 for v in self.vcpus):
             raise ConfigError(
                 "config key 'templates.vcpus' must list 1-64 vCPUs, at most 32 templates with the memory classes"

@@ -241,6 +241,7 @@ def status(state: CriState, req: cri.PodSandboxStatusRequest) -> cri.PodSandboxS
                 "memory_mib": record.memory_mib,
                 # The VM template the VM was cloned from ("": booted cold) and its shared filesystem.
                 "template": record.template,
+                "warm": record.warm,
                 "shared_fs": record.shared_fs,
                 "console_log": str(state.manager.console_log(record.id)),
                 "overhead": overhead_info(state, record),

@@ -86,6 +86,9 @@ def node_overhead_info(state: CriState) -> dict[str, Any]:
         if checked is not None and checked[0].warning:
             warnings.append({"pod_sandbox_id": record.id, "warning": checked[0].warning})
     out["pods_declaring_too_little"] = warnings
+    if state.manager.warm_pool is not None:
+        # Clones waiting for pods: memory the node spends on no pod yet.
+        out["warm_pool"] = state.manager.warm_pool.status()
     return out
 
 

@@ -145,6 +145,7 @@ def serve(config: Config, ready: threading.Event | None = None, stop: threading.
     server.add_insecure_port(f"unix://{config.socket}")
     console = _start_fronts(config, state, manager)
     server.start()
+    manager.start_warm_pool()  # last: a failed start leaves no waiting VM behind
     stop = stop or threading.Event()
     threading.Thread(target=_housekeeping, args=(stop, manager), name="housekeeping", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):

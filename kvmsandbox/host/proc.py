@@ -106,3 +106,15 @@ def process_pss(pid: int | None = None, proc: Path = Path("/proc")) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * KIB
     return 0
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's MemAvailable in bytes, or None when it cannot be read. Raises nothing."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KIB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

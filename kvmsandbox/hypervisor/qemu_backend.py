@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError
 
 from kvmsandbox.errors import HypervisorError
 from kvmsandbox.hypervisor import disks, qemu_launch, qemu_snapshot
@@ -37,6 +37,7 @@ from kvmsandbox.hypervisor.process import (
     wait_exited,
     wait_gone,
 )
+from kvmsandbox.hypervisor.qmp_calls import qmp_run as _qmp_run
 from kvmsandbox.hypervisor.spec import QMP_SOCKET_NAME, VMInfo, VMSpec
 from kvmsandbox.hypervisor.uids import vmm_uid
 
@@ -182,6 +183,30 @@ class QemuHypervisor:
                 except HypervisorError:
                     pass
             time.sleep(0.01)
+
+    def adopt(self, name: str, new_name: str, run_dir: Path) -> None:
+        """Gives the running VM ``name`` (a clone waiting in the warm pool) the name and run dir
+        of the sandbox it now serves: its run dir moves to ``run_dir`` (absent or empty; its
+        sockets keep working), its record to ``new_name``. QEMU itself is not touched.
+
+        Raises HypervisorError when the VM is unknown or ``new_name`` is taken.
+        """
+        files = self._read_files_record(name)
+        if files is None:
+            raise HypervisorError(f"VM {name!r} is not known to the qemu backend")
+        if self._record_path(new_name).exists():
+            raise HypervisorError(f"VM {new_name!r} exists already")
+        try:
+            os.replace(files.run_dir, run_dir)
+        except OSError as e:
+            raise HypervisorError(f"cannot move the run dir of VM {name!r} to {run_dir}: {e.strerror}") from None
+        agent = str(run_dir / Path(files.agent_socket).name) if files.agent_socket else None
+        moved = dataclasses.replace(
+            files, name=new_name, run_dir=str(run_dir), qmp_socket=str(run_dir / QMP_SOCKET_NAME), agent_socket=agent
+        )
+        self._write_files_record(moved)
+        self._record_path(name).unlink(missing_ok=True)
+        log.info("vm adopted backend=qemu vm=%s was=%s", new_name, name)
 
     def save_state(self, name: str, state_path: Path) -> dict[str, Any]:
         """Stops the VM (a template) and writes its device state to ``state_path`` (created, mode
@@ -362,72 +387,6 @@ def _qmp_quit(socket_path: Path, timeout: float) -> bool:
         log.info("qmp quit failed socket=%s error=%r", socket_path, e)
         return False
     return True
-
-
-def _qmp_run(
-    socket_path: Path,
-    commands: list[dict[str, Any]],
-    *,
-    fd: tuple[int, int] | None = None,
-    tolerate_all: bool = False,
-    timeout: float = 0.0,
-) -> None:
-    """Runs ``commands`` in order on one QMP connection; with ``fd`` (an fd, an fd set number),
-    first hands the fd to QEMU and puts it in that fd set (``add-fd``). A command that fails stops
-    the run with HypervisorError, unless it failed because what it removes is not there (or
-    ``tolerate_all``).
-    """
-
-    async def run() -> None:
-        client = QMPClient()
-        try:
-            async with asyncio.timeout(timeout or QMP_TIMEOUT):
-                await client.connect(str(socket_path))
-                if fd is not None:
-                    client.send_fd_scm(fd[0])
-                    await client.execute("add-fd", {"fdset-id": fd[1]})
-                for command in commands:
-                    try:
-                        await _execute_when_free(client, command)
-                    except ExecuteError as e:
-                        removal = command["execute"] in disks.REMOVALS
-                        if tolerate_all or (removal and any(t in str(e) for t in disks.NOT_THERE)):
-                            continue
-                        raise HypervisorError(f"QEMU refused {command['execute']}: {e}") from None
-                    if command["execute"] == "device_del":
-                        await _device_gone(client, str(command["arguments"]["id"]))
-        finally:
-            with contextlib.suppress(QMPError, OSError, EOFError):
-                await client.disconnect()
-
-    try:
-        asyncio.run(run())
-    except (QMPError, OSError, EOFError, TimeoutError) as e:
-        raise HypervisorError(f"QMP at {socket_path} failed: {e!r}") from None
-
-
-async def _execute_when_free(client: QMPClient, command: dict[str, Any]) -> None:
-    """Runs the command; a node still held by a device being finalised after its unplug is retried
-    until it is free (QMP_TIMEOUT bounds the whole exchange)."""
-    while True:
-        try:
-            await client.execute(command["execute"], command.get("arguments"))
-            return
-        except ExecuteError as e:
-            if command["execute"] != "blockdev-del" or "is in use" not in str(e):
-                raise
-        await asyncio.sleep(0.02)
-
-
-async def _device_gone(client: QMPClient, device_id: str) -> None:
-    """Waits until QEMU has removed the device (an unplug may finish after device_del returns)."""
-    while True:
-        children = await client.execute("qom-list", {"path": "/machine/peripheral"})
-        if not isinstance(children, list) or not any(
-            isinstance(c, dict) and c.get("name") == device_id for c in children
-        ):
-            return
-        await asyncio.sleep(0.02)
 
 
 def _signal(pidfd: int, sig: signal.Signals) -> bool:

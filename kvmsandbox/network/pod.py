@@ -51,6 +51,17 @@ def _tc(ns: str, *args: str) -> None:
         raise NetworkError(f"`tc -n {ns} {' '.join(args)}` failed: {proc.stderr.strip()}")
 
 
+def make_tap(name: str) -> None:
+    """A persistent tap in this namespace (QEMU attaches to it by name). Raises NetworkError."""
+    _ip("tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr")
+
+
+def delete_link(name: str) -> None:
+    """Removes the link ``name`` of this namespace if it exists. Raises NetworkError."""
+    if link_exists(name):
+        _ip("link", "del", "dev", name)
+
+
 def link_exists(name: str, ns: str | None = None) -> bool:
     where = ["-n", ns] if ns else []
     return subprocess.run(["ip", *where, "link", "show", "dev", name], capture_output=True, check=False).returncode == 0
@@ -142,8 +153,11 @@ class PodNetworking:
         """The pod's namespace and tap names (the tap name must fit in 15 bytes)."""
         return f"kvmsandbox-{sandbox_id[:16]}", f"kvt{sandbox_id[:12]}"
 
-    def setup(self, sandbox_id: str, port_mappings: list[PortMapping], args: dict[str, str]) -> PodNetwork:
-        """Namespace, CNI ADD, and the tap QEMU will open. On failure everything made is undone.
+    def setup(
+        self, sandbox_id: str, port_mappings: list[PortMapping], args: dict[str, str], adopt_tap: str = ""
+    ) -> PodNetwork:
+        """Namespace, CNI ADD, and the tap QEMU will open (or ``adopt_tap``, a tap a waiting VM
+        has open already, renamed to the pod's). On failure everything made is undone.
 
         Raises:
             NetworkError: no usable CNI config, a plugin failed, or the tap could not be made.
@@ -186,7 +200,10 @@ class PodNetworking:
                 raise NetworkError(f"CNI network {runner.config.name!r} gave the pod no IP address")
             if link_exists(tap):
                 _ip("link", "del", "dev", tap)
-            _ip("tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr")
+            if adopt_tap:
+                _ip("link", "set", "dev", adopt_tap, "name", tap)
+            else:
+                make_tap(tap)
             return network
         except BaseException:
             # The error that matters is the one that stopped the setup; a failing undo is logged.

@@ -27,6 +27,7 @@ from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, TEMPLATE_NIC_MAC, AgentChannel, TemplateRole, VMSpec
 from kvmsandbox.hypervisor.template_store import CloneSource, TemplateUnusable
+from kvmsandbox.network.pod import delete_link
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
 from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
@@ -34,6 +35,7 @@ from kvmsandbox.sandbox.records import SandboxRecord
 from kvmsandbox.sandbox.states import SandboxState, move
 from kvmsandbox.sandbox.templates import Templates
 from kvmsandbox.sandbox.types import BootTimings, DnsConfig, NetworkRequest, PodKernel
+from kvmsandbox.sandbox.warm_pool import WarmPool, WarmVM
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class SandboxBoot:
         cmdline_extra: tuple[str, ...],
         ready_timeout: float,
         templates: Templates | None = None,
+        warm_pool: WarmPool | None = None,
     ) -> None:
         self.ctx = ctx
         self.record = record
@@ -86,6 +89,8 @@ class SandboxBoot:
         self._cgroup_procs: tuple[Path, ...] = ()
         self._templates = templates
         self._template: CloneSource | None = None
+        self._pool = warm_pool
+        self._warm: WarmVM | None = None
         self._requested_memory_mib = 0
 
     def run(self) -> None:
@@ -130,7 +135,9 @@ class SandboxBoot:
         run_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         os.chmod(run_dir, 0o711)
         rootfs.seal_shared_dir(sdir)
-        self._template = self._choose_template()
+        self._warm = self._take_warm()
+        if self._warm is None:
+            self._template = self._choose_template()
         if record.transport == "vsock":
             record.guest_cid = 3 + secrets.randbelow(2**31 - 4)
             self._channel = AgentChannel(transport="vsock", socket_path=None, guest_cid=record.guest_cid)
@@ -143,7 +150,8 @@ class SandboxBoot:
         ctx.store.save(record)
         if self.network is not None:
             self._undo.append(("the pod network", self._release_network))
-            record.network = ctx.networking.setup(record.id, self.network.port_mappings, self.network.args)
+            adopt = self._warm.tap if self._warm is not None else ""
+            record.network = ctx.networking.setup(record.id, self.network.port_mappings, self.network.args, adopt)
             ctx.store.save(record)
 
     def place_vmm(self) -> None:
@@ -173,6 +181,24 @@ class SandboxBoot:
         self.ctx.store.save(record)
         self._cgroup_procs = tuple(cg.procs_files())
 
+    def _take_warm(self) -> WarmVM | None:
+        """A clone waiting in the warm pool for a pod of this size, or None."""
+        record, templates, pool = self.record, self._templates, self._pool
+        if templates is None or pool is None or self.cmdline_extra:
+            return None
+        size = templates.memory_class(record.memory_mib)
+        vm = pool.take(record.vcpus, size) if size is not None else None
+        if vm is None or size is None:
+            return None
+        self._undo.append(("the warm clone", lambda: pool.discard(vm)))
+        self._requested_memory_mib = record.memory_mib
+        record.memory_mib = size
+        record.transport = "virtio-serial"
+        record.shared_fs = "none"
+        record.template = vm.key
+        record.warm = True
+        return vm
+
     def _choose_template(self) -> CloneSource | None:
         """What this pod is cloned from (its template built first when missing), or None: no
         template asked for, or none usable (said in a warning; the pod boots cold)."""
@@ -201,7 +227,14 @@ class SandboxBoot:
         """Starts QEMU (a clone of the pod's template, or a cold boot when there is none or the
         clone fails) and joins the pod's tap to its network namespace."""
         started = False
-        if self._template is not None:
+        if self._warm is not None:
+            try:
+                self._start_warm(self._warm)
+                started = True
+            except KvmSandboxError as e:
+                log.warning("sandbox %s: the warm clone failed, booting cold: %s", self.record.id, e)
+                self._abandon_clone()
+        elif self._template is not None:
             try:
                 self._start_clone(self._template)
                 started = True
@@ -248,13 +281,42 @@ class SandboxBoot:
         self._undo.append(("the agent connection", lambda: ctx.drop_client(record.id)))
         ctx.client_for(record).wait_ready(min(CLONE_READY_SECONDS, self.ready_timeout), self._vm_alive)
 
+    def _start_warm(self, vm: WarmVM) -> None:
+        """Gives a waiting clone the pod's names and cgroup; its agent answers already."""
+        ctx, record = self.ctx, self.record
+        assert self._pool is not None
+        self._undo.append(("the VM", lambda: ctx.hypervisor.destroy(record.vm_name)))
+        try:
+            self._pool.adopt(vm, record.vm_name, ctx.run_dir(record.id), ctx.console_log(record.id))
+        except OSError as e:
+            raise FailedPrecondition(f"cannot give the warm clone the pod's files: {e.strerror}") from None
+        # QEMU's pid as the backend knows it now (pid and start time): never a pid remembered.
+        info = ctx.hypervisor.info(record.vm_name)
+        if info is None or not info.running or info.pid is None:
+            raise FailedPrecondition("the warm clone's QEMU is gone")
+        for procs in self._cgroup_procs:
+            try:
+                procs.write_text(f"{info.pid}\n")
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"cannot move QEMU (pid {info.pid}) into {procs.parent}: {e.strerror}"
+                ) from None
+        if record.network is None:
+            delete_link(vm.tap)  # no pod network: the NIC stays unconnected
+        ctx.store.save(record)
+        self._undo.append(("the agent connection", lambda: ctx.drop_client(record.id)))
+        ctx.client_for(record).wait_ready(min(CLONE_READY_SECONDS, self.ready_timeout), self._vm_alive)
+
     def _abandon_clone(self) -> None:
         """Undoes a failed clone's VM and agent connection; the pod boots cold after it, at the
         size it asked for."""
         ctx, record = self.ctx, self.record
         ctx.drop_client(record.id)
         ctx.hypervisor.destroy(record.vm_name)
+        if self._warm is not None and self._pool is not None:
+            self._pool.discard(self._warm)  # whatever was not renamed yet
         record.template = ""
+        record.warm = False
         record.memory_mib = self._requested_memory_mib or record.memory_mib
         record.shared_fs = ctx.shared_fs
         record.transport = ctx.transport

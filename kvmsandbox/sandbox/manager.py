@@ -41,6 +41,7 @@ from kvmsandbox.sandbox.types import (
     PodKernel,
     VmUsage,
 )
+from kvmsandbox.sandbox.warm_pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class SandboxManager:
         self.ctx = SandboxContext(config, hypervisor, image)
         self.ctx.on_agent_violation = self._agent_misbehaved
         self.templates = Templates(self.ctx)
+        pool = WarmPool(self.ctx, self.templates)
+        self._pool_leftovers = pool  # cleaned up at every start, whatever the config says now
+        pool_wanted = config.templates.handlers and config.templates.warm_pool and self.templates.supported
+        self.warm_pool = pool if pool_wanted else None
         self._consoles = ConsoleSweeper(self.ctx)
 
     def _agent_misbehaved(self, sandbox_id: str, reason: str) -> None:
@@ -181,6 +186,7 @@ class SandboxManager:
                 cmdline_extra=cmdline_extra,
                 ready_timeout=ready_timeout or ctx.config.agent.ready_timeout_seconds,
                 templates=self.templates if from_template else None,
+                warm_pool=self.warm_pool if from_template else None,
             ).run()
             return record
 
@@ -225,8 +231,14 @@ class SandboxManager:
 
     def recover(self) -> None:
         recovery.recover(self.ctx)
+        self._pool_leftovers.clean_up()
         if self.config.templates.handlers:
             self.templates.clean_up()
+
+    def start_warm_pool(self) -> None:
+        """Removes what an earlier run left of the warm pool and starts filling it (the server)."""
+        if self.warm_pool is not None:
+            self.warm_pool.start()
 
     def template_memory_bytes(self, key: str) -> int:
         """How much guest memory the template ``key`` holds (0 for none or an unknown one)."""
@@ -243,6 +255,8 @@ class SandboxManager:
         self.ctx.stdio.stop_all()
         self.ctx.drop_all_clients()
         self.ctx.stdio.close_all(STDIO_POLL_SECONDS + 5)
+        if self.warm_pool is not None:
+            self.warm_pool.drain()
         self.templates.close()
 
     # -- containers --------------------------------------------------------------------------

@@ -89,8 +89,9 @@ class SandboxRecord:
     agent_socket: str = ""
     guest_cid: int = 0
     shared_fs: str = "virtio-9p"  # "none": a clone of a VM template (no shared filesystem)
-    # The VM template the VM was cloned from ("": booted cold).
+    # The VM template the VM was cloned from ("": booted cold); warm: it waited in the warm pool.
     template: str = ""
+    warm: bool = False
     created_at_ns: int = 0
     stopped_at_ns: int = 0
     # Why the sandbox is BROKEN.

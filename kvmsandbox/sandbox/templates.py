@@ -163,6 +163,10 @@ class Templates:
             "memory_mib": str(memory_mib),
         }
 
+    def current_key(self, vcpus: int, memory_mib: int) -> str:
+        """The name the template of that size has today. Raises TemplateUnusable."""
+        return template_key(self.inputs(vcpus, memory_mib))
+
     def clone_source(self, vcpus: int, memory_mib: int) -> CloneSource:
         """What one clone of the template of that size needs, its own fds (the caller closes them);
         the template is built first when there is none.

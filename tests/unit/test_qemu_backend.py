@@ -148,3 +148,34 @@ def test_what_qemu_writes_to_stderr_is_capped_and_it_is_nobodys_child(short_dir:
         not Path(f"/proc/{pid}/cmdline").exists()
         or int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid()
     )
+
+
+def test_adopt_moves_a_vms_record_and_run_dir_to_a_sandboxs_names(short_dir: Path) -> None:
+    import json
+
+    hv = QemuHypervisor(short_dir / "state")
+    old_run, new_run = short_dir / "w-1", short_dir / "pod"
+    old_run.mkdir()
+    new_run.mkdir()  # made empty by the sandbox's boot, as prepare_host does
+    (old_run / "agent.sock").write_text("")
+    (old_run / "qmp.sock").write_text("")
+    record = {
+        "name": "kvsb-warm-1",
+        "run_dir": str(old_run),
+        "qmp_socket": str(old_run / "qmp.sock"),
+        "agent_socket": str(old_run / "agent.sock"),
+        "pid": 0,
+        "start_time": 0,
+        "uid": 0,
+    }
+    (short_dir / "state" / "kvsb-warm-1.json").write_text(json.dumps(record))
+    hv.adopt("kvsb-warm-1", "kvmsandbox-pod", new_run)
+    moved = json.loads((short_dir / "state" / "kvmsandbox-pod.json").read_text())
+    assert moved["name"] == "kvmsandbox-pod" and moved["agent_socket"] == str(new_run / "agent.sock")
+    assert moved["qmp_socket"] == str(new_run / "qmp.sock") and (new_run / "agent.sock").exists()
+    assert not old_run.exists() and not (short_dir / "state" / "kvsb-warm-1.json").exists()
+    with pytest.raises(HypervisorError, match="not known"):
+        hv.adopt("kvsb-warm-1", "kvmsandbox-other", short_dir / "x")
+    (short_dir / "state" / "kvsb-warm-2.json").write_text(json.dumps({**record, "name": "kvsb-warm-2"}))
+    with pytest.raises(HypervisorError, match="exists already"):
+        hv.adopt("kvsb-warm-2", "kvmsandbox-pod", short_dir / "y")
