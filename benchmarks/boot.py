@@ -1,7 +1,7 @@
 """Boot benchmark: request to agent-ready for N sandboxes, against the bare floor of the same
 kernel and initramfs (an init that powers off at once), measured in the same run.
 
-    .venv/bin/python benchmarks/boot.py [--boots N] [--backend libvirt|qemu] [--templates]
+    .venv/bin/python benchmarks/boot.py [--boots N] [--backend libvirt|qemu] [--templates] [--network]
 
 Prints min/median/max per phase, guest memory used and QEMU RSS once ready, and the ratio
 sandbox-ready / bare-boot. With ``--templates`` (qemu backend) it also starts the same number of
@@ -25,8 +25,11 @@ from kvmsandbox.config import TemplateConfig
 from kvmsandbox.guest_image import GuestImage
 from kvmsandbox.hypervisor.spec import Hypervisor, VMSpec
 from kvmsandbox.sandbox.manager import SandboxManager
+from kvmsandbox.sandbox.types import NetworkRequest
 from kvmsandbox.sandbox.warm_pool import wait_filled
 
+# With --network every pod gets one through the node's CNI config, as RunPodSandbox gives it.
+NETWORK: list[NetworkRequest | None] = [None]
 INIT_MARKER = re.compile(rb"kvmsandbox-init: reached init")
 # How much of the console log the watcher reads: the head, where the marker is.
 WATCH_BYTES = 1 << 20
@@ -118,7 +121,7 @@ def boot_both(
         t0 = time.monotonic()
         watcher = threading.Thread(target=watch_console, args=(console, INIT_MARKER, t0, marks, stop))
         watcher.start()
-        record = manager.create_sandbox(sandbox_id, memory_mib=memory_mib)
+        record = manager.create_sandbox(sandbox_id, memory_mib=memory_mib, network=NETWORK[0])
         stop.set()
         watcher.join()
         timings = manager.boot_timings[record.id]
@@ -155,7 +158,9 @@ def clone_boots(manager: SandboxManager, boots: int, memory_mib: int) -> list[fl
     seconds = []
     for i in range(boots):
         t0 = time.monotonic()
-        record = manager.create_sandbox(f"bench-clone-{i}", memory_mib=memory_mib, from_template=True)
+        record = manager.create_sandbox(
+            f"bench-clone-{i}", memory_mib=memory_mib, from_template=True, network=NETWORK[0]
+        )
         seconds.append(time.monotonic() - t0)
         assert record.template == info.key, "the clone booted cold"
         manager.destroy_sandbox(record.id)
@@ -174,7 +179,9 @@ def warm_boots(manager: SandboxManager, boots: int, memory_mib: int) -> list[flo
         if not wait_filled(pool, 300):
             raise SystemExit(f"the warm pool did not fill: {pool.status()['problem']}")
         t0 = time.monotonic()
-        record = manager.create_sandbox(f"bench-warm-{i}", memory_mib=memory_mib, from_template=True)
+        record = manager.create_sandbox(
+            f"bench-warm-{i}", memory_mib=memory_mib, from_template=True, network=NETWORK[0]
+        )
         seconds.append(time.monotonic() - t0)
         assert record.warm, "the pod took no waiting clone"
         manager.destroy_sandbox(record.id)
@@ -189,7 +196,10 @@ def main() -> int:
     parser.add_argument("--memory-mib", type=int, default=256)
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/kvmsandbox"))
     parser.add_argument("--templates", action="store_true", help="also boot clones of a VM template (qemu)")
+    parser.add_argument("--network", action="store_true", help="give every pod a network (the node's CNI config)")
     args = parser.parse_args()
+    if args.network:
+        NETWORK[0] = NetworkRequest()
     clones: list[float] = []
     warm: list[float] = []
     overrides = {"templates": TemplateConfig(handlers=["kvmsandbox"], warm_pool=1)} if args.templates else {}

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kvmsandbox.agent.guest import log
+from kvmsandbox.agent.guest import log, netlink
 from kvmsandbox.agent.guest.errors import AgentFault, InvalidArgument
 from kvmsandbox.agent.v1 import agent_pb2 as pb
 
@@ -160,10 +160,15 @@ def _already_done(cmd: Sequence[str], error: AgentFault) -> bool:
     return tuple(cmd[:4]) == (*IP, "addr", "add") and "File exists" in str(error)
 
 
+def run_planned(argv: Sequence[str]) -> None:
+    """A command of the plan, over netlink in this process where it can be (``netlink.run``)."""
+    netlink.run(argv, run_command)
+
+
 def configure_network(
     interfaces: Sequence[pb.Interface],
     routes: Sequence[pb.Route],
-    run: Runner = run_command,
+    run: Runner = run_planned,
     sys_class_net: Path = SYS_CLASS_NET,
     wait: float = NIC_WAIT_SECONDS,
 ) -> None:
