@@ -85,8 +85,9 @@ def density(manager: SandboxManager, layer: Path, counts: list[int]) -> None:
         print(f"  {count:>4} {cold['pss']:>7.1f} {clone['pss']:>7.1f} {clone['all']:>7.1f} "
               f"{clone['all'] / cold['pss']:>6.2f}   {cold['ram']:>10.1f} /{clone['ram']:>9.1f} "
               f"{cold['tcg']:>10.1f} /{clone['tcg']:>9.1f} {without:>14.2f}")  # fmt: skip
-    print("  +tmpl: with the template's memory (held once per node) divided among the clones; the ratios")
-    print("  are on it (goal <= 0.50 at 8 pods). KVM hosts have no TCG cache: the last column.")
+    print("  +tmpl: with all of the template's memory (held once per node) divided among the clones: an upper")
+    print("  bound, as the template pages a clone maps are in its PSS already. The ratios are on it (goal <= 0.50")
+    print("  at 8 pods). KVM hosts have no TCG cache: the last column.")
 
 
 def main() -> int:

@@ -113,6 +113,12 @@ def cmd_template(args: argparse.Namespace) -> int:
     try:
         templates = manager.templates
         if args.template_command == "build":
+            if not templates.supported:
+                raise InvalidArgument("VM templates need the qemu backend")
+            if args.vcpus not in templates.vcpus:
+                raise InvalidArgument(
+                    f"--vcpus {args.vcpus}: templates are kept for {templates.vcpus} (templates.vcpus)"
+                )
             sizes = [int(m) for m in args.memory] if args.memory else templates.classes
             for memory in sizes:
                 size = templates.memory_class(memory)

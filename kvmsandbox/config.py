@@ -211,7 +211,11 @@ class TemplateConfig:
     def __post_init__(self) -> None:
         if self.warm_pool > 64:
             raise ConfigError("config key 'templates.warm_pool' must be at most 64")
-        if not self.vcpus or len(self.vcpus) * len(self.memory_classes_mib) > 32 or any(v > 64 for v in self.vcpus):
+        if (
+            not self.vcpus
+            or len(self.vcpus) * len(self.memory_classes_mib) > 32
+            or any(not 1 <= v <= 64 for v in self.vcpus)
+        ):
             raise ConfigError(
                 "config key 'templates.vcpus' must list 1-64 vCPUs, at most 32 templates with the memory classes"
             )

@@ -114,7 +114,7 @@ def run(state: CriState, req: cri.RunPodSandboxRequest) -> cri.RunPodSandboxResp
     except BaseException:
         state.store.remove_pod(pod.id)
         raise
-    checked = state.overhead.check(pod.declared_overhead, record.overhead_at_boot, record.memory_mib)
+    checked = state.overhead_for(handler).check(pod.declared_overhead, record.overhead_at_boot, record.memory_mib)
     if checked is not None and checked[0].warning:
         log.warning("pod %s/%s (sandbox %s): %s", md.namespace, md.name, record.id, checked[0].warning)
     return cri.RunPodSandboxResponse(pod_sandbox_id=record.id)
@@ -138,7 +138,7 @@ def overhead_info(state: CriState, record: SandboxRecord) -> dict[str, Any]:
         "vmm_cgroup": record.cgroup,
         "sizing": pod.sizing,
     }
-    checked = state.overhead.check(declared, record.overhead_at_boot, record.memory_mib)
+    checked = state.overhead_for(pod.runtime_handler).check(declared, record.overhead_at_boot, record.memory_mib)
     if checked is not None:
         check, source = checked
         out["measured"] = {

@@ -81,8 +81,10 @@ def node_overhead_info(state: CriState) -> dict[str, Any]:
     for record in state.manager.list_sandboxes():
         if record.state is not SandboxState.READY:
             continue
-        declared = state.pod(record).declared_overhead
-        checked = node.check(declared, record.overhead_at_boot, record.memory_mib)
+        pod = state.pod(record)
+        checked = state.overhead_for(pod.runtime_handler).check(
+            pod.declared_overhead, record.overhead_at_boot, record.memory_mib
+        )
         if checked is not None and checked[0].warning:
             warnings.append({"pod_sandbox_id": record.id, "warning": checked[0].warning})
     out["pods_declaring_too_little"] = warnings

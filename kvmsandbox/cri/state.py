@@ -52,13 +52,22 @@ class CriState:
     pod_cidr: str = ""
     streaming: Streaming | None = None
     overhead: NodeOverhead = field(init=False)
+    _handler_overhead: dict[str, NodeOverhead] = field(init=False)
     fanout: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.overhead = NodeOverhead(self.config)
+        # A template handler's pods are checked against their own measurement (overhead-H.json).
+        self._handler_overhead = {
+            h: NodeOverhead(self.config, self.config.measurement_file_for(h)) for h in self.config.templates.handlers
+        }
         self.fanout = ThreadPoolExecutor(max_workers=FANOUT_WORKERS, thread_name_prefix="guest-fanout")
         self._asking: set[str] = set()
         self._asking_lock = threading.Lock()
+
+    def overhead_for(self, handler: str) -> NodeOverhead:
+        """The measurement pods of ``handler`` are checked against."""
+        return self._handler_overhead.get(handler, self.overhead)
 
     @property
     def node_call_timeout(self) -> float:

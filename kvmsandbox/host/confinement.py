@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
-# Both backends start QEMU with ``-name guest=<vm name>,...`` and VM names start with this.
+# Both backends start QEMU with ``-name guest=<vm name>,...`` and VM names start with this; VM
+# templates being built and warm-pool clones (whose QEMU keeps that name once a pod adopts it) with
+# the second.
 VM_NAME_PREFIX = "kvmsandbox-"
+TEMPLATE_VM_NAME_PREFIX = "kvsb-"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ def of_process(pid: int, proc: Path = PROC) -> Confinement | None:
         return None
     name = ""
     for flag, value in itertools.pairwise(args):
-        if flag == b"-name" and value.startswith(f"guest={VM_NAME_PREFIX}".encode()):
+        if flag == b"-name" and value.startswith(
+            (f"guest={VM_NAME_PREFIX}".encode(), f"guest={TEMPLATE_VM_NAME_PREFIX}".encode())
+        ):
             name = value.decode(errors="replace").split(",", 1)[0].removeprefix("guest=")
     if not name:
         return None

@@ -77,6 +77,8 @@ class TemplateInfo:
     state_bytes: int
     memory_sha256: str = ""
     """Of the memory's data pieces and their offsets, checked at every load."""
+    state_sha256: str = ""
+    """Of the device state, checked at every load."""
 
 
 @dataclass
@@ -164,6 +166,27 @@ def _copy_pages(block: bytes, offset: int, dst: int, digest: Any) -> int:
     return written
 
 
+def _sealed_copy(path: Path, info: TemplateInfo, key: str) -> int:
+    """The device state in a sealed memfd, checked against the metadata: what clones load cannot
+    change after this, whatever happens to the file. Raises TemplateUnusable, OSError."""
+    with open(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), "rb") as f:
+        state = f.read(STATE_MAX_BYTES + 1)
+    if not 0 < len(state) <= STATE_MAX_BYTES or len(state) != info.state_bytes:
+        raise TemplateUnusable(f"template {key}: its state does not have the size its metadata says")
+    if hashlib.sha256(state).hexdigest() != info.state_sha256:
+        raise TemplateUnusable(f"template {key}: its state does not match its checksum")
+    fd = os.memfd_create(f"kvmsandbox-template-state-{key}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        written = 0
+        while written < len(state):
+            written += os.write(fd, state[written:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def new_memory(memory_mib: int, name: str) -> int:
     """An empty memfd of ``memory_mib`` that can be sealed later. Raises OSError."""
     fd = os.memfd_create(f"kvmsandbox-template-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -209,6 +232,7 @@ class TemplateStore:
                 data_bytes=int(data["data_bytes"]),
                 state_bytes=int(data["state_bytes"]),
                 memory_sha256=str(data.get("memory_sha256", "")),
+                state_sha256=str(data.get("state_sha256", "")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -243,8 +267,11 @@ class TemplateStore:
             finally:
                 os.close(out)
             os.replace(state, work / "state")
-            state_bytes = (work / "state").stat().st_size
-            info = TemplateInfo(key, dict(inputs), time.time(), memory_mib, data, state_bytes, digest.hexdigest())
+            saved = (work / "state").read_bytes()
+            info = TemplateInfo(
+                key, dict(inputs), time.time(), memory_mib, data, len(saved), digest.hexdigest(),
+                hashlib.sha256(saved).hexdigest(),
+            )  # fmt: skip
             (work / "meta.json").write_text(json.dumps(info.__dict__, indent=1) + "\n")
             self.remove(key)
             os.replace(work, self.path(key))
@@ -270,10 +297,9 @@ class TemplateStore:
             raise TemplateUnusable(f"template {key}: cannot open its memory: {e.strerror}") from None
         fd = state_fd = -1
         try:
-            state_fd = os.open(directory / "state", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            state_size = os.fstat(state_fd).st_size
-            if os.fstat(src).st_size != size or not 0 < state_size <= STATE_MAX_BYTES:
-                raise TemplateUnusable(f"template {key}: its files do not have the sizes its metadata says")
+            state_fd = _sealed_copy(directory / "state", info, key)
+            if os.fstat(src).st_size != size:
+                raise TemplateUnusable(f"template {key}: its memory does not have the size its metadata says")
             fd = new_memory(info.memory_mib, key)
             digest = hashlib.sha256()
             copy_data(src, fd, size, digest)

@@ -19,6 +19,7 @@ from kvmsandbox.errors import (
     AgentMisbehaved,
     DeadlineExceeded,
     FailedPrecondition,
+    HypervisorError,
     KvmSandboxError,
     Unavailable,
 )
@@ -27,7 +28,6 @@ from kvmsandbox.host.cgroups import HostCgroup
 from kvmsandbox.hypervisor import virtiofsd
 from kvmsandbox.hypervisor.spec import SHARED_DIR_TAG, TEMPLATE_NIC_MAC, AgentChannel, TemplateRole, VMSpec
 from kvmsandbox.hypervisor.template_store import CloneSource, TemplateUnusable
-from kvmsandbox.network.pod import delete_link
 from kvmsandbox.sandbox import lifecycle, probes, rootfs
 from kvmsandbox.sandbox.console import console_tail
 from kvmsandbox.sandbox.context import SandboxContext
@@ -55,6 +55,14 @@ def cgroup_path(ctx: SandboxContext, sandbox_id: str, cgroup_parent: str) -> str
     oc = ctx.config.overhead
     parent = oc.overhead_cgroup if oc.vmm_cgroup == "overhead" else (cgroup_parent or oc.default_cgroup_parent)
     return posixpath.normpath("/" + parent.strip("/") + f"/kvmsandbox-{sandbox_id[:16]}")
+
+
+def _template_at_fault(error: KvmSandboxError) -> bool:
+    """A clone failed because of its template (its state did not load, its guest did not answer),
+    not because of the host (a uid, a cgroup): only then does the template rest."""
+    if isinstance(error, DeadlineExceeded | Unavailable | AgentMisbehaved):
+        return True
+    return isinstance(error, HypervisorError) and any(w in str(error) for w in ("restore", "migration"))
 
 
 class SandboxBoot:
@@ -184,7 +192,8 @@ class SandboxBoot:
     def _take_warm(self) -> WarmVM | None:
         """A clone waiting in the warm pool for a pod of this size, or None."""
         record, templates, pool = self.record, self._templates, self._pool
-        if templates is None or pool is None or self.cmdline_extra:
+        # Only pods with a network: a waiting clone's tap becomes the pod's (its QEMU holds it open).
+        if templates is None or pool is None or self.cmdline_extra or self.network is None:
             return None
         size = templates.memory_class(record.memory_mib)
         vm = pool.take(record.vcpus, size) if size is not None else None
@@ -241,7 +250,7 @@ class SandboxBoot:
             except KvmSandboxError as e:
                 log.warning("sandbox %s: the clone of template %s failed, booting cold: %s",
                             self.record.id, self.record.template, e)  # fmt: skip
-                if self._templates is not None:
+                if self._templates is not None and _template_at_fault(e):
                     self._templates.failed(self.record.template, str(e))
                 self._abandon_clone()
             finally:
@@ -301,8 +310,6 @@ class SandboxBoot:
                 raise FailedPrecondition(
                     f"cannot move QEMU (pid {info.pid}) into {procs.parent}: {e.strerror}"
                 ) from None
-        if record.network is None:
-            delete_link(vm.tap)  # no pod network: the NIC stays unconnected
         ctx.store.save(record)
         self._undo.append(("the agent connection", lambda: ctx.drop_client(record.id)))
         ctx.client_for(record).wait_ready(min(CLONE_READY_SECONDS, self.ready_timeout), self._vm_alive)

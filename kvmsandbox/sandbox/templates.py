@@ -353,7 +353,11 @@ class Templates:
             log.info("stale VM templates removed: %s", ", ".join(removed))
 
     def close(self) -> None:
+        """Closes the loaded templates, each under its lock (no clone is copying its fds)."""
         with self._lock:
-            for loaded in self._loaded.values():
-                loaded.close()
-            self._loaded.clear()
+            keys = list(self._loaded)
+        for key in keys:
+            with self._lock:
+                lock = self._key_locks.setdefault(key, threading.Lock())
+            with lock:
+                self._drop(key)

@@ -1,6 +1,6 @@
 """A warm pool: clones of the default-size VM template restored ahead, their agents answering,
 waiting for no pod in particular (``templates.warm_pool``). A template handler's pod of that size
-takes one: the runtime renames its VM, run dir, console log and tap to the pod's, moves QEMU into
+with a network takes one: the runtime renames its VM, run dir, console log and tap to the pod's, moves QEMU into
 the pod's cgroup and only then sets the pod up in it (network, hostname, identity). A background
 thread refills the pool; it does not fill, and gives back VMs, while the host's available memory is
 below ``templates.warm_pool_min_available_mib``. The pool is drained when the server stops and
@@ -216,14 +216,14 @@ class WarmPool:
             source.close()
         vm = WarmVM(vm_id, source.key, self.vcpus, self.memory_mib, info.pid or 0)
         with self._lock:
-            if not self._stop.is_set():
+            kept = not self._stop.is_set()
+            if kept:
                 self._ready.append(vm)
-                vm_id = ""
-        if vm_id:  # drained meanwhile
-            self._remove(vm_id)
+        if not kept:  # drained meanwhile
+            self._remove(vm.id)
             return
         self.last_problem = ""
-        log.info("warm pool: clone waiting id=%s ready=%d/%d", vm_id, len(self._ready), self.size)
+        log.info("warm pool: clone waiting id=%s ready=%d/%d", vm.id, len(self._ready), self.size)
 
     def _running(self, name: str) -> bool:
         info = self.ctx.hypervisor.info(name)

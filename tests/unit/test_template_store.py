@@ -196,3 +196,22 @@ def test_too_many_template_sizes_are_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match=r"templates\.vcpus"):
         TemplateConfig(vcpus=list(range(1, 20)))
+
+
+def test_the_state_clones_load_is_a_checked_sealed_copy(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path / "templates")
+    os.close(built(store, tmp_path))
+    state = store.path("k1") / "state"
+    with open(state, "r+b") as f:
+        f.write(b"X")  # same size, other bytes
+    with pytest.raises(TemplateUnusable, match="state does not match its checksum"):
+        store.load("k1")
+    with open(state, "r+b") as f:
+        f.write(b"Q")
+    loaded = store.load("k1")
+    state.write_bytes(b"rewritten after the load")
+    clone_view = os.open(f"/proc/self/fd/{loaded.state_fd}", os.O_RDONLY)
+    assert os.read(clone_view, 4) == b"QEVM"
+    assert fcntl.fcntl(loaded.state_fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    os.close(clone_view)
+    loaded.close()

@@ -1,5 +1,6 @@
 """The pod's network interfaces in the guest: found by MAC, renamed, addressed, brought up, then the
-routes. Done with busybox ``ip`` (and ``sysctl``), one short command at a time."""
+routes. Planned as busybox ``ip`` (and ``sysctl``) commands, carried out over rtnetlink in the
+agent's own process (``netlink.run``; busybox only for a command it does not know)."""
 
 from __future__ import annotations
 
