@@ -74,3 +74,23 @@ def test_removing_a_sandbox_removes_its_cgroup(manager: SandboxManager) -> None:
     assert cg.exists()
     manager.destroy_sandbox(record.id)
     assert not cg.exists()
+
+
+def test_clones_are_measured_at_their_share_of_the_templates_pages(
+    manager: SandboxManager, busybox_layer: Path
+) -> None:
+    if not manager.templates.supported:
+        pytest.skip("the libvirt backend has no VM templates")
+    m = measure.measure_node(
+        manager, busybox_layer, 3, margin_percent=10.0, idle_seconds=2.0, settle_seconds=1.0, from_template=True
+    )
+    assert m.conditions["template"] and m.conditions["template_memory_bytes"] > 32 * MIB
+    for s in m.samples:
+        guest = s.memory["guest_kernel_reserved"] + s.memory["guest_idle_used"]
+        # The guest's cost on the host is its RAM's PSS, never more than its own figures.
+        assert 0 < s.memory["vmm_guest_ram_pss"] < s.memory["vmm_guest_ram_touched"]
+        assert s.memory["template_shared"] == -max(0, guest - s.memory["vmm_guest_ram_pss"])
+    # Three clones share their template's pages: at least one costs less than its guest's figures.
+    assert min(s.memory["template_shared"] for s in m.samples) < 0
+    assert "guest pages shared with other clones" in render_measurement(m)
+    assert manager.list_sandboxes() == [r for r in manager.list_sandboxes() if not r.hostname.startswith("overhead-")]
